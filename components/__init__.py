@@ -1,0 +1,12 @@
+"""KFP components: one thin wrapper per stage around the llm2clip library (installed in the image)."""
+
+from llm2clip.components.cache_caption_embeddings import cache_caption_embeddings
+from llm2clip.components.evaluate import evaluate
+from llm2clip.components.image import IMAGE
+from llm2clip.components.prepare_data import prepare_data
+from llm2clip.components.train_clip import train_clip
+from llm2clip.components.train_clip_baseline import train_clip_baseline
+from llm2clip.components.tune_caption_encoder import tune_caption_encoder
+
+__all__ = ["IMAGE", "cache_caption_embeddings", "evaluate", "prepare_data", "train_clip",
+           "train_clip_baseline", "tune_caption_encoder"]

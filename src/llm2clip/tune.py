@@ -47,7 +47,7 @@ class TuneConfig:
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         check(self.batch_size >= 2, "batch_size", self.batch_size, "needs >= 2 images for in-batch negatives")
         check(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1)")
-        check(0 <= self.warmup_steps <= self.steps, "warmup_steps", self.warmup_steps, "must be in [0, steps]")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
               "must be float32, bfloat16 or float16")  # fmt: skip
 

@@ -1,0 +1,21 @@
+"""prepare_data component: validate a source and write the canonical shards."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Output
+
+from llm2clip.components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def prepare_data(
+    dataset: Output[Dataset], source: str, num_train: int, num_eval: int, image_size: int, seed: int, cache_groups: int
+) -> list:
+    """Validated train + eval shards, stats and rejects. Returns the shard groups the cache fans out over."""
+    from llm2clip.data import PrepareDataConfig, prepare_data
+
+    stats = prepare_data(
+        PrepareDataConfig(source=source, num_train=num_train, num_eval=num_eval, image_size=image_size, seed=seed),
+        dataset.path,
+    )
+    dataset.metadata.update(stats)
+    return [{"group_index": i, "num_groups": cache_groups} for i in range(cache_groups)]

@@ -1,0 +1,26 @@
+"""train_clip_baseline component: a standard CLIP (own 77-token text tower) on the same data and budget."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Model, Output
+
+from llm2clip.components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def train_clip_baseline(
+    dataset: Input[Dataset],
+    vision_model: Output[Model],
+    model: str,
+    pretrained: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+):
+    """Checkpoint + manifest of the CLIP baseline; it needs no LLM and no cache, so it runs beside stage 1."""
+    from llm2clip.train_clip import TrainClipConfig, train_clip
+
+    cfg = TrainClipConfig(text_source="clip", model=model, pretrained=pretrained or None, epochs=epochs,
+                          batch_size=batch_size, lr=lr, seed=seed)
+    result = train_clip(cfg, dataset.path, vision_model.path)
+    vision_model.metadata.update({"text_source": "clip", **result})

@@ -1,0 +1,34 @@
+"""tune_caption_encoder component: stage 1, caption-contrastive LoRA tuning of the LLM."""
+
+from kfp import dsl
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
+
+from llm2clip.components.image import IMAGE
+
+
+@dsl.component(base_image=IMAGE, install_kfp_package=False)
+def tune_caption_encoder(
+    dataset: Input[Dataset],
+    text_lora: Output[Model],
+    metrics: Output[Metrics],
+    llm: str,
+    bidirectional: bool,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    lora_r: int,
+    seed: int,
+):
+    """LoRA adapter + manifest; logs CRA before and after tuning."""
+    import json
+
+    from llm2clip.tune import TuneConfig, tune_caption_encoder
+
+    cfg = TuneConfig(llm=llm, bidirectional=bidirectional, steps=steps, batch_size=batch_size, lr=lr,
+                     lora_r=lora_r, lora_alpha=2 * lora_r, warmup_steps=max(1, steps // 8), seed=seed)
+    result = tune_caption_encoder(cfg, dataset.path, text_lora.path)
+    for k in ("cra_before", "cra_after", "loss_last"):
+        metrics.log_metric(k, result[k])
+    text_lora.metadata.update({"base_model": llm, **result})
+    with open(metrics.path, "w") as f:  # a file, so local caching can hit
+        json.dump(result, f)

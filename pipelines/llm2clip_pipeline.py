@@ -1,0 +1,95 @@
+"""The LLM2CLIP pipeline: data -> LLM caption-contrastive tuning -> embedding cache -> CLIP training -> evaluation.
+
+Data moves between tasks only as artifacts. Two LLM-text models are trained (tuned LLM and, as a baseline, the raw
+LLM) plus a standard CLIP baseline on the same data and budget; `evaluate` compares them in one report.
+"""
+
+from pathlib import Path
+
+from kfp import compiler, dsl
+
+from llm2clip.components import (
+    IMAGE,
+    cache_caption_embeddings,
+    evaluate,
+    prepare_data,
+    train_clip,
+    train_clip_baseline,
+    tune_caption_encoder,
+)
+
+PIPELINE_NAME = "llm2clip"
+COMPILED = Path(__file__).parent / "llm2clip.yaml"
+
+
+@dsl.pipeline(
+    name=PIPELINE_NAME,
+    description="LLM2CLIP: tune an LLM as caption encoder, cache its embeddings, train a CLIP vision encoder "
+    "against them, and compare with a raw-LLM and a standard CLIP baseline.",
+)
+def llm2clip_pipeline(
+    source: str = "synthetic",
+    num_train: int = 1000,
+    num_eval: int = 200,
+    image_size: int = 64,
+    seed: int = 0,
+    llm: str = "smollm2-135m-instruct",
+    bidirectional: bool = True,
+    tune_steps: int = 16,
+    tune_batch_size: int = 8,
+    tune_lr: float = 5e-4,
+    lora_r: int = 16,
+    cache_groups: int = 2,
+    vision_model: str = "llm2clip-vit-tiny",
+    pretrained: str = "",
+    train_epochs: int = 10,
+    train_batch_size: int = 64,
+    train_lr: float = 1e-3,
+    image: str = IMAGE,
+) -> dsl.Artifact:
+    """Parameters:
+    source: "synthetic" (built-in generator) or a directory of canonical shards (train/, eval/<benchmark>/).
+    num_train / num_eval / image_size / seed: size and seed of the synthetic data.
+    llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests) or a Hugging Face model path.
+    bidirectional: remove the causal mask in the LLM (LLM2Vec-style); False keeps it causal.
+    tune_steps / tune_batch_size / tune_lr / lora_r: stage 1 (caption-contrastive LoRA; alpha = 2 r).
+    cache_groups: how many parallel caching tasks the shards are split over.
+    vision_model / pretrained: open_clip model config and pretrained tag ("" = random init).
+    train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines.
+    image: the container image every task runs in.
+    Returns the evaluation artifact (summary.json, report.html, report.md).
+    """
+    data = prepare_data(source=source, num_train=num_train, num_eval=num_eval, image_size=image_size, seed=seed,
+                        cache_groups=cache_groups)  # fmt: skip
+    tuned = tune_caption_encoder(dataset=data.outputs["dataset"], llm=llm, bidirectional=bidirectional,
+                                 steps=tune_steps, batch_size=tune_batch_size, lr=tune_lr, lora_r=lora_r, seed=seed)  # fmt: skip
+    train_args = dict(model=vision_model, pretrained=pretrained, epochs=train_epochs, batch_size=train_batch_size,
+                      lr=train_lr, seed=seed)  # fmt: skip
+    trained, embeddings = {}, {}
+    for name, use_adapter in (("llm2clip", True), ("llm2clip_raw_llm", False)):
+        with dsl.ParallelFor(data.outputs["Output"], parallelism=0) as group:
+            cache = cache_caption_embeddings(dataset=data.outputs["dataset"], text_lora=tuned.outputs["text_lora"],
+                                             group=group, use_adapter=use_adapter)  # fmt: skip
+            cache.set_display_name(f"cache_caption_embeddings ({name})").set_container_image(image)
+        embeddings[name] = cache.outputs["caption_embeddings"]
+        trained[name] = train_clip(dataset=data.outputs["dataset"],
+                                   caption_embeddings=dsl.Collected(embeddings[name]), **train_args)  # fmt: skip
+        trained[name].set_display_name(f"train_clip ({name})")
+    baseline = train_clip_baseline(dataset=data.outputs["dataset"], **train_args)
+    result = evaluate(
+        dataset=data.outputs["dataset"],
+        text_lora=tuned.outputs["text_lora"],
+        llm2clip_model=trained["llm2clip"].outputs["vision_model"],
+        raw_llm_model=trained["llm2clip_raw_llm"].outputs["vision_model"],
+        clip_model=baseline.outputs["vision_model"],
+        tuned_embeddings=dsl.Collected(embeddings["llm2clip"]),
+        raw_embeddings=dsl.Collected(embeddings["llm2clip_raw_llm"]),
+    )
+    for task in (data, tuned, trained["llm2clip"], trained["llm2clip_raw_llm"], baseline, result):
+        task.set_container_image(image)
+    return result.outputs["evaluation"]
+
+
+def compile_pipeline(path: str | Path = COMPILED) -> Path:
+    compiler.Compiler().compile(llm2clip_pipeline, str(path))
+    return Path(path)

@@ -1,0 +1,156 @@
+"""The `llm2clip` command: run the whole pipeline locally through KFP's local runner, or compile it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+# Pipeline parameters per profile. "default" is the embedded default (SmolLM2-135M, ~10 minutes on 2 CPU cores);
+# "tiny" is a tiny random Llama on a handful of images (tests, about a minute).
+PROFILES: dict[str, dict] = {
+    "default": {},
+    "tiny": {
+        "num_train": 64,
+        "num_eval": 16,
+        "llm": "tiny-random-llama",
+        "tune_steps": 4,
+        "tune_batch_size": 4,
+        "tune_lr": 1e-3,
+        "lora_r": 4,
+        "cache_groups": 2,
+        "train_epochs": 2,
+        "train_batch_size": 16,
+    },
+}
+
+
+def pipeline_parameters() -> dict[str, object]:
+    """The pipeline's parameters with their defaults (the source of truth is the compiled signature)."""
+    import inspect
+
+    from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
+
+    sig = inspect.signature(llm2clip_pipeline.pipeline_func)
+    return {k: p.default for k, p in sig.parameters.items()}
+
+
+def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, object]:
+    """KEY=VALUE pairs typed after the parameter's default; unknown keys and bad values raise SystemExit."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
+        if key not in defaults:
+            raise SystemExit(f"--set {key}: unknown pipeline parameter (known: {', '.join(sorted(defaults))})")
+        kind = type(defaults[key])
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(raw)
+                out[key] = raw.lower() in ("true", "1")
+            else:
+                out[key] = kind(raw)
+        except ValueError:
+            raise SystemExit(f"--set {key}={raw!r}: expected a {kind.__name__}") from None
+    return out
+
+
+def validate_parameters(params: dict[str, object]) -> None:
+    """Check the stage configs before starting any task, so a bad value fails in a second, not mid-run."""
+    from llm2clip.data import PrepareDataConfig
+    from llm2clip.train_clip import TrainClipConfig
+    from llm2clip.tune import TuneConfig
+
+    try:
+        PrepareDataConfig(source=params["source"], num_train=params["num_train"], num_eval=params["num_eval"],
+                          image_size=params["image_size"], seed=params["seed"])  # fmt: skip
+        TuneConfig(llm=params["llm"], steps=params["tune_steps"], batch_size=params["tune_batch_size"],
+                   lr=params["tune_lr"], lora_r=params["lora_r"])  # fmt: skip
+        TrainClipConfig(model=params["vision_model"], epochs=params["train_epochs"],
+                        batch_size=params["train_batch_size"], lr=params["train_lr"])  # fmt: skip
+        if params["cache_groups"] < 1:
+            raise ValueError(f"cache_groups={params['cache_groups']!r}: must be >= 1")
+        if params["train_batch_size"] > params["num_train"]:
+            raise ValueError(f"train_batch_size={params['train_batch_size']!r}: larger than num_train")
+    except ValueError as e:
+        raise SystemExit(f"bad pipeline parameter: {e}") from None
+
+
+def headline(summary: dict) -> str:
+    cols = ("image_to_text_R@1", "text_to_image_R@1")
+    lines = [f"CRA (held-out captions): before {summary['cra']['before']:.3f}  after {summary['cra']['after']:.3f}",
+             f"{'benchmark':<17} {'model':<18} {'I->T R@1':>9} {'T->I R@1':>9}"]  # fmt: skip
+    for bench, models in summary["retrieval"].items():
+        for name, v in models.items():
+            lines.append(f"{bench:<17} {name:<18} {v[cols[0]]:>9.3f} {v[cols[1]]:>9.3f}")
+    return "\n".join(lines)
+
+
+def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
+    """Run the pipeline with kfp.local.SubprocessRunner in this environment; returns summary.json's content."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from kfp import local
+
+    from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
+
+    params = {**pipeline_parameters(), **PROFILES[profile], **overrides}
+    validate_parameters(params)
+    output.mkdir(parents=True, exist_ok=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(output / "pipeline_root"),
+        workspace_root=str(output / "workspace"),
+        enable_caching=False,
+    )
+    print(f"running the llm2clip pipeline locally (profile {profile}) into {output}", flush=True)
+    t0 = time.time()
+    result = llm2clip_pipeline(**{k: v for k, v in params.items() if k != "image"})
+    wall = time.time() - t0
+    evaluation = Path(result.output.path)
+    for name in ("report.html", "report.md", "retrieval_r1.png"):
+        shutil.copy(evaluation / name, output / name)
+    summary = json.loads((evaluation / "summary.json").read_text())
+    summary["report"] = str((output / "report.html").resolve())
+    summary["timings_s"]["pipeline_wall"] = wall
+    summary["parameters"] = params
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="llm2clip", description="LLM2CLIP as a Kubeflow Pipelines v2 workflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the whole pipeline", description="Run the whole LLM2CLIP pipeline.")
+    run.add_argument("--local", action="store_true", required=True,
+                     help="run on this machine through kfp.local.SubprocessRunner (required for now)")  # fmt: skip
+    run.add_argument("--output", type=Path, default=Path("runs/latest"), help="output directory (default runs/latest)")
+    run.add_argument("--profile", choices=sorted(PROFILES), default="default",
+                     help="default: SmolLM2-135M on the synthetic set; tiny: a tiny random Llama (tests)")  # fmt: skip
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a pipeline parameter, e.g. --set train_epochs=5 (repeatable)")  # fmt: skip
+    comp = sub.add_parser("compile", help="write the compiled pipeline YAML", description="Compile the pipeline.")
+    comp.add_argument("--output", type=Path, default=None, help="where to write (default: pipelines/llm2clip.yaml)")
+    args = parser.parse_args(argv)
+
+    if args.command == "compile":
+        from llm2clip.pipelines.llm2clip_pipeline import COMPILED, compile_pipeline
+
+        print(compile_pipeline(args.output or COMPILED))
+        return 0
+    overrides = parse_overrides(args.overrides, pipeline_parameters())
+    summary = run_local(args.output, args.profile, overrides)
+    print()
+    print(headline(summary))
+    print(f"\nreport:  {summary['report']}\nsummary: {(args.output / 'summary.json').resolve()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
