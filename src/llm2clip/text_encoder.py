@@ -275,20 +275,33 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> l
     return batches
 
 
+def token_lengths(encoder: CaptionEncoder, captions: Sequence[str]) -> list[int]:
+    ids = encoder.tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+    return [min(len(x), encoder.max_length) for x in ids]
+
+
+def embed_by_length(
+    encoder: CaptionEncoder, captions: Sequence[str], max_tokens: int, max_batch: int = 256
+) -> tuple[torch.Tensor, int]:
+    """Embed in length-sorted batches (padding only to each batch's longest caption); keeps autograd.
+
+    Returns ([N, D] fp32 in input order, padded tokens processed).
+    """
+    lengths = token_lengths(encoder, captions)
+    parts, order, padded = [], [], 0
+    for idx in length_batches(lengths, max_tokens, max_batch):
+        parts.append(embed(encoder, [captions[i] for i in idx]))
+        order += idx
+        padded += len(idx) * lengths[idx[0]]
+    out = torch.cat(parts)
+    return out[torch.argsort(torch.tensor(order))], padded
+
+
 @torch.no_grad()
 def encode_all(
-    encoder: CaptionEncoder, captions: Sequence[str], dtype: str, max_tokens: int = 8192, max_batch: int = 256
+    encoder: CaptionEncoder, captions: Sequence[str], dtype: str, max_tokens: int = 4096, max_batch: int = 256
 ) -> tuple[torch.Tensor, int]:
-    """Embed captions batched by length; returns ([N, D] fp32 in input order, tokens processed incl. padding)."""
-    lengths = [
-        min(len(ids), encoder.max_length)
-        for ids in encoder.tokenizer(list(captions), add_special_tokens=True)["input_ids"]
-    ]
-    out = torch.empty(len(captions), encoder.dim)
-    padded = 0
+    """Inference: embed captions batched by length; returns ([N, D] fp32 in input order, padded tokens)."""
     encoder.model.eval()
-    for idx in length_batches(lengths, max_tokens, max_batch):
-        with autocast(dtype):
-            out[idx] = embed(encoder, [captions[i] for i in idx])
-        padded += len(idx) * lengths[idx[0]]
-    return out, padded
+    with autocast(dtype):
+        return embed_by_length(encoder, captions, max_tokens, max_batch)

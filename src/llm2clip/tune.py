@@ -34,6 +34,7 @@ class TuneConfig:
     dtype: str = "bfloat16"  # autocast dtype for the LLM; pooling and the loss run in fp32
     merge: bool = False  # also save the base model with the adapter merged in
     cra_max_captions: int = 1000
+    max_tokens: int = 1024  # padded tokens per forward chunk (length-sorted)
     log_every: int = 5
     seed: int = 0
 
@@ -80,7 +81,7 @@ def loss_step(
             j = rng.choice([j for j in range(len(groups)) if j not in batch] or [i])
             negatives.append(rng.choice(groups[j]))
     with text_encoder.autocast(cfg.dtype):
-        emb = text_encoder.embed(encoder, anchors + positives + negatives)
+        emb, _ = text_encoder.embed_by_length(encoder, anchors + positives + negatives, cfg.max_tokens)
     b = cfg.batch_size
     return info_nce(emb[:b], emb[b : 2 * b], emb[2 * b :] if negatives else None, cfg.scale)
 

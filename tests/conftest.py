@@ -1,0 +1,32 @@
+"""Shared fixtures: everything offline, a tiny random Llama, a tiny prepared dataset."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def model_cache(tmp_path_factory):
+    """Converted/tiny models live in a per-session cache unless LLM2CLIP_CACHE is set by the caller."""
+    if "LLM2CLIP_CACHE" not in os.environ:
+        os.environ["LLM2CLIP_CACHE"] = str(tmp_path_factory.mktemp("llm2clip-cache"))
+    return os.environ["LLM2CLIP_CACHE"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> str:
+    from llm2clip.data import PrepareDataConfig, prepare_data
+
+    out = str(tmp_path_factory.mktemp("data"))
+    prepare_data(PrepareDataConfig(num_train=48, num_eval=12, shard_size=20), out)
+    return out
+
+
+@pytest.fixture()
+def tiny_encoder():
+    from llm2clip.text_encoder import TINY_LLAMA, load_caption_encoder
+
+    return load_caption_encoder(TINY_LLAMA)

@@ -1,0 +1,113 @@
+"""Each component's python_func with real artifacts on the tiny profile; the compiled pipeline is current."""
+
+import json
+from pathlib import Path
+
+import pytest
+from kfp import dsl
+
+from llm2clip import components
+from llm2clip.pipelines.llm2clip_pipeline import COMPILED, compile_pipeline
+
+
+def art(cls, path: Path):
+    path.mkdir(parents=True, exist_ok=True)
+    return cls(uri=str(path))
+
+
+def file_art(cls, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return cls(uri=str(path))
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """prepare -> tune -> cache (2 groups) -> train -> baseline -> evaluate, each through python_func."""
+    root = tmp_path_factory.mktemp("components")
+    out = {}
+    dataset = art(dsl.Dataset, root / "dataset")
+    out["groups"] = components.prepare_data.python_func(dataset=dataset, source="synthetic", num_train=32,
+                                                        num_eval=8, image_size=64, seed=0, cache_groups=2)  # fmt: skip
+    lora, metrics = art(dsl.Model, root / "lora"), file_art(dsl.Metrics, root / "metrics.json")
+    components.tune_caption_encoder.python_func(dataset=dataset, text_lora=lora, metrics=metrics,
+                                                llm="tiny-random-llama", bidirectional=True, steps=2,
+                                                batch_size=4, lr=1e-3, lora_r=4, seed=0)  # fmt: skip
+    caches = {}
+    for name, use_adapter in (("tuned", True), ("raw", False)):
+        caches[name] = []
+        for g in out["groups"]:
+            c = art(dsl.Dataset, root / f"cache_{name}_{g['group_index']}")
+            components.cache_caption_embeddings.python_func(dataset=dataset, text_lora=lora,
+                                                            caption_embeddings=c, group=g, use_adapter=use_adapter)  # fmt: skip
+            caches[name].append(c)
+    train_args = dict(model="llm2clip-vit-tiny", pretrained="", epochs=1, batch_size=8, lr=1e-3, seed=0)
+    models = {k: art(dsl.Model, root / k) for k in ("llm2clip", "raw", "clip")}
+    components.train_clip.python_func(dataset=dataset, caption_embeddings=caches["tuned"],
+                                      vision_model=models["llm2clip"], **train_args)  # fmt: skip
+    components.train_clip.python_func(dataset=dataset, caption_embeddings=caches["raw"],
+                                      vision_model=models["raw"], **train_args)  # fmt: skip
+    components.train_clip_baseline.python_func(dataset=dataset, vision_model=models["clip"], **train_args)
+    outputs = {"retrieval_metrics": file_art(dsl.Metrics, root / "eval" / "metrics.json"),
+               "report": file_art(dsl.HTML, root / "eval" / "report.html"),
+               "report_markdown": file_art(dsl.Markdown, root / "eval" / "report.md"),
+               "evaluation": art(dsl.Artifact, root / "eval" / "evaluation")}  # fmt: skip
+    components.evaluate.python_func(dataset=dataset, text_lora=lora, llm2clip_model=models["llm2clip"],
+                                    raw_llm_model=models["raw"], clip_model=models["clip"],
+                                    tuned_embeddings=caches["tuned"], raw_embeddings=caches["raw"], **outputs)  # fmt: skip
+    out.update(dataset=dataset, lora=lora, metrics=metrics, caches=caches, models=models, outputs=outputs)
+    return out
+
+
+def test_prepare_data_component(flow):
+    assert flow["groups"] == [{"group_index": 0, "num_groups": 2}, {"group_index": 1, "num_groups": 2}]
+    assert flow["dataset"].metadata["train_kept"] == 32
+    assert (Path(flow["dataset"].path) / "manifest.json").exists()
+
+
+def test_tune_component_logs_cra(flow):
+    assert {"cra_before", "cra_after"} <= set(flow["metrics"].metadata)
+    assert json.loads(Path(flow["metrics"].path).read_text())["cra_after"] == flow["metrics"].metadata["cra_after"]
+    assert flow["lora"].metadata["base_model"] == "tiny-random-llama"
+
+
+def test_cache_components_split_the_work(flow):
+    counts = [c.metadata["captions"] for c in flow["caches"]["tuned"]]
+    assert all(n > 0 for n in counts)
+    assert sum(counts) == sum(c.metadata["captions"] for c in flow["caches"]["raw"])
+
+
+def test_train_components(flow):
+    assert flow["models"]["llm2clip"].metadata["text_source"] == "llm"
+    assert flow["models"]["clip"].metadata["text_source"] == "clip"
+    for m in flow["models"].values():
+        assert (Path(m.path) / "model.safetensors").stat().st_size > 0
+
+
+def test_evaluate_component(flow):
+    metrics = flow["outputs"]["retrieval_metrics"].metadata
+    assert "synthetic_long/llm2clip/image_to_text_R@1" in metrics
+    assert "synthetic_short/clip_baseline/text_to_image_R@10" in metrics
+    assert "<table>" in Path(flow["outputs"]["report"].path).read_text()
+    summary = json.loads((Path(flow["outputs"]["evaluation"].path) / "summary.json").read_text())
+    assert summary["retrieval"]["synthetic_long"]["llm2clip"]["image_to_text_R@1"] == \
+        metrics["synthetic_long/llm2clip/image_to_text_R@1"]  # fmt: skip
+
+
+def test_components_are_thin():
+    """STYLE rule 2: a component is a wrapper (<= 40 lines), not logic."""
+    for path in Path(components.__file__).parent.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 45, path.name
+
+
+def test_compiled_pipeline_is_current(tmp_path):
+    fresh = compile_pipeline(tmp_path / "llm2clip.yaml")
+    assert fresh.read_text() == COMPILED.read_text(), "pipelines/llm2clip.yaml is stale: run `llm2clip compile`"
+
+
+def test_compiled_pipeline_has_every_stage_and_parameter():
+    text = COMPILED.read_text()
+    for stage in ("prepare-data", "tune-caption-encoder", "cache-caption-embeddings", "train-clip",
+                  "train-clip-baseline", "evaluate", "for-loop"):  # fmt: skip
+        assert f"comp-{stage}" in text, stage
+    for param in ("tune_steps", "cache_groups", "vision_model", "image"):
+        assert f"    {param}:" in text, param
