@@ -29,8 +29,8 @@ COMPILED = Path(__file__).parent / "llm2clip.yaml"
 )
 def llm2clip_pipeline(
     source: str = "synthetic",
-    num_train: int = 1000,
-    num_eval: int = 200,
+    num_train: int = 600,
+    num_eval: int = 100,
     image_size: int = 64,
     seed: int = 0,
     llm: str = "smollm2-135m-instruct",
@@ -42,7 +42,7 @@ def llm2clip_pipeline(
     cache_groups: int = 2,
     vision_model: str = "llm2clip-vit-tiny",
     pretrained: str = "",
-    train_epochs: int = 10,
+    train_epochs: int = 15,
     train_batch_size: int = 64,
     train_lr: float = 1e-3,
     image: str = IMAGE,

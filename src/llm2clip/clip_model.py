@@ -73,6 +73,10 @@ class LLM2CLIP(nn.Module):
         nn.init.zeros_(self.head.bias)
         self.adapter = LLM2CLIPAdapter(llm_dim, embed_dim, blocks=adapter_blocks)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        # Mean of the training captions' LLM embeddings, subtracted before the adapter's L2 norm (zeros = off).
+        # Decoder LLMs put most of an embedding's norm in a few "massive activation" dimensions shared by every
+        # caption (SmolLM2: mean cosine 0.98 between different captions); centring removes that shared part.
+        self.register_buffer("text_mean", torch.zeros(llm_dim))
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """images [B, 3, H, W] -> [B, E]."""
@@ -81,7 +85,7 @@ class LLM2CLIP(nn.Module):
 
     def encode_text(self, llm_embeddings: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """cached caption embeddings [B, d] -> [B, E]."""
-        x = self.adapter(llm_embeddings)
+        x = self.adapter(llm_embeddings.float() - self.text_mean)
         return F.normalize(x, dim=-1) if normalize else x
 
 

@@ -29,6 +29,7 @@ class TrainClipConfig:
     model: str = clip_model.DEFAULT_MODEL  # any open_clip model-config name
     pretrained: str | None = None  # open_clip pretrained tag when weights are available
     adapter_blocks: int = 4
+    center_text: bool = True  # subtract the train captions' mean LLM embedding before the adapter (see clip_model)
     epochs: int = 10
     batch_size: int = 64
     lr: float = 1e-3
@@ -161,6 +162,8 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
 
     # ---- model, loss, optimizer
     model = build_model(cfg, llm_dim)
+    if cfg.text_source == "llm" and cfg.center_text:
+        model.text_mean.copy_(table.texts.float().mean(0))
     loss_fn = ClipLoss()
     optimizer = torch.optim.AdamW(clip_model.param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
