@@ -187,22 +187,15 @@ def load_lora(encoder: CaptionEncoder, adapter_dir: str | Path, merge: bool = Tr
 # ----------------------------------------------------------------------------------------------- forward
 
 
-def attention_mask_4d(encoder: CaptionEncoder, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[B, 1, T, T] mask: padding-only when bidirectional, causal + padding otherwise.
+def attention_mask(encoder: CaptionEncoder, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The mask to hand the model: a ready [B, 1, T, T] padding-only mask when bidirectional (transformers 5.x
+    passes a 4-D mask through its own mask creation unchanged); the 2-D padding mask when causal, so the model
+    builds its usual causal + padding mask."""
+    if not encoder.bidirectional:
+        return mask
+    from transformers.masking_utils import create_bidirectional_mask
 
-    A ready 4-D mask passes through the model's own mask creation unchanged in transformers 5.x.
-    """
-    from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
-
-    config = encoder.config
-    if encoder.bidirectional:
-        out = create_bidirectional_mask(config, embeds, mask, allow_is_bidirectional_skip=False)
-    else:
-        positions = torch.arange(embeds.shape[1], device=embeds.device)
-        out = create_causal_mask(
-            config, embeds, mask, past_key_values=None, position_ids=positions[None], cache_position=positions
-        )
-    return out
+    return create_bidirectional_mask(encoder.config, embeds, mask, allow_is_bidirectional_skip=False)
 
 
 def hidden_states(encoder: CaptionEncoder, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -210,8 +203,9 @@ def hidden_states(encoder: CaptionEncoder, input_ids: torch.Tensor, mask: torch.
     embed = encoder.model.get_input_embeddings()
     embeds = embed(input_ids)
     position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
-    mask4d = attention_mask_4d(encoder, embeds, mask)
-    out = encoder.model(inputs_embeds=embeds, attention_mask=mask4d, position_ids=position_ids)
+    out = encoder.model(
+        inputs_embeds=embeds, attention_mask=attention_mask(encoder, embeds, mask), position_ids=position_ids
+    )
     return out.last_hidden_state
 
 
