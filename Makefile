@@ -25,6 +25,7 @@ run-tiny: $(STAMP)
 	$(BIN)/llm2clip run --local --profile tiny --output runs/tiny
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 lint: $(STAMP)

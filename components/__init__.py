@@ -8,5 +8,12 @@ from llm2clip.components.train_clip import train_clip
 from llm2clip.components.train_clip_baseline import train_clip_baseline
 from llm2clip.components.tune_caption_encoder import tune_caption_encoder
 
-__all__ = ["IMAGE", "cache_caption_embeddings", "evaluate", "prepare_data", "train_clip",
-           "train_clip_baseline", "tune_caption_encoder"]
+__all__ = [
+    "IMAGE",
+    "cache_caption_embeddings",
+    "evaluate",
+    "prepare_data",
+    "train_clip",
+    "train_clip_baseline",
+    "tune_caption_encoder",
+]

@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
-
 from llm2clip.components.image import IMAGE
 
 
@@ -25,9 +24,15 @@ def evaluate(
 
     from llm2clip.evaluate import EvaluateConfig, evaluate
 
-    models = {"llm2clip": llm2clip_model.path, "llm2clip_raw_llm": raw_llm_model.path,
-              "clip_baseline": clip_model.path}
-    caches = {"llm2clip": [a.path for a in tuned_embeddings], "llm2clip_raw_llm": [a.path for a in raw_embeddings]}
+    models = {
+        "llm2clip": llm2clip_model.path,
+        "llm2clip_raw_llm": raw_llm_model.path,
+        "clip_baseline": clip_model.path,
+    }
+    caches = {
+        "llm2clip": [a.path for a in tuned_embeddings],
+        "llm2clip_raw_llm": [a.path for a in raw_embeddings],
+    }
     summary = evaluate(EvaluateConfig(), dataset.path, text_lora.path, models, caches, evaluation.path)
     for bench, by_model in summary["retrieval"].items():
         for name, values in by_model.items():

@@ -2,13 +2,18 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Output
-
 from llm2clip.components.image import IMAGE
 
 
 @dsl.component(base_image=IMAGE, install_kfp_package=False)
 def prepare_data(
-    dataset: Output[Dataset], source: str, num_train: int, num_eval: int, image_size: int, seed: int, cache_groups: int
+    dataset: Output[Dataset],
+    source: str,
+    num_train: int,
+    num_eval: int,
+    image_size: int,
+    seed: int,
+    cache_groups: int,
 ) -> list:
     """Validated train + eval shards, stats and rejects. Returns the shard groups the cache fans out over."""
     from llm2clip.data import PrepareDataConfig, prepare_data

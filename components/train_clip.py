@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
-
 from llm2clip.components.image import IMAGE
 
 
@@ -21,7 +20,14 @@ def train_clip(
     """Checkpoint + manifest. Reads only the cache: the LLM is not loaded."""
     from llm2clip.train_clip import TrainClipConfig, train_clip
 
-    cfg = TrainClipConfig(text_source="llm", model=model, pretrained=pretrained or None, epochs=epochs,
-                          batch_size=batch_size, lr=lr, seed=seed)
+    cfg = TrainClipConfig(
+        text_source="llm",
+        model=model,
+        pretrained=pretrained or None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
     result = train_clip(cfg, dataset.path, vision_model.path, [a.path for a in caption_embeddings])
     vision_model.metadata.update({"text_source": "llm", **result})

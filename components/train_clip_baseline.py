@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Model, Output
-
 from llm2clip.components.image import IMAGE
 
 
@@ -20,7 +19,14 @@ def train_clip_baseline(
     """Checkpoint + manifest of the CLIP baseline; it needs no LLM and no cache, so it runs beside stage 1."""
     from llm2clip.train_clip import TrainClipConfig, train_clip
 
-    cfg = TrainClipConfig(text_source="clip", model=model, pretrained=pretrained or None, epochs=epochs,
-                          batch_size=batch_size, lr=lr, seed=seed)
+    cfg = TrainClipConfig(
+        text_source="clip",
+        model=model,
+        pretrained=pretrained or None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+    )
     result = train_clip(cfg, dataset.path, vision_model.path)
     vision_model.metadata.update({"text_source": "clip", **result})

@@ -2,7 +2,6 @@
 
 from kfp import dsl
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
-
 from llm2clip.components.image import IMAGE
 
 
@@ -24,8 +23,17 @@ def tune_caption_encoder(
 
     from llm2clip.tune import TuneConfig, tune_caption_encoder
 
-    cfg = TuneConfig(llm=llm, bidirectional=bidirectional, steps=steps, batch_size=batch_size, lr=lr,
-                     lora_r=lora_r, lora_alpha=2 * lora_r, warmup_steps=max(1, steps // 8), seed=seed)
+    cfg = TuneConfig(
+        llm=llm,
+        bidirectional=bidirectional,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        lora_r=lora_r,
+        lora_alpha=2 * lora_r,
+        warmup_steps=max(1, steps // 8),
+        seed=seed,
+    )
     result = tune_caption_encoder(cfg, dataset.path, text_lora.path)
     for k in ("cra_before", "cra_after", "loss_last"):
         metrics.log_metric(k, result[k])

@@ -7,7 +7,6 @@ LLM) plus a standard CLIP baseline on the same data and budget; `evaluate` compa
 from pathlib import Path
 
 from kfp import compiler, dsl
-
 from llm2clip.components import (
     IMAGE,
     cache_caption_embeddings,
@@ -59,21 +58,46 @@ def llm2clip_pipeline(
     image: the container image every task runs in.
     Returns the evaluation artifact (summary.json, report.html, report.md).
     """
-    data = prepare_data(source=source, num_train=num_train, num_eval=num_eval, image_size=image_size, seed=seed,
-                        cache_groups=cache_groups)  # fmt: skip
-    tuned = tune_caption_encoder(dataset=data.outputs["dataset"], llm=llm, bidirectional=bidirectional,
-                                 steps=tune_steps, batch_size=tune_batch_size, lr=tune_lr, lora_r=lora_r, seed=seed)  # fmt: skip
-    train_args = dict(model=vision_model, pretrained=pretrained, epochs=train_epochs, batch_size=train_batch_size,
-                      lr=train_lr, seed=seed)  # fmt: skip
+    data = prepare_data(
+        source=source,
+        num_train=num_train,
+        num_eval=num_eval,
+        image_size=image_size,
+        seed=seed,
+        cache_groups=cache_groups,
+    )
+    tuned = tune_caption_encoder(
+        dataset=data.outputs["dataset"],
+        llm=llm,
+        bidirectional=bidirectional,
+        steps=tune_steps,
+        batch_size=tune_batch_size,
+        lr=tune_lr,
+        lora_r=lora_r,
+        seed=seed,
+    )
+    train_args = dict(
+        model=vision_model,
+        pretrained=pretrained,
+        epochs=train_epochs,
+        batch_size=train_batch_size,
+        lr=train_lr,
+        seed=seed,
+    )
     trained, embeddings = {}, {}
     for name, use_adapter in (("llm2clip", True), ("llm2clip_raw_llm", False)):
         with dsl.ParallelFor(data.outputs["Output"], parallelism=0) as group:
-            cache = cache_caption_embeddings(dataset=data.outputs["dataset"], text_lora=tuned.outputs["text_lora"],
-                                             group=group, use_adapter=use_adapter)  # fmt: skip
+            cache = cache_caption_embeddings(
+                dataset=data.outputs["dataset"],
+                text_lora=tuned.outputs["text_lora"],
+                group=group,
+                use_adapter=use_adapter,
+            )
             cache.set_display_name(f"cache_caption_embeddings ({name})").set_container_image(image)
         embeddings[name] = cache.outputs["caption_embeddings"]
-        trained[name] = train_clip(dataset=data.outputs["dataset"],
-                                   caption_embeddings=dsl.Collected(embeddings[name]), **train_args)  # fmt: skip
+        trained[name] = train_clip(
+            dataset=data.outputs["dataset"], caption_embeddings=dsl.Collected(embeddings[name]), **train_args
+        )
         trained[name].set_display_name(f"train_clip ({name})")
     baseline = train_clip_baseline(dataset=data.outputs["dataset"], **train_args)
     result = evaluate(

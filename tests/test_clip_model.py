@@ -43,7 +43,10 @@ def test_param_groups_skip_decay_on_norms_biases_and_logit_scale():
     assert by_id[id(named["adapter.blocks.0.fc1.bias"])]["weight_decay"] == 0.0
     assert by_id[id(named["adapter.blocks.0.fc1.weight"])]["weight_decay"] == 0.05
     # layer-wise decay: the stem learns slower than the last block, the head at full lr
-    assert by_id[id(named["visual.conv1.weight"])]["lr"] < by_id[id(named["visual.transformer.resblocks.3.attn.in_proj_weight"])]["lr"]
+    assert (
+        by_id[id(named["visual.conv1.weight"])]["lr"]
+        < by_id[id(named["visual.transformer.resblocks.3.attn.in_proj_weight"])]["lr"]
+    )
     assert by_id[id(named["head.weight"])]["lr"] == 1e-3
     assert sum(len(g["params"]) for g in groups) == len(named)
 

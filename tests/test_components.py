@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 from kfp import dsl
+from llm2clip.pipelines.llm2clip_pipeline import COMPILED, compile_pipeline
 
 from llm2clip import components
-from llm2clip.pipelines.llm2clip_pipeline import COMPILED, compile_pipeline
 
 
 def art(cls, path: Path):
@@ -26,34 +26,56 @@ def flow(tmp_path_factory):
     root = tmp_path_factory.mktemp("components")
     out = {}
     dataset = art(dsl.Dataset, root / "dataset")
-    out["groups"] = components.prepare_data.python_func(dataset=dataset, source="synthetic", num_train=32,
-                                                        num_eval=8, image_size=64, seed=0, cache_groups=2)  # fmt: skip
+    out["groups"] = components.prepare_data.python_func(
+        dataset=dataset, source="synthetic", num_train=32, num_eval=8, image_size=64, seed=0, cache_groups=2
+    )
     lora, metrics = art(dsl.Model, root / "lora"), file_art(dsl.Metrics, root / "metrics.json")
-    components.tune_caption_encoder.python_func(dataset=dataset, text_lora=lora, metrics=metrics,
-                                                llm="tiny-random-llama", bidirectional=True, steps=2,
-                                                batch_size=4, lr=1e-3, lora_r=4, seed=0)  # fmt: skip
+    components.tune_caption_encoder.python_func(
+        dataset=dataset,
+        text_lora=lora,
+        metrics=metrics,
+        llm="tiny-random-llama",
+        bidirectional=True,
+        steps=2,
+        batch_size=4,
+        lr=1e-3,
+        lora_r=4,
+        seed=0,
+    )
     caches = {}
     for name, use_adapter in (("tuned", True), ("raw", False)):
         caches[name] = []
         for g in out["groups"]:
             c = art(dsl.Dataset, root / f"cache_{name}_{g['group_index']}")
-            components.cache_caption_embeddings.python_func(dataset=dataset, text_lora=lora,
-                                                            caption_embeddings=c, group=g, use_adapter=use_adapter)  # fmt: skip
+            components.cache_caption_embeddings.python_func(
+                dataset=dataset, text_lora=lora, caption_embeddings=c, group=g, use_adapter=use_adapter
+            )
             caches[name].append(c)
     train_args = dict(model="llm2clip-vit-tiny", pretrained="", epochs=1, batch_size=8, lr=1e-3, seed=0)
     models = {k: art(dsl.Model, root / k) for k in ("llm2clip", "raw", "clip")}
-    components.train_clip.python_func(dataset=dataset, caption_embeddings=caches["tuned"],
-                                      vision_model=models["llm2clip"], **train_args)  # fmt: skip
-    components.train_clip.python_func(dataset=dataset, caption_embeddings=caches["raw"],
-                                      vision_model=models["raw"], **train_args)  # fmt: skip
+    components.train_clip.python_func(
+        dataset=dataset, caption_embeddings=caches["tuned"], vision_model=models["llm2clip"], **train_args
+    )
+    components.train_clip.python_func(
+        dataset=dataset, caption_embeddings=caches["raw"], vision_model=models["raw"], **train_args
+    )
     components.train_clip_baseline.python_func(dataset=dataset, vision_model=models["clip"], **train_args)
-    outputs = {"retrieval_metrics": file_art(dsl.Metrics, root / "eval" / "metrics.json"),
-               "report": file_art(dsl.HTML, root / "eval" / "report.html"),
-               "report_markdown": file_art(dsl.Markdown, root / "eval" / "report.md"),
-               "evaluation": art(dsl.Artifact, root / "eval" / "evaluation")}  # fmt: skip
-    components.evaluate.python_func(dataset=dataset, text_lora=lora, llm2clip_model=models["llm2clip"],
-                                    raw_llm_model=models["raw"], clip_model=models["clip"],
-                                    tuned_embeddings=caches["tuned"], raw_embeddings=caches["raw"], **outputs)  # fmt: skip
+    outputs = {
+        "retrieval_metrics": file_art(dsl.Metrics, root / "eval" / "metrics.json"),
+        "report": file_art(dsl.HTML, root / "eval" / "report.html"),
+        "report_markdown": file_art(dsl.Markdown, root / "eval" / "report.md"),
+        "evaluation": art(dsl.Artifact, root / "eval" / "evaluation"),
+    }
+    components.evaluate.python_func(
+        dataset=dataset,
+        text_lora=lora,
+        llm2clip_model=models["llm2clip"],
+        raw_llm_model=models["raw"],
+        clip_model=models["clip"],
+        tuned_embeddings=caches["tuned"],
+        raw_embeddings=caches["raw"],
+        **outputs,
+    )
     out.update(dataset=dataset, lora=lora, metrics=metrics, caches=caches, models=models, outputs=outputs)
     return out
 
@@ -89,8 +111,10 @@ def test_evaluate_component(flow):
     assert "synthetic_short/clip_baseline/text_to_image_R@10" in metrics
     assert "<table>" in Path(flow["outputs"]["report"].path).read_text()
     summary = json.loads((Path(flow["outputs"]["evaluation"].path) / "summary.json").read_text())
-    assert summary["retrieval"]["synthetic_long"]["llm2clip"]["image_to_text_R@1"] == \
-        metrics["synthetic_long/llm2clip/image_to_text_R@1"]  # fmt: skip
+    assert (
+        summary["retrieval"]["synthetic_long"]["llm2clip"]["image_to_text_R@1"]
+        == metrics["synthetic_long/llm2clip/image_to_text_R@1"]
+    )
 
 
 def test_components_are_thin():
@@ -106,8 +130,15 @@ def test_compiled_pipeline_is_current(tmp_path):
 
 def test_compiled_pipeline_has_every_stage_and_parameter():
     text = COMPILED.read_text()
-    for stage in ("prepare-data", "tune-caption-encoder", "cache-caption-embeddings", "train-clip",
-                  "train-clip-baseline", "evaluate", "for-loop"):  # fmt: skip
+    for stage in (
+        "prepare-data",
+        "tune-caption-encoder",
+        "cache-caption-embeddings",
+        "train-clip",
+        "train-clip-baseline",
+        "evaluate",
+        "for-loop",
+    ):
         assert f"comp-{stage}" in text, stage
     for param in ("tune_steps", "cache_groups", "vision_model", "image"):
         assert f"    {param}:" in text, param

@@ -81,7 +81,10 @@ def test_prepare_data_rejects_bad_records_and_keeps_good_ones(tmp_path):
     assert "absurd image size 2x2" in rejects["tiny"]
     assert "unsupported image mode CMYK" in rejects["cmyk"]
     assert "not valid UTF-8 JSON" in rejects["badjson"]
-    assert any(r["reason"].startswith("duplicate key") for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines()))
+    assert any(
+        r["reason"].startswith("duplicate key")
+        for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())
+    )
     assert json.loads((out / "train" / "sizes.json").read_text()) == {"shard-000000.tar": 2}
 
 

@@ -16,24 +16,30 @@ def chain(tiny_dataset, tmp_path_factory):
     out = {k: str(root / k) for k in ("lora", "cache_a", "cache_b", "raw", "llm2clip", "rawm", "clip", "eval")}
     tuned = tune.tune_caption_encoder(
         tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=6, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1),
-        tiny_dataset, out["lora"],
-    )  # fmt: skip
+        tiny_dataset,
+        out["lora"],
+    )
     caches = []
     for i, key in enumerate(("cache_a", "cache_b")):  # two shard groups, as the pipeline fans out
-        embedding_cache.cache_caption_embeddings(embedding_cache.CacheConfig(group_index=i, num_groups=2),
-                                                 tiny_dataset, out["lora"], out[key])  # fmt: skip
+        embedding_cache.cache_caption_embeddings(
+            embedding_cache.CacheConfig(group_index=i, num_groups=2), tiny_dataset, out["lora"], out[key]
+        )
         caches.append(out[key])
-    embedding_cache.cache_caption_embeddings(embedding_cache.CacheConfig(use_adapter=False), tiny_dataset,
-                                             out["lora"], out["raw"])  # fmt: skip
+    embedding_cache.cache_caption_embeddings(
+        embedding_cache.CacheConfig(use_adapter=False), tiny_dataset, out["lora"], out["raw"]
+    )
     tcfg = dict(epochs=2, batch_size=8, warmup_steps=2)
     train_clip.train_clip(train_clip.TrainClipConfig(**tcfg), tiny_dataset, out["llm2clip"], caches)
     train_clip.train_clip(train_clip.TrainClipConfig(**tcfg), tiny_dataset, out["rawm"], [out["raw"]])
     train_clip.train_clip(train_clip.TrainClipConfig(text_source="clip", **tcfg), tiny_dataset, out["clip"])
     summary = evaluate.evaluate(
-        evaluate.EvaluateConfig(), tiny_dataset, out["lora"],
+        evaluate.EvaluateConfig(),
+        tiny_dataset,
+        out["lora"],
         {"llm2clip": out["llm2clip"], "llm2clip_raw_llm": out["rawm"], "clip_baseline": out["clip"]},
-        {"llm2clip": caches, "llm2clip_raw_llm": [out["raw"]]}, out["eval"],
-    )  # fmt: skip
+        {"llm2clip": caches, "llm2clip_raw_llm": [out["raw"]]},
+        out["eval"],
+    )
     return {"dirs": out, "tuned": tuned, "summary": summary, "caches": caches, "data": tiny_dataset}
 
 
@@ -99,7 +105,14 @@ def test_summary_contract(chain):
             for k in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@10"):
                 assert 0.0 <= vals[k] <= 1.0
             assert vals["image_to_text_R@1"] <= vals["image_to_text_R@5"] <= vals["image_to_text_R@10"]
-    assert {"prepare_data", "tune_caption_encoder", "evaluate", "train_clip:llm2clip"} <= set(s["timings_s"])
+    assert {
+        "prepare_data",
+        "tune_caption_encoder",
+        "evaluate",
+        "train_clip:llm2clip",
+        "train_clip:llm2clip_raw_llm",
+        "train_clip:clip_baseline",
+    } <= set(s["timings_s"])
     html = (Path(chain["dirs"]["eval"]) / "report.html").read_text()
     assert "data:image/png;base64," in html and "synthetic_long" in html and "CLIP baseline" in html
 

@@ -123,7 +123,9 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, layer_decay: 
         no_decay = p.ndim < 2 or "logit_scale" in name or "embedding" in name or "norm" in name.split(".")[-2:][0]
         layer = vision_layer_id(name, num_layers)
         scale = layer_decay ** (num_layers + 1 - layer)
-        g = groups.setdefault((layer, no_decay), {"params": [], "lr": lr * scale,
-                                                  "weight_decay": 0.0 if no_decay else weight_decay})  # fmt: skip
+        g = groups.setdefault(
+            (layer, no_decay),
+            {"params": [], "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay},
+        )
         g["params"].append(p)
     return list(groups.values())

@@ -46,8 +46,12 @@ class PrepareDataConfig:
 
     def __post_init__(self) -> None:
         check = artifacts.check
-        check(self.source == "synthetic" or Path(self.source).is_dir(), "source", self.source,
-              "must be 'synthetic' or an existing local directory")  # fmt: skip
+        check(
+            self.source == "synthetic" or Path(self.source).is_dir(),
+            "source",
+            self.source,
+            "must be 'synthetic' or an existing local directory",
+        )
         check(self.num_train >= 2, "num_train", self.num_train, "needs at least 2 images")
         check(self.num_eval >= 2, "num_eval", self.num_eval, "needs at least 2 images")
         check(16 <= self.image_size <= 1024, "image_size", self.image_size, "must be in [16, 1024]")
@@ -168,9 +172,10 @@ def _source_records(cfg: PrepareDataConfig) -> dict[str, Iterable[dict]]:
         return {
             "train": synthetic.generate("train", cfg.num_train, cfg.train_group_size, 2, cfg.image_size, cfg.seed),
             "synthetic_short": synthetic.generate("short", cfg.num_eval, 1, 2, cfg.image_size, cfg.seed),
-            "synthetic_long": synthetic.generate("long", cfg.num_eval, cfg.eval_group_size, 1, cfg.image_size,
-                                                 cfg.seed),
-        }  # fmt: skip
+            "synthetic_long": synthetic.generate(
+                "long", cfg.num_eval, cfg.eval_group_size, 1, cfg.image_size, cfg.seed
+            ),
+        }
     out = {}
     for split in ["train", *BENCHMARKS]:
         d = Path(cfg.source) / split_path(split)
@@ -206,15 +211,30 @@ def prepare_data(cfg: PrepareDataConfig, out_dir: str) -> dict:
         count = sum(sizes.values())
         if count == 0:
             raise ValueError(f"split {split!r} of source {cfg.source!r}: no usable record ({dict(reasons)})")
-        stats[split] = {"kept": count, "rejected": sum(reasons.values()), "shards": len(sizes),
-                        "reject_reasons": dict(reasons)}  # fmt: skip
+        stats[split] = {
+            "kept": count,
+            "rejected": sum(reasons.values()),
+            "shards": len(sizes),
+            "reject_reasons": dict(reasons),
+        }
     with storage.open_write(storage.join(out_dir, "rejects.jsonl")) as f:
         f.write("".join(json.dumps(r) + "\n" for r in rejects).encode())
     storage.write_json(storage.join(out_dir, "stats.json"), stats)
     seconds = time.time() - t0
-    splits = {s: {"path": split_path(s), **({"caption_kind": BENCHMARKS[s][0]} if s in BENCHMARKS else {})}
-              for s in stats}  # fmt: skip
-    artifacts.write_manifest(out_dir, "prepare_data", cfg, {"source": cfg.source}, splits=splits, stats=stats,
-                             timings_s={"prepare_data": seconds})  # fmt: skip
-    return {"seconds": seconds, **{f"{s}_kept": v["kept"] for s, v in stats.items()},
-            "rejected": sum(v["rejected"] for v in stats.values())}  # fmt: skip
+    splits = {
+        s: {"path": split_path(s), **({"caption_kind": BENCHMARKS[s][0]} if s in BENCHMARKS else {})} for s in stats
+    }
+    artifacts.write_manifest(
+        out_dir,
+        "prepare_data",
+        cfg,
+        {"source": cfg.source},
+        splits=splits,
+        stats=stats,
+        timings_s={"prepare_data": seconds},
+    )
+    return {
+        "seconds": seconds,
+        **{f"{s}_kept": v["kept"] for s, v in stats.items()},
+        "rejected": sum(v["rejected"] for v in stats.values()),
+    }

@@ -33,11 +33,21 @@ class CacheConfig:
     def __post_init__(self) -> None:
         check = artifacts.check
         check(self.num_groups >= 1, "num_groups", self.num_groups, "must be >= 1")
-        check(0 <= self.group_index < self.num_groups, "group_index", self.group_index, "must be in [0, num_groups)")
+        check(
+            0 <= self.group_index < self.num_groups,
+            "group_index",
+            self.group_index,
+            "must be in [0, num_groups)",
+        )
         check(self.max_tokens >= 64, "max_tokens", self.max_tokens, "must be >= 64")
         check(self.max_batch >= 1, "max_batch", self.max_batch, "must be >= 1")
         check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype, "unknown dtype")
-        check(self.store_dtype in ("float32", "float16", "bfloat16"), "store_dtype", self.store_dtype, "unknown dtype")
+        check(
+            self.store_dtype in ("float32", "float16", "bfloat16"),
+            "store_dtype",
+            self.store_dtype,
+            "unknown dtype",
+        )
 
 
 def all_shards(dataset_dir: str) -> list[tuple[str, str]]:
@@ -101,14 +111,27 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
         with storage.open_write(storage.join(out_dir, split_path, shard.replace(".tar", ".safetensors"))) as f:
             f.write(_serialize(tensors))
     seconds = time.time() - t0
-    metrics = {"captions": len(texts), "shards": len(mine), "padded_tokens": padded_tokens,
-               "embed_seconds": embed_seconds, "captions_per_s": len(texts) / max(embed_seconds, 1e-9),
-               "seconds": seconds}  # fmt: skip
+    metrics = {
+        "captions": len(texts),
+        "shards": len(mine),
+        "padded_tokens": padded_tokens,
+        "embed_seconds": embed_seconds,
+        "captions_per_s": len(texts) / max(embed_seconds, 1e-9),
+        "seconds": seconds,
+    }
     artifacts.write_manifest(
-        out_dir, "cache_caption_embeddings", cfg, {"dataset": dataset_dir, "text_lora": text_lora_dir},
-        encoder=identity, dim=encoder.dim, dtype=cfg.store_dtype, count=len(texts),
-        shards=[f"{p}/{s}" for p, s in mine], metrics=metrics, timings_s={"cache_caption_embeddings": seconds},
-    )  # fmt: skip
+        out_dir,
+        "cache_caption_embeddings",
+        cfg,
+        {"dataset": dataset_dir, "text_lora": text_lora_dir},
+        encoder=identity,
+        dim=encoder.dim,
+        dtype=cfg.store_dtype,
+        count=len(texts),
+        shards=[f"{p}/{s}" for p, s in mine],
+        metrics=metrics,
+        timings_s={"cache_caption_embeddings": seconds},
+    )
     return metrics
 
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import open_clip
 import torch
 
-from llm2clip import artifacts, data, embedding_cache, report, storage, train_clip
+from llm2clip import artifacts, data, report, storage, train_clip
 from llm2clip.metrics import retrieval_metrics
 
 MODELS = ("llm2clip", "llm2clip_raw_llm", "clip_baseline")
@@ -22,7 +21,9 @@ class EvaluateConfig:
 
     def __post_init__(self) -> None:
         for b in self.benchmarks:
-            artifacts.check(b in data.BENCHMARKS, "benchmarks", b, f"unknown benchmark (known: {list(data.BENCHMARKS)})")
+            artifacts.check(
+                b in data.BENCHMARKS, "benchmarks", b, f"unknown benchmark (known: {list(data.BENCHMARKS)})"
+            )
         artifacts.check(len(self.ks) > 0 and min(self.ks) >= 1, "ks", self.ks, "must be positive ranks")
 
 
@@ -45,11 +46,16 @@ def score_model(
         r = table.rows(i, kind)
         rows += r
         owner += [i] * len(r)
-    image_emb = torch.cat([model.encode_image(train_clip.normalize_images(images[s : s + cfg.batch_size]))
-                           for s in range(0, len(keys), cfg.batch_size)])  # fmt: skip
+    image_emb = torch.cat(
+        [
+            model.encode_image(train_clip.normalize_images(images[s : s + cfg.batch_size]))
+            for s in range(0, len(keys), cfg.batch_size)
+        ]
+    )
     texts = table.texts[rows]
-    text_emb = torch.cat([model.encode_text(texts[s : s + cfg.batch_size])
-                          for s in range(0, len(rows), cfg.batch_size)])  # fmt: skip
+    text_emb = torch.cat(
+        [model.encode_text(texts[s : s + cfg.batch_size]) for s in range(0, len(rows), cfg.batch_size)]
+    )
     return retrieval_metrics(image_emb, text_emb, torch.tensor(owner), cfg.ks)
 
 
@@ -77,10 +83,12 @@ def evaluate(
     }
     tuned = artifacts.read_manifest(text_lora_dir, "tune_caption_encoder")
     timings: dict[str, float] = {}
-    for d in [dataset_dir, text_lora_dir, *models.values()]:
+    for d in [dataset_dir, text_lora_dir]:
         timings.update(artifacts.read_manifest(d)["timings_s"])
+    for name, d in models.items():
+        timings[f"train_clip:{name}"] = artifacts.read_manifest(d, "train_clip")["metrics"]["seconds"]
     for name, dirs in caches.items():
-        timings[f"cache_caption_embeddings:{name}"] = sum(
+        timings[f"cache_caption_embeddings:{name}"] = sum(  # task-seconds: parallel groups add up
             artifacts.read_manifest(d)["timings_s"]["cache_caption_embeddings"] for d in dirs
         )
     timings.update(extra_timings or {})
@@ -95,17 +103,25 @@ def evaluate(
     }
     storage.write_json(storage.join(out_dir, "summary.json"), summary)
     report.write_reports(summary, out_dir)
-    artifacts.write_manifest(out_dir, "evaluate", cfg, {"dataset": dataset_dir, "models": models, "caches": caches},
-                             timings_s={"evaluate": timings["evaluate"]})  # fmt: skip
+    artifacts.write_manifest(
+        out_dir,
+        "evaluate",
+        cfg,
+        {"dataset": dataset_dir, "models": models, "caches": caches},
+        timings_s={"evaluate": timings["evaluate"]},
+    )
     return summary
 
 
 def _describe(model_dir: str) -> dict:
     m = artifacts.read_manifest(model_dir, "train_clip")
     c = m["config"]
-    return {"text_source": c["text_source"], "vision": c["model"], "pretrained": c["pretrained"],
-            "epochs": c["epochs"], "batch_size": c["batch_size"], "parameters": m["parameters"],
-            "encoder": (m.get("cache") or {}).get("encoder")}  # fmt: skip
-
-
-
+    return {
+        "text_source": c["text_source"],
+        "vision": c["model"],
+        "pretrained": c["pretrained"],
+        "epochs": c["epochs"],
+        "batch_size": c["batch_size"],
+        "parameters": m["parameters"],
+        "encoder": (m.get("cache") or {}).get("encoder"),
+    }

@@ -26,7 +26,10 @@ def caption_retrieval_accuracy(queries: torch.Tensor, pool: torch.Tensor) -> flo
 
 
 def retrieval_metrics(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
 ) -> dict[str, float]:
     """Multi-caption retrieval. image_emb [N, D], text_emb [M, D], text_image [M] = image index of each text.
 

@@ -18,8 +18,27 @@ LABELS = {
     "llm2clip_raw_llm": "LLM2CLIP, raw LLM",
     "clip_baseline": "CLIP baseline (77-token text tower)",
 }
-COLUMNS = ["image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@5", "text_to_image_R@5",
-           "image_to_text_R@10", "text_to_image_R@10"]  # fmt: skip
+COLUMNS = [
+    "image_to_text_R@1",
+    "text_to_image_R@1",
+    "image_to_text_R@5",
+    "text_to_image_R@5",
+    "image_to_text_R@10",
+    "text_to_image_R@10",
+]
+
+
+def setup(summary: dict) -> str:
+    """One sentence on what was trained, so the table reads without the JSON."""
+    m = summary.get("models", {}).get("llm2clip")
+    if not m:
+        return ""
+    init = f"pretrained {m['pretrained']}" if m["pretrained"] else "random init"
+    return (
+        f"All three models: vision tower {m['vision']} ({init}), {m['epochs']} epochs at batch {m['batch_size']}, "
+        "same images and captions. synthetic_long: one long caption per image, images in groups of four that "
+        "share the same objects and differ only in size, fill and position (hard negatives)."
+    )
 
 
 def _rows(summary: dict) -> list[tuple[str, str, dict]]:
@@ -50,17 +69,33 @@ def plot_png(summary: dict) -> bytes:
 
 
 def markdown(summary: dict, plot_name: str) -> str:
-    lines = ["# LLM2CLIP evaluation", "", f"LLM: `{summary['llm']}`", "",
-             "## Caption retrieval accuracy (CRA, held-out short captions)", "",
-             "| before tuning | after tuning |", "|---:|---:|",
-             f"| {100 * summary['cra']['before']:.1f}% | {100 * summary['cra']['after']:.1f}% |", "",
-             "## Zero-shot retrieval (%)", "",
-             "| benchmark | model | " + " | ".join(COLUMNS) + " |",
-             "|---|---|" + "---:|" * len(COLUMNS)]  # fmt: skip
+    lines = [
+        "# LLM2CLIP evaluation",
+        "",
+        f"LLM: `{summary['llm']}`. {setup(summary)}",
+        "",
+        "## Caption retrieval accuracy (CRA, held-out short captions)",
+        "",
+        "| before tuning | after tuning |",
+        "|---:|---:|",
+        f"| {100 * summary['cra']['before']:.1f}% | {100 * summary['cra']['after']:.1f}% |",
+        "",
+        "## Zero-shot retrieval (%)",
+        "",
+        "| benchmark | model | " + " | ".join(COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(COLUMNS),
+    ]
     for b, m, v in _rows(summary):
         lines.append(f"| {b} | {LABELS.get(m, m)} | " + " | ".join(f"{100 * v[c]:.1f}" for c in COLUMNS) + " |")
-    lines += ["", f"![R@1 per benchmark]({plot_name})", "", "## Wall time per stage (s)", "",
-              "| stage | seconds |", "|---|---:|"]  # fmt: skip
+    lines += [
+        "",
+        f"![R@1 per benchmark]({plot_name})",
+        "",
+        "## Wall time per stage (s)",
+        "",
+        "| stage | seconds |",
+        "|---|---:|",
+    ]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
     return "\n".join(lines) + "\n"
 
@@ -73,9 +108,7 @@ def html_page(summary: dict, png: bytes) -> str:
             best[(b, c)] = max(best.get((b, c), 0.0), v[c])
     body = []
     for b, m, v in _rows(summary):
-        cells = "".join(
-            f"<td class='{'best' if v[c] == best[(b, c)] else ''}'>{100 * v[c]:.1f}</td>" for c in COLUMNS
-        )
+        cells = "".join(f"<td class='{'best' if v[c] == best[(b, c)] else ''}'>{100 * v[c]:.1f}</td>" for c in COLUMNS)
         body.append(f"<tr><td>{html.escape(b)}</td><td>{html.escape(LABELS.get(m, m))}</td>{cells}</tr>")
     head = "".join(f"<th>{html.escape(c.replace('_', ' '))}</th>" for c in COLUMNS)
     timings = "".join(f"<tr><td>{html.escape(k)}</td><td>{v:.1f}</td></tr>" for k, v in summary["timings_s"].items())
@@ -89,11 +122,12 @@ table {{ border-collapse: collapse; margin: 1em 0; }}
 th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
 td:nth-child(-n+2) {{ text-align: left; }}
 th {{ background: #f0f0f0; }}
+th:nth-child(-n+2) {{ text-align: left; }}
 td.best {{ font-weight: bold; background: #e6f4ea; }}
 .note {{ color: #555; font-size: 0.9em; }}
 </style></head><body>
 <h1>LLM2CLIP evaluation</h1>
-<p>LLM: <code>{html.escape(summary["llm"])}</code></p>
+<p>LLM: <code>{html.escape(summary["llm"])}</code>. {html.escape(setup(summary))}</p>
 <h2>Caption retrieval accuracy</h2>
 <p>Held-out short captions: caption 1 of each image retrieves caption 2 of the same image among all images.</p>
 <table><tr><th>before tuning</th><th>after tuning</th></tr>

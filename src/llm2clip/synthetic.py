@@ -27,10 +27,16 @@ BACKGROUNDS = {"light": (200, 200, 200), "dark": (60, 60, 60)}
 SIZES = ("small", "large")
 FILLS = ("filled", "outlined")
 CELLS = (
-    "top left", "top centre", "top right",
-    "middle left", "centre", "middle right",
-    "bottom left", "bottom centre", "bottom right",
-)  # fmt: skip
+    "top left",
+    "top centre",
+    "top right",
+    "middle left",
+    "centre",
+    "middle right",
+    "bottom left",
+    "bottom centre",
+    "bottom right",
+)
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
 
 _OPENINGS = (
@@ -123,9 +129,20 @@ def render(scene: Scene, size: int) -> Image.Image:
             draw.polygon(pts, fill=fill, outline=outline, width=width)
         else:  # cross
             t = r / 3
-            pts = [(cx - t, cy - r), (cx + t, cy - r), (cx + t, cy - t), (cx + r, cy - t), (cx + r, cy + t),
-                   (cx + t, cy + t), (cx + t, cy + r), (cx - t, cy + r), (cx - t, cy + t), (cx - r, cy + t),
-                   (cx - r, cy - t), (cx - t, cy - t)]  # fmt: skip
+            pts = [
+                (cx - t, cy - r),
+                (cx + t, cy - r),
+                (cx + t, cy - t),
+                (cx + r, cy - t),
+                (cx + r, cy + t),
+                (cx + t, cy + t),
+                (cx + t, cy + r),
+                (cx - t, cy + r),
+                (cx - t, cy + t),
+                (cx - r, cy + t),
+                (cx - r, cy - t),
+                (cx - t, cy - t),
+            ]
             draw.polygon(pts, fill=fill, outline=outline, width=width)
     return img.resize((size, size), Image.Resampling.LANCZOS)
 
@@ -139,9 +156,7 @@ def captions(scene: Scene, rng: random.Random, num_short: int) -> dict[str, list
         order = names[:]
         rng.shuffle(order)
         short.append(t.format(objects=_article_list(order), bg=scene.background))
-    opening = rng.choice(_OPENINGS).format(
-        bg=scene.background, count=NUMBERS[len(names)], objects=_article_list(names)
-    )
+    opening = rng.choice(_OPENINGS).format(bg=scene.background, count=NUMBERS[len(names)], objects=_article_list(names))
     style = rng.choice(_STYLE)
     details = " ".join(
         rng.choice(_DETAIL).format(colour=o.colour, shape=o.shape, size=o.size, fill=o.fill, cell=CELLS[o.cell])

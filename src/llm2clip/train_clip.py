@@ -44,7 +44,12 @@ class TrainClipConfig:
 
     def __post_init__(self) -> None:
         check = artifacts.check
-        check(self.text_source in TEXT_SOURCES, "text_source", self.text_source, f"must be one of {TEXT_SOURCES}")
+        check(
+            self.text_source in TEXT_SOURCES,
+            "text_source",
+            self.text_source,
+            f"must be one of {TEXT_SOURCES}",
+        )
         check(self.model in open_clip.list_models(), "model", self.model, "is not an open_clip model config")
         check(self.adapter_blocks >= 0, "adapter_blocks", self.adapter_blocks, "must be >= 0")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
@@ -109,7 +114,9 @@ def llm_text_table(cache_dirs: list[str], split: str, keys: list[str], metas: li
         raise KeyError(f"{len(missing)} samples of split {split!r} have no cached embedding, e.g. {missing[:3]}")
     for k, m in zip(keys, metas, strict=True):
         if emb[k].shape[0] != len(data.caption_list(m)):
-            raise ValueError(f"sample {k!r}: cache has {emb[k].shape[0]} captions, shard has {len(data.caption_list(m))}")
+            raise ValueError(
+                f"sample {k!r}: cache has {emb[k].shape[0]} captions, shard has {len(data.caption_list(m))}"
+            )
     return CaptionTable(metas, torch.cat([emb[k] for k in keys]))
 
 
@@ -194,25 +201,41 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
             losses.append(loss.item())
             last = step == total_steps - 1
             if step % cfg.log_every == 0 or last:
-                print(f"epoch {epoch} step {step:5d}/{total_steps} loss {loss.item():.4f} "
-                      f"scale {model.logit_scale.exp().item():.1f}", flush=True)  # fmt: skip
+                print(
+                    f"epoch {epoch} step {step:5d}/{total_steps} loss {loss.item():.4f} "
+                    f"scale {model.logit_scale.exp().item():.1f}",
+                    flush=True,
+                )
             step += 1
 
     # ---- save
     seconds = time.time() - t0
     with storage.open_write(storage.join(out_dir, "model.safetensors")) as f:
         f.write(b"")  # reserve the name atomically; safetensors writes the real file below
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-              storage.local_path(storage.join(out_dir, "model.safetensors")))  # fmt: skip
-    name = "clip_baseline" if cfg.text_source == "clip" else "llm2clip"
-    metrics = {"loss_first": losses[0], "loss_last": losses[-1], "steps": total_steps, "images": n,
-               "images_per_s": total_steps * cfg.batch_size / seconds, "seconds": seconds}  # fmt: skip
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        storage.local_path(storage.join(out_dir, "model.safetensors")),
+    )
+    metrics = {
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": total_steps,
+        "images": n,
+        "images_per_s": total_steps * cfg.batch_size / seconds,
+        "seconds": seconds,
+    }
     artifacts.write_manifest(
-        out_dir, "train_clip", cfg, {"dataset": dataset_dir, "caption_embeddings": cache_dirs or []},
-        llm_dim=llm_dim, cache=cache_info, metrics=metrics, losses=losses[:: max(1, len(losses) // 200)],
-        timings_s={f"train_clip:{name}": seconds},
+        out_dir,
+        "train_clip",
+        cfg,
+        {"dataset": dataset_dir, "caption_embeddings": cache_dirs or []},
+        llm_dim=llm_dim,
+        cache=cache_info,
+        metrics=metrics,
+        losses=losses[:: max(1, len(losses) // 200)],
+        timings_s={"train_clip": seconds},
         parameters=sum(p.numel() for p in model.parameters()),
-    )  # fmt: skip
+    )
     return metrics
 
 

@@ -49,8 +49,12 @@ class TuneConfig:
         check(self.batch_size >= 2, "batch_size", self.batch_size, "needs >= 2 images for in-batch negatives")
         check(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1)")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype,
-              "must be float32, bfloat16 or float16")  # fmt: skip
+        check(
+            self.dtype in ("float32", "bfloat16", "float16"),
+            "dtype",
+            self.dtype,
+            "must be float32, bfloat16 or float16",
+        )
 
 
 def cra(encoder: text_encoder.CaptionEncoder, queries: list[str], pool: list[str], dtype: str) -> float:
@@ -127,7 +131,10 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
         scheduler.step()
         losses.append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            print(f"step {step:4d}/{cfg.steps} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e}", flush=True)
+            print(
+                f"step {step:4d}/{cfg.steps} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e}",
+                flush=True,
+            )
 
     # ---- evaluate and save
     cra_after = cra(encoder, queries, pool, cfg.dtype)
@@ -139,15 +146,27 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
         merged.save_pretrained(storage.local_path(storage.join(out_dir, "merged")))
         encoder.tokenizer.save_pretrained(storage.local_path(storage.join(out_dir, "merged")))
     seconds = time.time() - t0
-    metrics = {"cra_before": cra_before, "cra_after": cra_after, "loss_first": losses[0], "loss_last": losses[-1],
-               "trainable_params": sum(p.numel() for p in params), "seconds": seconds}  # fmt: skip
+    metrics = {
+        "cra_before": cra_before,
+        "cra_after": cra_after,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "trainable_params": sum(p.numel() for p in params),
+        "seconds": seconds,
+    }
     artifacts.write_manifest(
-        out_dir, "tune_caption_encoder", cfg, {"dataset": dataset_dir},
+        out_dir,
+        "tune_caption_encoder",
+        cfg,
+        {"dataset": dataset_dir},
         base_model=cfg.llm,
         base_fingerprint=text_encoder.model_fingerprint(cfg.llm),
         adapter="adapter",
         adapter_fingerprint=text_encoder.fingerprint_files(sorted(adapter_dir.glob("*"))),
-        pooling="mean", embedding_dim=encoder.dim, metrics=metrics, losses=losses,
+        pooling="mean",
+        embedding_dim=encoder.dim,
+        metrics=metrics,
+        losses=losses,
         timings_s={"tune_caption_encoder": seconds},
-    )  # fmt: skip
+    )
     return metrics
