@@ -14,10 +14,13 @@ def cache_caption_embeddings(
     use_adapter: bool,
 ):
     """fp16 safetensors per shard keyed by sample key, with a manifest (use_adapter=False: the raw LLM)."""
+    from llm2clip.artifacts import output_location, point, resolve
     from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings
 
     cfg = CacheConfig(
         use_adapter=use_adapter, group_index=int(group["group_index"]), num_groups=int(group["num_groups"])
     )
-    result = cache_caption_embeddings(cfg, dataset.path, text_lora.path, caption_embeddings.path)
-    caption_embeddings.metadata.update(result)
+    out = output_location(caption_embeddings.path, caption_embeddings.uri)
+    result = cache_caption_embeddings(cfg, resolve(dataset.path), resolve(text_lora.path), out)
+    point(caption_embeddings.path, out)
+    caption_embeddings.metadata.update({"location": out, **result})

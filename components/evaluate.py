@@ -22,18 +22,21 @@ def evaluate(
     """summary.json + reports in `evaluation`; R@k per benchmark and model as KFP metrics."""
     import shutil
 
+    from llm2clip.artifacts import resolve
     from llm2clip.evaluate import EvaluateConfig, evaluate
 
     models = {
-        "llm2clip": llm2clip_model.path,
-        "llm2clip_raw_llm": raw_llm_model.path,
-        "clip_baseline": clip_model.path,
+        "llm2clip": resolve(llm2clip_model.path),
+        "llm2clip_raw_llm": resolve(raw_llm_model.path),
+        "clip_baseline": resolve(clip_model.path),
     }
     caches = {
-        "llm2clip": [a.path for a in tuned_embeddings],
-        "llm2clip_raw_llm": [a.path for a in raw_embeddings],
+        "llm2clip": [resolve(a.path) for a in tuned_embeddings],
+        "llm2clip_raw_llm": [resolve(a.path) for a in raw_embeddings],
     }
-    summary = evaluate(EvaluateConfig(), dataset.path, text_lora.path, models, caches, evaluation.path)
+    summary = evaluate(
+        EvaluateConfig(), resolve(dataset.path), resolve(text_lora.path), models, caches, evaluation.path
+    )
     for bench, by_model in summary["retrieval"].items():
         for name, values in by_model.items():
             for k, v in values.items():

@@ -9,6 +9,7 @@ from llm2clip.components.image import IMAGE
 def prepare_data(
     dataset: Output[Dataset],
     source: str,
+    source_options: dict,
     num_train: int,
     num_eval: int,
     image_size: int,
@@ -16,11 +17,16 @@ def prepare_data(
     cache_groups: int,
 ) -> list:
     """Validated train + eval shards, stats and rejects. Returns the shard groups the cache fans out over."""
+    from llm2clip.artifacts import output_location, point
     from llm2clip.data import PrepareDataConfig, prepare_data
 
+    out = output_location(dataset.path, dataset.uri)
     stats = prepare_data(
-        PrepareDataConfig(source=source, num_train=num_train, num_eval=num_eval, image_size=image_size, seed=seed),
-        dataset.path,
+        PrepareDataConfig.from_options(
+            source_options, source=source, num_train=num_train, num_eval=num_eval, image_size=image_size, seed=seed
+        ),
+        out,
     )
-    dataset.metadata.update(stats)
+    point(dataset.path, out)
+    dataset.metadata.update({"location": out, **stats})
     return [{"group_index": i, "num_groups": cache_groups} for i in range(cache_groups)]

@@ -18,6 +18,7 @@ def train_clip(
     seed: int,
 ):
     """Checkpoint + manifest. Reads only the cache: the LLM is not loaded."""
+    from llm2clip.artifacts import output_location, point, resolve
     from llm2clip.train_clip import TrainClipConfig, train_clip
 
     cfg = TrainClipConfig(
@@ -29,5 +30,7 @@ def train_clip(
         lr=lr,
         seed=seed,
     )
-    result = train_clip(cfg, dataset.path, vision_model.path, [a.path for a in caption_embeddings])
-    vision_model.metadata.update({"text_source": "llm", **result})
+    out = output_location(vision_model.path, vision_model.uri)
+    result = train_clip(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings])
+    point(vision_model.path, out)
+    vision_model.metadata.update({"text_source": "llm", "location": out, **result})

@@ -17,6 +17,7 @@ def train_clip_baseline(
     seed: int,
 ):
     """Checkpoint + manifest of the CLIP baseline; it needs no LLM and no cache, so it runs beside stage 1."""
+    from llm2clip.artifacts import output_location, point, resolve
     from llm2clip.train_clip import TrainClipConfig, train_clip
 
     cfg = TrainClipConfig(
@@ -28,5 +29,7 @@ def train_clip_baseline(
         lr=lr,
         seed=seed,
     )
-    result = train_clip(cfg, dataset.path, vision_model.path)
-    vision_model.metadata.update({"text_source": "clip", **result})
+    out = output_location(vision_model.path, vision_model.uri)
+    result = train_clip(cfg, resolve(dataset.path), out)
+    point(vision_model.path, out)
+    vision_model.metadata.update({"text_source": "clip", "location": out, **result})

@@ -21,6 +21,7 @@ def tune_caption_encoder(
     """LoRA adapter + manifest; logs CRA before and after tuning."""
     import json
 
+    from llm2clip.artifacts import output_location, point, resolve
     from llm2clip.tune import TuneConfig, tune_caption_encoder
 
     cfg = TuneConfig(
@@ -34,9 +35,11 @@ def tune_caption_encoder(
         warmup_steps=max(1, steps // 8),
         seed=seed,
     )
-    result = tune_caption_encoder(cfg, dataset.path, text_lora.path)
+    out = output_location(text_lora.path, text_lora.uri)
+    result = tune_caption_encoder(cfg, resolve(dataset.path), out)
+    point(text_lora.path, out)
     for k in ("cra_before", "cra_after", "loss_last"):
         metrics.log_metric(k, result[k])
-    text_lora.metadata.update({"base_model": llm, **result})
+    text_lora.metadata.update({"base_model": llm, "location": out, **result})
     with open(metrics.path, "w") as f:  # a file, so local caching can hit
         json.dump(result, f)

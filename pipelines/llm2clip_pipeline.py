@@ -28,6 +28,7 @@ COMPILED = Path(__file__).parent / "llm2clip.yaml"
 )
 def llm2clip_pipeline(
     source: str = "synthetic",
+    source_options: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
     num_train: int = 600,
     num_eval: int = 100,
     image_size: int = 64,
@@ -47,7 +48,11 @@ def llm2clip_pipeline(
     image: str = IMAGE,
 ) -> dsl.Artifact:
     """Parameters:
-    source: "synthetic" (built-in generator) or a directory of canonical shards (train/, eval/<benchmark>/).
+    source: "synthetic" (built-in generator), a directory / s3:// prefix of canonical shards (train/,
+        eval/<benchmark>/), img2dataset tars or a caption table (see source_options).
+    source_options: how to read a real source, e.g. {"source_format": "img2dataset", "short_field":
+        "json.short_caption", "long_field": "json.long_caption", "eval_sources": ["coco=karpathy:s3://b/
+        dataset_coco.json:s3://b/coco"]}; keys are PrepareDataConfig fields.
     num_train / num_eval / image_size / seed: size and seed of the synthetic data.
     llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests) or a Hugging Face model path.
     bidirectional: remove the causal mask in the LLM (LLM2Vec-style); False keeps it causal.
@@ -60,6 +65,7 @@ def llm2clip_pipeline(
     """
     data = prepare_data(
         source=source,
+        source_options=source_options,
         num_train=num_train,
         num_eval=num_eval,
         image_size=image_size,

@@ -30,3 +30,29 @@ def tiny_encoder():
     from llm2clip.text_encoder import TINY_LLAMA, load_caption_encoder
 
     return load_caption_encoder(TINY_LLAMA)
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """One moto S3 server for the session; tests set its endpoint in the environment through `s3_env`."""
+    from s3_servers import Moto
+
+    server = Moto()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_env(moto_server, monkeypatch):
+    """Point llm2clip.storage at the moto server and give a fresh bucket; yields its s3:// base URI."""
+    import uuid
+
+    from s3_servers import make_bucket
+
+    for k, v in moto_server.env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("LLM2CLIP_S3_RETRIES", "3")
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    make_bucket(bucket)
+    return f"s3://{bucket}/prefix"

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from llm2clip import cli
 
 
@@ -50,3 +52,31 @@ def test_cli_rejects_bad_parameters(tmp_path):
     r = run_cli("run", "--local", "--profile", "huge")
     assert r.returncode != 0 and "invalid choice: 'huge'" in r.stderr
     assert not (tmp_path / "pipeline_root").exists()  # nothing started
+
+
+def test_whole_pipeline_on_s3_then_rerun_hits_the_cache(tmp_path, s3_env, monkeypatch):
+    """Shards, cache and checkpoints live in the S3 store; KFP artifacts only point there; a rerun embeds nothing."""
+    from llm2clip import artifacts, storage
+
+    monkeypatch.setenv(artifacts.STORE_ENV, s3_env)  # restored after the test (the CLI sets it for its tasks)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert cli.main(["run", "--local", "--profile", "tiny", "--output", str(first), "--store", s3_env]) == 0
+    assert cli.main(["run", "--local", "--profile", "tiny", "--output", str(second), "--store", s3_env]) == 0
+    s1 = json.loads((first / "summary.json").read_text())
+    s2 = json.loads((second / "summary.json").read_text())
+    assert s1["cache"]["misses"] > 0
+    assert s2["cache"] == {"hits": s1["cache"]["hits"] + s1["cache"]["misses"], "misses": 0}
+    assert not list(first.rglob("*.tar")) and not list(first.rglob("model.safetensors"))  # nothing bulky locally
+    pointers = list(first.rglob(artifacts.LOCATION))
+    assert len(pointers) >= 6
+    for p in pointers:
+        uri = json.loads(p.read_text())["uri"]
+        assert uri.startswith(s3_env) and storage.exists(storage.join(uri, artifacts.MANIFEST))
+    assert storage.list_files(storage.join(s3_env, "embedding-cache"), ".keys.json", recursive=True)
+
+
+def test_cli_rejects_an_unusable_store(tmp_path, s3_env):
+    for store, message in (("s3://no-such-bucket/x", "bucket 'no-such-bucket' does not exist"),
+                           ("/local/dir", "not an object-store URI")):  # fmt: skip
+        with pytest.raises(SystemExit, match=message):
+            cli.main(["run", "--local", "--profile", "tiny", "--output", str(tmp_path), "--store", store])

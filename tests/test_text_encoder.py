@@ -75,3 +75,18 @@ def test_lora_targets_all_projections(tiny_encoder):
     for proj in te.LORA_TARGETS:
         assert any(f"{proj}.lora_A" in n for n in trainable), proj
     assert all("lora_" in n for n in trainable)
+
+
+def test_adapter_fingerprint_ignores_target_module_order_and_base_path(tmp_path):
+    import json
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, order, base in ((a, ["q_proj", "v_proj"], "/x"), (b, ["v_proj", "q_proj"], "/y")):
+        d.mkdir()
+        (d / "adapter_config.json").write_text(
+            json.dumps({"r": 4, "target_modules": order, "base_model_name_or_path": base})
+        )
+        (d / "adapter_model.safetensors").write_bytes(b"weights")
+    assert te.adapter_fingerprint(a) == te.adapter_fingerprint(b)
+    (b / "adapter_model.safetensors").write_bytes(b"other weights")
+    assert te.adapter_fingerprint(a) != te.adapter_fingerprint(b)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import platform
 import time
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 from llm2clip import storage
@@ -51,3 +55,37 @@ def check(condition: bool, field: str, value: Any, why: str) -> None:
     """Config validation: raise a ValueError naming the field and its bad value."""
     if not condition:
         raise ValueError(f"{field}={value!r}: {why}")
+
+
+# ----------------------------------------------------------------------------------------------- object store
+# With LLM2CLIP_STORE=s3://BUCKET/PREFIX set (from a Secret/ConfigMap on a cluster, `--store` locally), a stage
+# writes its bulk output under the store and its KFP artifact holds only `location.json` and a copy of the
+# manifest: the KFP launcher never copies shards, caches or checkpoints.
+STORE_ENV = "LLM2CLIP_STORE"
+LOCATION = "location.json"
+
+
+def output_location(artifact_path: str, artifact_uri: str) -> str:
+    """Where a stage writes: under the store (named after the artifact's run/task/name) or the artifact itself."""
+    store = os.environ.get(STORE_ENV)
+    if not store:
+        return artifact_path
+    # Unique per artifact (a hash of its full KFP URI), readable by its task and name.
+    digest = hashlib.sha256(str(artifact_uri).encode()).hexdigest()[:16]
+    task, name = [p for p in str(artifact_uri).rstrip("/").split("/") if p][-2:]
+    return storage.join(store, "artifacts", f"{task}-{digest}", name)
+
+
+def resolve(artifact_path: str) -> str:
+    """The location of an artifact's content: what its location.json points to, else the artifact itself."""
+    pointer = Path(artifact_path) / LOCATION
+    return json.loads(pointer.read_text())["uri"] if pointer.exists() else artifact_path
+
+
+def point(artifact_path: str, location: str) -> None:
+    """Record in the KFP artifact where its content lives, with a copy of the manifest for the UI."""
+    if location == artifact_path:
+        return
+    Path(artifact_path).mkdir(parents=True, exist_ok=True)
+    (Path(artifact_path) / LOCATION).write_text(json.dumps({"uri": location}))
+    (Path(artifact_path) / MANIFEST).write_bytes(storage.read_bytes(storage.join(location, MANIFEST)))

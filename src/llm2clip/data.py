@@ -9,6 +9,8 @@ Canonical layout of a prepared dataset directory:
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import io
 import json
 import time
@@ -22,17 +24,21 @@ from PIL import Image
 
 from llm2clip import artifacts, storage, synthetic
 
+storage.register_webdataset_schemes()
+
 CAPTION_KINDS = ("raw", "short", "long")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Which captions each eval set is scored on, and how many each image must have.
 BENCHMARKS = {"synthetic_short": ("short", 2), "synthetic_long": ("long", 1)}
+SOURCE_FORMATS = ("canonical", "img2dataset", "table")
+EVAL_FORMATS = {"karpathy": ("short", 1), "docci": ("long", 1)}  # published formats -> (caption kind, minimum)
 
 
 @dataclass(frozen=True)
 class PrepareDataConfig:
     """Where records come from and how the canonical shards are cut."""
 
-    source: str = "synthetic"  # "synthetic" or a local directory in the canonical layout
+    source: str = "synthetic"  # "synthetic", or a local directory / s3:// prefix in the canonical layout
     num_train: int = 1000
     num_eval: int = 200  # images per eval set
     image_size: int = 64
@@ -43,14 +49,40 @@ class PrepareDataConfig:
     max_side: int = 8192
     max_pixels: int = 64_000_000
     seed: int = 0
+    # Real sources (see llm2clip.formats): the layout, the images root of a table, the field of each caption kind
+    # ("txt", "json.caption", a table column...), and eval sets as "name=format:uri[:images]".
+    source_format: str = "canonical"
+    images: str = ""
+    raw_field: str = ""
+    short_field: str = ""
+    long_field: str = ""
+    eval_sources: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: dict, **fields) -> PrepareDataConfig:
+        """Build from a pipeline's `source_options` dict (JSON: lists become tuples); unknown keys are errors."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"source_options: unknown keys {unknown} (known: {sorted(known)})")
+        options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+        return cls(**{**options, **fields})
 
     def __post_init__(self) -> None:
         check = artifacts.check
+        check(self.source_format in SOURCE_FORMATS, "source_format", self.source_format, f"one of {SOURCE_FORMATS}")
+        check(self.source_format != "table" or bool(self.images), "images", self.images,
+              "a caption table needs the images root (directory or s3:// prefix)")  # fmt: skip
+        for spec in self.eval_sources:
+            name, _, rest = spec.partition("=")
+            fmt = rest.split(":", 1)[0]
+            check(bool(name) and fmt in EVAL_FORMATS and ":" in rest, "eval_sources", spec,
+                  f"expected NAME=FORMAT:URI[:IMAGES] with FORMAT in {list(EVAL_FORMATS)}")  # fmt: skip
         check(
-            self.source == "synthetic" or Path(self.source).is_dir(),
+            self.source == "synthetic" or storage.is_remote(self.source) or Path(self.source).exists(),
             "source",
             self.source,
-            "must be 'synthetic' or an existing local directory",
+            "must be 'synthetic', an s3:// URI or an existing local directory / caption table",
         )
         check(self.num_train >= 2, "num_train", self.num_train, "needs at least 2 images")
         check(self.num_eval >= 2, "num_eval", self.num_eval, "needs at least 2 images")
@@ -83,6 +115,8 @@ def validate(record: dict, cfg: PrepareDataConfig, seen: set[str], need: tuple[s
         return "missing field: __key__"
     if key in seen:
         return f"duplicate key {key!r}"
+    if "__error__" in record:
+        return record["__error__"]
     meta = record.get("json")
     if isinstance(meta, bytes | str):
         try:
@@ -129,19 +163,20 @@ def validate(record: dict, cfg: PrepareDataConfig, seen: set[str], need: tuple[s
 def write_split(records: Iterable[dict], out_dir: str, shard_size: int) -> dict[str, int]:
     """Write records into `out_dir/shard-NNNNNN.tar` files; returns {shard name: count} (also sizes.json)."""
     sizes: dict[str, int] = {}
-    writer, name = None, None
-    for record in records:
-        if writer is None or sizes[name] >= shard_size:
-            if writer is not None:
-                writer.close()
-            name = f"shard-{len(sizes):06d}.tar"
-            Path(storage.join(out_dir, name)).parent.mkdir(parents=True, exist_ok=True)
-            writer = wds.TarWriter(storage.join(out_dir, name))
-            sizes[name] = 0
-        writer.write(record)
-        sizes[name] += 1
-    if writer is not None:
-        writer.close()
+    with contextlib.ExitStack() as stack:
+        writer, name = None, None
+        for record in records:
+            if writer is None or sizes[name] >= shard_size:
+                if writer is not None:
+                    writer.close()
+                    stack.close()  # completes the upload of the finished shard
+                name = f"shard-{len(sizes):06d}.tar"
+                writer = wds.TarWriter(stack.enter_context(storage.open_write(storage.join(out_dir, name))))
+                sizes[name] = 0
+            writer.write(record)
+            sizes[name] += 1
+        if writer is not None:
+            writer.close()
     storage.write_json(storage.join(out_dir, "sizes.json"), sizes)
     return sizes
 
@@ -167,7 +202,33 @@ def read_captions_of_shard(shard: str) -> Iterator[tuple[str, str, dict]]:
         yield Path(shard).name, sample["__key__"], json.loads(sample["json"])
 
 
-def _source_records(cfg: PrepareDataConfig) -> dict[str, Iterable[dict]]:
+def _eval_source(spec: str) -> tuple[str, Iterable[dict], tuple[str, int]]:
+    from llm2clip import formats
+
+    name, _, rest = spec.partition("=")
+    fmt, _, location = rest.partition(":")
+    if location.startswith(("s3:", "minio:")):  # keep the scheme's colon: s3://b/x.json[:s3://b/images]
+        scheme, _, tail = location.partition("://")
+        uri, _, images = tail.partition(":")
+        uri = f"{scheme}://{uri}"
+    else:
+        uri, _, images = location.partition(":")
+    reader = formats.karpathy_records if fmt == "karpathy" else formats.docci_records
+    return name, reader(uri, images or storage.join(uri.rsplit("/", 1)[0], "images")), EVAL_FORMATS[fmt]
+
+
+def _source_records(cfg: PrepareDataConfig) -> tuple[dict[str, Iterable[dict]], dict[str, tuple[str, int]]]:
+    """Records per split, and the (caption kind, minimum count) each eval split is scored on."""
+    from llm2clip import formats
+
+    if cfg.source != "synthetic" and cfg.source_format != "canonical":
+        if cfg.source_format == "img2dataset":
+            train = formats.img2dataset_records(cfg.source, cfg.raw_field or "txt", cfg.short_field, cfg.long_field)
+        else:
+            train = formats.table_records(cfg.source, cfg.images, short=cfg.short_field, long=cfg.long_field,
+                                          raw=cfg.raw_field or "caption")  # fmt: skip
+        evals = [_eval_source(spec) for spec in cfg.eval_sources]
+        return {"train": train, **{n: r for n, r, _ in evals}}, {n: need for n, _, need in evals}
     if cfg.source == "synthetic":
         return {
             "train": synthetic.generate("train", cfg.num_train, cfg.train_group_size, 2, cfg.image_size, cfg.seed),
@@ -175,12 +236,20 @@ def _source_records(cfg: PrepareDataConfig) -> dict[str, Iterable[dict]]:
             "synthetic_long": synthetic.generate(
                 "long", cfg.num_eval, cfg.eval_group_size, 1, cfg.image_size, cfg.seed
             ),
-        }
+        }, BENCHMARKS
     out = {}
     for split in ["train", *BENCHMARKS]:
-        d = Path(cfg.source) / split_path(split)
-        out[split] = (s for shard in sorted(d.glob("*.tar")) for s in wds.WebDataset(str(shard), shardshuffle=False))
-    return out
+        shards = storage.list_files(storage.join(cfg.source, split_path(split)), ".tar")
+        out[split] = (s for shard in shards for s in wds.WebDataset(shard, shardshuffle=False, empty_check=False))
+    evals = [_eval_source(spec) for spec in cfg.eval_sources]
+    out.update({n: r for n, r, _ in evals})
+    return out, {**BENCHMARKS, **{n: need for n, _, need in evals}}
+
+
+def benchmarks(dataset_dir: str) -> dict[str, str]:
+    """{eval split: caption kind it is scored on} of a prepared dataset."""
+    splits = artifacts.read_manifest(dataset_dir, "prepare_data")["splits"]
+    return {name: v["caption_kind"] for name, v in splits.items() if "caption_kind" in v}
 
 
 def split_path(split: str) -> str:
@@ -192,10 +261,11 @@ def prepare_data(cfg: PrepareDataConfig, out_dir: str) -> dict:
     t0 = time.time()
     rejects: list[dict] = []
     stats: dict[str, dict] = {}
-    for split, records in _source_records(cfg).items():
+    sources, needs = _source_records(cfg)
+    for split, records in sources.items():
         seen: set[str] = set()
         reasons: Counter[str] = Counter()
-        need = BENCHMARKS.get(split)
+        need = needs.get(split)
 
         def kept(records=records, seen=seen, reasons=reasons, need=need, split=split) -> Iterator[dict]:
             for i, rec in enumerate(records):
@@ -221,9 +291,7 @@ def prepare_data(cfg: PrepareDataConfig, out_dir: str) -> dict:
         f.write("".join(json.dumps(r) + "\n" for r in rejects).encode())
     storage.write_json(storage.join(out_dir, "stats.json"), stats)
     seconds = time.time() - t0
-    splits = {
-        s: {"path": split_path(s), **({"caption_kind": BENCHMARKS[s][0]} if s in BENCHMARKS else {})} for s in stats
-    }
+    splits = {s: {"path": split_path(s), **({"caption_kind": needs[s][0]} if s in needs else {})} for s in stats}
     artifacts.write_manifest(
         out_dir,
         "prepare_data",

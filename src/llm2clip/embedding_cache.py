@@ -1,19 +1,31 @@
 """cache_caption_embeddings: run the frozen (tuned) LLM once over every caption; fp16 safetensors per shard.
 
-Layout of one cache output (one shard group):
+Embeddings are content-addressed: an entry's address is the encoder fingerprint (base model and adapter weights,
+pooling, max length, attention, dtypes) plus the caption text, so a caption already embedded by the same encoder
+is never embedded again, across runs and tasks. The store under `<root>/<encoder key>/`:
+    packs/<uuid>.safetensors    {caption sha256: [D]}     written first
+    packs/<uuid>.keys.json      the pack's caption hashes  written last: a pack without it does not exist
+Each task writes its own packs (parallel tasks never touch each other's files) every `pack_size` new captions,
+so a task killed midway resumes from its last pack.
+
+Layout of one stage output (one shard group), what training reads:
     <split path>/<shard>.safetensors   {sample key: [n_captions, D] fp16}, rows in data.caption_list order
     manifest.json                      model + adapter fingerprints, pooling, max length, dim, dtype, counts
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from llm2clip import artifacts, data, storage, text_encoder
 
@@ -29,6 +41,8 @@ class CacheConfig:
     max_batch: int = 256
     dtype: str = "bfloat16"  # compute dtype
     store_dtype: str = "float16"
+    pack_size: int = 2048  # new embeddings per pack written to the content-addressed store
+    store_root: str | None = None  # default: $LLM2CLIP_STORE/embedding-cache, else the local model cache
 
     def __post_init__(self) -> None:
         check = artifacts.check
@@ -41,6 +55,7 @@ class CacheConfig:
         )
         check(self.max_tokens >= 64, "max_tokens", self.max_tokens, "must be >= 64")
         check(self.max_batch >= 1, "max_batch", self.max_batch, "must be >= 1")
+        check(self.pack_size >= 1, "pack_size", self.pack_size, "must be >= 1")
         check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype, "unknown dtype")
         check(
             self.store_dtype in ("float32", "float16", "bfloat16"),
@@ -74,6 +89,47 @@ def encoder_identity(text_lora_dir: str, use_adapter: bool) -> dict:
     }
 
 
+def caption_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def default_store_root() -> str:
+    store = os.environ.get(artifacts.STORE_ENV)
+    return storage.join(store, "embedding-cache") if store else str(text_encoder.cache_root() / "embedding-cache")
+
+
+class EmbeddingStore:
+    """Content-addressed caption embeddings of one encoder: caption hash -> [D] vector, in immutable packs."""
+
+    def __init__(self, root: str, identity: dict) -> None:
+        self.identity = identity
+        self.key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+        self.packs = storage.join(root, self.key, "packs")
+        self.index: dict[str, str] = {}  # caption hash -> pack URI
+        for keys_file in storage.list_files(self.packs, ".keys.json"):
+            pack = keys_file.removesuffix(".keys.json") + ".safetensors"
+            for h in storage.read_json(keys_file)["keys"]:
+                self.index.setdefault(h, pack)
+
+    def add(self, vectors: dict[str, torch.Tensor]) -> None:
+        """Write one pack; the keys file goes last, so readers never see a partial pack."""
+        name = uuid.uuid4().hex
+        storage.write_bytes(storage.join(self.packs, f"{name}.safetensors"), _serialize(vectors))
+        storage.write_json(storage.join(self.packs, f"{name}.keys.json"),
+                           {"keys": sorted(vectors), "encoder": self.identity})  # fmt: skip
+        self.index.update({h: storage.join(self.packs, f"{name}.safetensors") for h in vectors})
+
+    def get(self, hashes: set[str]) -> dict[str, torch.Tensor]:
+        by_pack: dict[str, list[str]] = defaultdict(list)
+        for h in hashes:
+            by_pack[self.index[h]].append(h)
+        out = {}
+        for pack, wanted in by_pack.items():
+            tensors = load(storage.read_bytes(pack))
+            out.update({h: tensors[h] for h in wanted})
+        return out
+
+
 def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str) -> dict:
     """Embed every caption of this task's shard group; returns counts and throughput."""
     t0 = time.time()
@@ -90,16 +146,31 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
             rows[(split_path, shard)].append((key, len(caps)))
             texts += caps
 
-    # ---- embed once, batched by length
-    encoder = text_encoder.load_caption_encoder(
-        identity["base_model"], bidirectional=identity["bidirectional"], max_length=identity["max_length"]
-    )
-    if cfg.use_adapter:
-        text_encoder.load_lora(encoder, storage.local_path(storage.join(text_lora_dir, "adapter")))
-    t_embed = time.time()
-    emb, padded_tokens = text_encoder.encode_all(encoder, texts, cfg.dtype, cfg.max_tokens, cfg.max_batch)
+    # ---- look every caption up in the content-addressed store; embed only the misses, a pack at a time
+    store = EmbeddingStore(cfg.store_root or default_store_root(), {**identity, "dtype": cfg.dtype,
+                                                                    "store_dtype": cfg.store_dtype})  # fmt: skip
+    hashes = [caption_hash(t) for t in texts]
+    missing = sorted({h: t for h, t in zip(hashes, texts, strict=True) if h not in store.index}.items())
+    hits = len(set(hashes)) - len(missing)
+    print(f"{len(texts)} captions, {len(set(hashes))} distinct: {hits} cached, {len(missing)} to embed", flush=True)
+    padded_tokens, t_embed, dim = 0, time.time(), None
+    if missing:
+        encoder = text_encoder.load_caption_encoder(
+            identity["base_model"], bidirectional=identity["bidirectional"], max_length=identity["max_length"]
+        )
+        if cfg.use_adapter:
+            with storage.local_dir(storage.join(text_lora_dir, "adapter")) as adapter_dir:
+                text_encoder.load_lora(encoder, adapter_dir)
+        for start in range(0, len(missing), cfg.pack_size):
+            chunk = missing[start : start + cfg.pack_size]
+            emb, padded = text_encoder.encode_all(encoder, [t for _, t in chunk], cfg.dtype, cfg.max_tokens,
+                                                  cfg.max_batch)  # fmt: skip
+            store.add({h: v.to(getattr(torch, cfg.store_dtype)) for (h, _), v in zip(chunk, emb, strict=True)})
+            padded_tokens += padded
     embed_seconds = time.time() - t_embed
-    emb = emb.to(getattr(torch, cfg.store_dtype))
+    vectors = store.get(set(hashes))
+    emb = torch.stack([vectors[h] for h in hashes]) if hashes else torch.empty(0)
+    dim = int(emb.shape[-1]) if hashes else None
 
     # ---- write one safetensors file per shard
     offset = 0
@@ -113,10 +184,12 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
     seconds = time.time() - t0
     metrics = {
         "captions": len(texts),
+        "hits": hits,
+        "misses": len(missing),
         "shards": len(mine),
         "padded_tokens": padded_tokens,
         "embed_seconds": embed_seconds,
-        "captions_per_s": len(texts) / max(embed_seconds, 1e-9),
+        "embedded_per_s": len(missing) / max(embed_seconds, 1e-9),
         "seconds": seconds,
     }
     artifacts.write_manifest(
@@ -125,7 +198,8 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
         cfg,
         {"dataset": dataset_dir, "text_lora": text_lora_dir},
         encoder=identity,
-        dim=encoder.dim,
+        dim=dim,
+        store=store.packs,
         dtype=cfg.store_dtype,
         count=len(texts),
         shards=[f"{p}/{s}" for p, s in mine],
@@ -149,7 +223,7 @@ def load_embeddings(cache_dirs: list[str], split: str) -> tuple[dict[str, torch.
         elif manifest["encoder"] != identity or manifest["dim"] != dim:
             raise ValueError(f"cache {d} was made by another encoder than {cache_dirs[0]}: {manifest['encoder']}")
         for f in storage.listdir(storage.join(d, data.split_path(split)), ".safetensors"):
-            out.update(load_file(storage.local_path(f)))
+            out.update(load(storage.read_bytes(f)))
     if identity is None:
         raise ValueError("no caption-embedding cache given")
     return out, {"encoder": identity, "dim": dim}

@@ -15,15 +15,11 @@ MODELS = ("llm2clip", "llm2clip_raw_llm", "clip_baseline")
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    benchmarks: tuple[str, ...] = tuple(data.BENCHMARKS)
+    benchmarks: tuple[str, ...] = ()  # empty: every eval set of the prepared dataset
     ks: tuple[int, ...] = (1, 5, 10)
     batch_size: int = 256
 
     def __post_init__(self) -> None:
-        for b in self.benchmarks:
-            artifacts.check(
-                b in data.BENCHMARKS, "benchmarks", b, f"unknown benchmark (known: {list(data.BENCHMARKS)})"
-            )
         artifacts.check(len(self.ks) > 0 and min(self.ks) >= 1, "ks", self.ks, "must be positive ranks")
 
 
@@ -34,7 +30,7 @@ def score_model(
     """Retrieval metrics of one trained stage-2 model on one benchmark."""
     model, manifest = train_clip.load_trained(model_dir)
     mcfg = manifest["config"]
-    kind = data.BENCHMARKS[benchmark][0]
+    kind = data.benchmarks(dataset_dir)[benchmark]
     split_dir = storage.join(dataset_dir, data.split_path(benchmark))
     keys, metas, images = train_clip.load_images(split_dir, train_clip.image_size_of(mcfg["model"]))
     if mcfg["text_source"] == "llm":
@@ -77,9 +73,13 @@ def evaluate(
     unknown = set(models) - set(MODELS)
     if unknown:
         raise ValueError(f"models: unknown model names {sorted(unknown)} (expected {MODELS})")
+    available = data.benchmarks(dataset_dir)
+    names = cfg.benchmarks or tuple(available)
+    unknown_benchmarks = [b for b in names if b not in available]
+    if unknown_benchmarks:
+        raise ValueError(f"benchmarks: {unknown_benchmarks} are not in the dataset (it has {list(available)})")
     retrieval = {
-        b: {name: score_model(d, dataset_dir, b, caches.get(name), cfg) for name, d in models.items()}
-        for b in cfg.benchmarks
+        b: {name: score_model(d, dataset_dir, b, caches.get(name), cfg) for name, d in models.items()} for b in names
     }
     tuned = artifacts.read_manifest(text_lora_dir, "tune_caption_encoder")
     timings: dict[str, float] = {}
@@ -87,6 +87,8 @@ def evaluate(
         timings.update(artifacts.read_manifest(d)["timings_s"])
     for name, d in models.items():
         timings[f"train_clip:{name}"] = artifacts.read_manifest(d, "train_clip")["metrics"]["seconds"]
+    cache_manifests = [artifacts.read_manifest(d, "cache_caption_embeddings") for ds in caches.values() for d in ds]
+    cache_stats = {k: sum(m["metrics"][k] for m in cache_manifests) for k in ("hits", "misses")}
     for name, dirs in caches.items():
         timings[f"cache_caption_embeddings:{name}"] = sum(  # task-seconds: parallel groups add up
             artifacts.read_manifest(d)["timings_s"]["cache_caption_embeddings"] for d in dirs
@@ -97,6 +99,7 @@ def evaluate(
         "cra": {"before": tuned["metrics"]["cra_before"], "after": tuned["metrics"]["cra_after"]},
         "retrieval": retrieval,
         "timings_s": timings,
+        "cache": cache_stats,
         "models": {name: _describe(d) for name, d in models.items()},
         "llm": tuned["base_model"],
         "report": storage.join(out_dir, "report.html"),

@@ -41,6 +41,11 @@ def setup(summary: dict) -> str:
     )
 
 
+def cache_line(summary: dict) -> str:
+    c = summary.get("cache")
+    return f"Embedding cache this run: {c['hits']} distinct captions found, {c['misses']} embedded." if c else ""
+
+
 def _rows(summary: dict) -> list[tuple[str, str, dict]]:
     return [(b, m, v) for b, models in summary["retrieval"].items() for m, v in models.items()]
 
@@ -97,6 +102,7 @@ def markdown(summary: dict, plot_name: str) -> str:
         "|---|---:|",
     ]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
+    lines += ["", cache_line(summary)]
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +144,7 @@ within k; text→image is scored per caption.</p>
 <table><tr><th>benchmark</th><th>model</th>{head}</tr>{"".join(body)}</table>
 <img alt="R@1 per benchmark and model" src="data:image/png;base64,{img}" style="max-width:100%">
 <h2>Wall time per stage (s)</h2>
+<p class="note">{html.escape(cache_line(summary))}</p>
 <table><tr><th>stage</th><th>seconds</th></tr>{timings}</table>
 </body></html>
 """

@@ -248,6 +248,18 @@ def fingerprint_files(paths: Sequence[Path]) -> str:
     return h.hexdigest()
 
 
+def adapter_fingerprint(adapter_dir: Path) -> str:
+    """Identity of a saved LoRA adapter: its weights and its canonical config. peft writes target_modules from a
+    set, in a different order in every process, and the base model's local path; neither changes the adapter."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config.pop("base_model_name_or_path", None)
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    h.update(fingerprint_files(sorted(adapter_dir.glob("*.safetensors"))).encode())
+    return h.hexdigest()
+
+
 def model_fingerprint(name: str) -> str:
     """Fingerprint of a base model: its config plus weight files when local, else its name."""
     path = resolve_model_dir(name)

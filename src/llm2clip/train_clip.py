@@ -12,7 +12,7 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save
 
 from llm2clip import artifacts, clip_model, data, embedding_cache, storage
 
@@ -210,12 +210,8 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
 
     # ---- save
     seconds = time.time() - t0
-    with storage.open_write(storage.join(out_dir, "model.safetensors")) as f:
-        f.write(b"")  # reserve the name atomically; safetensors writes the real file below
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()},
-        storage.local_path(storage.join(out_dir, "model.safetensors")),
-    )
+    weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    storage.write_bytes(storage.join(out_dir, "model.safetensors"), weights)
     metrics = {
         "loss_first": losses[0],
         "loss_last": losses[-1],
@@ -244,5 +240,5 @@ def load_trained(model_dir: str) -> tuple[torch.nn.Module, dict]:
     manifest = artifacts.read_manifest(model_dir, "train_clip")
     cfg = TrainClipConfig(**{**manifest["config"], "pretrained": None})
     model = build_model(cfg, manifest["llm_dim"])
-    model.load_state_dict(load_file(storage.local_path(storage.join(model_dir, "model.safetensors"))))
+    model.load_state_dict(load(storage.read_bytes(storage.join(model_dir, "model.safetensors"))))
     return model.eval(), manifest

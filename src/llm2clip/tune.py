@@ -64,11 +64,18 @@ def cra(encoder: text_encoder.CaptionEncoder, queries: list[str], pool: list[str
 
 
 def cra_pairs(dataset_dir: str, limit: int) -> tuple[list[str], list[str]]:
-    """Held-out pairs from the short-caption eval set: caption 1 of each image queries caption 2 of all."""
-    split = storage.join(dataset_dir, data.split_path("synthetic_short"))
-    pairs = [(m["captions"]["short"][0], m["captions"]["short"][1]) for _, _, m in data.read_captions(split)]
-    pairs = pairs[:limit]
-    return [a for a, _ in pairs], [b for _, b in pairs]
+    """Held-out pairs: caption 1 of each image queries caption 2 of all, from synthetic_short if present, else
+    the first eval set scored on short captions (a Karpathy-split set: COCO / Flickr30k)."""
+    kinds = data.benchmarks(dataset_dir)
+    for bench in sorted(kinds, key=lambda b: b != "synthetic_short"):
+        if kinds[bench] != "short":
+            continue
+        split = storage.join(dataset_dir, data.split_path(bench))
+        pairs = [m["captions"]["short"][:2] for _, _, m in data.read_captions(split)
+                 if len(m["captions"].get("short", [])) >= 2][:limit]  # fmt: skip
+        if len(pairs) >= 2:
+            return [a for a, _ in pairs], [b for _, b in pairs]
+    raise ValueError(f"{dataset_dir}: CRA needs an eval set with two short captions per image (has {kinds})")
 
 
 def loss_step(
@@ -108,6 +115,9 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
     encoder = text_encoder.load_caption_encoder(cfg.llm, bidirectional=cfg.bidirectional, max_length=cfg.max_length)
     cra_before = cra(encoder, queries, pool, cfg.dtype)
     print(f"CRA before tuning: {cra_before:.4f} on {len(queries)} held-out caption pairs", flush=True)
+    # Seed here, after loading: a first run that converts or builds the base model consumes random numbers,
+    # and the LoRA init and dropout must not depend on whether the model was already in the local cache.
+    torch.manual_seed(cfg.seed)
     text_encoder.add_lora(encoder, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
     params = [p for p in encoder.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -139,12 +149,13 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
     # ---- evaluate and save
     cra_after = cra(encoder, queries, pool, cfg.dtype)
     print(f"CRA after tuning: {cra_after:.4f}", flush=True)
-    adapter_dir = storage.local_path(storage.join(out_dir, "adapter"))
-    encoder.model.save_pretrained(adapter_dir)
+    with storage.staged_dir(storage.join(out_dir, "adapter")) as adapter_dir:
+        encoder.model.save_pretrained(adapter_dir)
+        adapter_fingerprint = text_encoder.adapter_fingerprint(adapter_dir)
     if cfg.merge:
-        merged = encoder.model.merge_and_unload()
-        merged.save_pretrained(storage.local_path(storage.join(out_dir, "merged")))
-        encoder.tokenizer.save_pretrained(storage.local_path(storage.join(out_dir, "merged")))
+        with storage.staged_dir(storage.join(out_dir, "merged")) as merged_dir:
+            encoder.model.merge_and_unload().save_pretrained(merged_dir)
+            encoder.tokenizer.save_pretrained(merged_dir)
     seconds = time.time() - t0
     metrics = {
         "cra_before": cra_before,
@@ -162,7 +173,7 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
         base_model=cfg.llm,
         base_fingerprint=text_encoder.model_fingerprint(cfg.llm),
         adapter="adapter",
-        adapter_fingerprint=text_encoder.fingerprint_files(sorted(adapter_dir.glob("*"))),
+        adapter_fingerprint=adapter_fingerprint,
         pooling="mean",
         embedding_dim=encoder.dim,
         metrics=metrics,

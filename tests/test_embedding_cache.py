@@ -1,0 +1,82 @@
+"""The content-addressed embedding cache: reruns embed nothing, new data only what is new, a new adapter all,
+a killed task resumes, and the store works the same on S3."""
+
+import pytest
+import torch
+
+from llm2clip import artifacts, embedding_cache, storage, text_encoder, tune
+from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora"))
+    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1)
+    tune.tune_caption_encoder(cfg, tiny_dataset, out)
+    return out
+
+
+def run(dataset, lora, out, root, **kw):
+    return cache_caption_embeddings(CacheConfig(store_root=str(root), **kw), dataset, lora, str(out))
+
+
+def test_rerun_embeds_nothing_and_gives_the_same_vectors(tiny_dataset, lora, tmp_path):
+    first = run(tiny_dataset, lora, tmp_path / "a", tmp_path / "store")
+    second = run(tiny_dataset, lora, tmp_path / "b", tmp_path / "store")
+    assert first["hits"] == 0 and first["misses"] > 0
+    assert second == {**second, "hits": first["misses"], "misses": 0}
+    a, _ = embedding_cache.load_embeddings([str(tmp_path / "a")], "train")
+    b, _ = embedding_cache.load_embeddings([str(tmp_path / "b")], "train")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_new_data_embeds_only_the_new_captions(tiny_dataset, lora, tmp_path):
+    part = run(tiny_dataset, lora, tmp_path / "g0", tmp_path / "store", group_index=0, num_groups=2)
+    whole = run(tiny_dataset, lora, tmp_path / "all", tmp_path / "store")
+    fresh = run(tiny_dataset, lora, tmp_path / "ref", tmp_path / "other-store")
+    assert whole["hits"] == part["misses"]
+    assert whole["misses"] == fresh["misses"] - part["misses"] > 0
+
+
+def test_another_adapter_embeds_everything_again(tiny_dataset, lora, tmp_path):
+    tuned = run(tiny_dataset, lora, tmp_path / "t", tmp_path / "store")
+    raw = run(tiny_dataset, lora, tmp_path / "r", tmp_path / "store", use_adapter=False)
+    assert raw["hits"] == 0 and raw["misses"] == tuned["misses"]
+    keys = {p.parent.parent.name for p in (tmp_path / "store").rglob("*.keys.json")}
+    assert len(keys) == 2  # two encoder fingerprints, two address spaces
+
+
+def test_killed_task_resumes_from_its_last_pack(tiny_dataset, lora, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real_add = embedding_cache.EmbeddingStore.add
+
+    def add_then_die(self, vectors):
+        real_add(self, vectors)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("pod killed")
+
+    monkeypatch.setattr(embedding_cache.EmbeddingStore, "add", add_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=16)
+    monkeypatch.setattr(embedding_cache.EmbeddingStore, "add", real_add)
+    resumed = run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=16)
+    assert resumed["hits"] == 32  # the two finished packs are not embedded again
+    assert artifacts.read_manifest(str(tmp_path / "x"))["count"] == resumed["captions"]
+
+
+def test_a_pack_without_its_keys_file_is_invisible(tiny_dataset, lora, tmp_path):
+    run(tiny_dataset, lora, tmp_path / "a", tmp_path / "store", pack_size=1000)
+    (keys_file,) = (tmp_path / "store").rglob("*.keys.json")
+    keys_file.unlink()  # as if the writer died between the pack and its keys file
+    again = run(tiny_dataset, lora, tmp_path / "b", tmp_path / "store", pack_size=1000)
+    assert again["hits"] == 0
+
+
+def test_store_on_s3(tiny_dataset, lora, tmp_path, s3_env):
+    root = storage.join(s3_env, "embedding-cache")
+    first = run(tiny_dataset, lora, storage.join(s3_env, "out1"), root)
+    second = run(tiny_dataset, lora, storage.join(s3_env, "out2"), root)
+    assert first["misses"] > 0 and second["misses"] == 0 and second["hits"] == first["misses"]
+    emb, info = embedding_cache.load_embeddings([storage.join(s3_env, "out2")], "synthetic_long")
+    assert len(emb) == 12 and info["dim"] == 64

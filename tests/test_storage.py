@@ -1,0 +1,105 @@
+"""llm2clip.storage against a real S3-protocol server (moto; nanio where credentials must be refused)."""
+
+import threading
+import time
+
+import pytest
+
+from llm2clip import data, storage
+
+
+def test_round_trip_list_exists_delete(s3_env):
+    a, b = storage.join(s3_env, "d", "a.bin"), storage.join(s3_env, "d", "sub", "b.json")
+    storage.write_bytes(a, b"hello")
+    storage.write_json(b, {"x": 1})
+    assert storage.read_bytes(a) == b"hello" and storage.read_json(b) == {"x": 1}
+    assert storage.exists(a) and storage.exists(storage.join(s3_env, "d"))
+    assert not storage.exists(storage.join(s3_env, "nope"))
+    assert storage.list_files(storage.join(s3_env, "d")) == [a]
+    assert storage.list_files(storage.join(s3_env, "d"), recursive=True) == [a, b]
+    storage.delete(storage.join(s3_env, "d"))
+    assert storage.list_files(storage.join(s3_env, "d"), recursive=True) == []
+
+
+def test_multipart_upload_and_streaming_read(s3_env):
+    payload = bytes(range(256)) * (storage.PART_SIZE // 256 + 4097)  # > one part: multipart upload
+    uri = storage.join(s3_env, "big.bin")
+    with storage.open_write(uri) as f:
+        f.write(payload)
+    with storage.open_read(uri) as f:
+        assert f.read(10) == payload[:10]
+        assert f.read() == payload[10:]
+
+
+def test_failed_write_leaves_nothing_visible(s3_env, tmp_path):
+    for base in (s3_env, str(tmp_path)):
+        uri = storage.join(base, "partial.bin")
+        with pytest.raises(RuntimeError), storage.open_write(uri) as f:
+            f.write(b"half of it")
+            raise RuntimeError("killed mid-write")
+        assert not storage.exists(uri)
+        assert storage.list_files(base) == []
+
+
+def test_upload_survives_a_server_restart(s3_env, moto_server, monkeypatch):
+    """The server goes away; the write retries with backoff and lands complete once it is back."""
+    monkeypatch.setenv("LLM2CLIP_S3_RETRIES", "6")
+    uri = storage.join(s3_env, "during-restart.bin")
+    payload = b"x" * 100_000
+    moto_server.stop()
+    restart = threading.Timer(1.5, moto_server.start)
+    restart.start()
+    try:
+        storage.write_bytes(uri, payload)
+    finally:
+        restart.join()
+    assert storage.read_bytes(uri) == payload
+
+
+def test_unreachable_endpoint_fails_after_retries(monkeypatch, s3_env):
+    from s3_servers import free_port
+
+    monkeypatch.setenv("MINIO_ENDPOINT", f"127.0.0.1:{free_port()}")
+    monkeypatch.setenv("LLM2CLIP_S3_RETRIES", "1")
+    with pytest.raises(ConnectionError, match="unreachable after 2 attempts"):
+        storage.read_bytes(storage.join(s3_env, "x"))
+
+
+def test_wrong_credentials_fail_fast_and_clearly(tmp_path, monkeypatch):
+    from s3_servers import nanio
+
+    with nanio(tmp_path, "right-key", "right-secret-value") as port:
+        monkeypatch.setenv("MINIO_ENDPOINT", f"127.0.0.1:{port}")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "right-key")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "right-secret-value")
+        from s3_servers import make_bucket
+
+        make_bucket("data")
+        storage.write_bytes("s3://data/ok.txt", b"ok")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+        t0 = time.time()
+        with pytest.raises(PermissionError) as err:
+            storage.read_bytes("s3://data/ok.txt")
+        assert time.time() - t0 < 5  # not retried
+        msg = str(err.value)
+        assert f"127.0.0.1:{port}" in msg and "bucket 'data'" in msg
+        assert "wrong-secret-value" not in msg and "right-key" not in msg
+
+
+def test_missing_bucket_is_named(s3_env):
+    with pytest.raises(FileNotFoundError, match="bucket 'no-such-bucket' does not exist"):
+        storage.read_bytes("s3://no-such-bucket/x")
+
+
+def test_settings_repr_hides_secrets(s3_env):
+    assert "testing-secret" not in repr(storage.S3Settings.from_env())
+
+
+def test_prepared_shards_stream_from_s3(s3_env):
+    out = storage.join(s3_env, "prepared")
+    data.prepare_data(data.PrepareDataConfig(num_train=10, num_eval=4, shard_size=4), out)
+    shards = storage.list_files(storage.join(out, "train"), ".tar")
+    assert [s.rsplit("/", 1)[1] for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
+    keys = [r["key"] for r in data.read_split(storage.join(out, "train"))]
+    assert len(keys) == 10 and len(set(keys)) == 10
+    assert storage.read_json(storage.join(out, "manifest.json"))["stage"] == "prepare_data"
