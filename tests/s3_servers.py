@@ -31,7 +31,11 @@ class Moto:
     """moto's S3 in a thread of this process; stop() and start() keep its buckets (state is in-process)."""
 
     def __init__(self) -> None:
+        import logging
+
         from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
         self.port = free_port()
         self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)

@@ -96,6 +96,7 @@ def _s3_for_benchmark() -> Iterator[str]:
     if os.environ.get("MINIO_ENDPOINT"):
         yield os.environ.get("LLM2CLIP_BENCH_BUCKET", "s3://llm2clip-bench/stream")
         return
+    import logging
     import socket
 
     from minio import Minio
@@ -104,6 +105,7 @@ def _s3_for_benchmark() -> Iterator[str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     env = {"MINIO_ENDPOINT": f"127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"}
