@@ -80,3 +80,24 @@ def test_store_on_s3(tiny_dataset, lora, tmp_path, s3_env):
     assert first["misses"] > 0 and second["misses"] == 0 and second["hits"] == first["misses"]
     emb, info = embedding_cache.load_embeddings([storage.join(s3_env, "out2")], "synthetic_long")
     assert len(emb) == 12 and info["dim"] == 64
+
+
+def test_parallel_tasks_share_one_store_without_conflict(tiny_dataset, lora, tmp_path):
+    import threading
+
+    results = {}
+
+    def task(i):
+        results[i] = run(
+            tiny_dataset, lora, tmp_path / f"g{i}", tmp_path / "store", group_index=i, num_groups=2, pack_size=8
+        )
+
+    threads = [threading.Thread(target=task, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = run(tiny_dataset, lora, tmp_path / "all", tmp_path / "store")
+    reference = run(tiny_dataset, lora, tmp_path / "ref", tmp_path / "fresh-store")
+    assert after["misses"] == 0 and after["hits"] == reference["misses"]
+    assert results[0]["misses"] > 0 and results[1]["misses"] > 0

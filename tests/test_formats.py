@@ -128,3 +128,30 @@ def test_bad_source_options_are_named():
         data.PrepareDataConfig(eval_sources=("coco",))
     with pytest.raises(ValueError, match="images=''"):
         data.PrepareDataConfig(source="s3://b/t.csv", source_format="table")
+
+
+def test_urban1k_and_sharegpt4v_eval_sets(tmp_path):
+    urban = tmp_path / "Urban1k"
+    write_images(urban / "image", ["1.jpg", "2.jpg"])
+    (urban / "caption").mkdir()
+    (urban / "caption" / "1.txt").write_text("A busy street with a red bus on the left and a cyclist. " * 5)
+    (urban / "caption" / "2.txt").write_text("A quiet square at dusk. " * 5)
+    (urban / "caption" / "3.txt").write_text("an image that does not exist")
+    write_images(tmp_path / "sg" / "coco", ["a.jpg"])
+    conv = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A detailed caption."}]
+    (tmp_path / "sg" / "share.json").write_text(json.dumps([{"id": "a", "image": "coco/a.jpg", "conversations": conv}]))
+    src = tmp_path / "canonical"
+    data.prepare_data(data.PrepareDataConfig(num_train=8, num_eval=4), str(src))
+    cfg = data.PrepareDataConfig(
+        source=str(src),
+        eval_sources=(
+            f"urban1k=urban1k:{urban}",
+            f"sharegpt4v=sharegpt4v:{tmp_path / 'sg' / 'share.json'}:{tmp_path / 'sg'}",
+        ),
+    )
+    out = tmp_path / "out"
+    stats = data.prepare_data(cfg, str(out))
+    assert stats["urban1k_kept"] == 2 and stats["sharegpt4v_kept"] == 1 and stats["synthetic_long_kept"] == 4
+    reasons = [json.loads(r)["reason"] for r in (out / "rejects.jsonl").read_text().splitlines()]
+    assert any("image file not found" in r and "3.jpg" in r for r in reasons)
+    assert data.benchmarks(str(out))["urban1k"] == "long"

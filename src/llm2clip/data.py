@@ -31,7 +31,8 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 # Which captions each eval set is scored on, and how many each image must have.
 BENCHMARKS = {"synthetic_short": ("short", 2), "synthetic_long": ("long", 1)}
 SOURCE_FORMATS = ("canonical", "img2dataset", "table")
-EVAL_FORMATS = {"karpathy": ("short", 1), "docci": ("long", 1)}  # published formats -> (caption kind, minimum)
+# published eval formats -> (caption kind scored, minimum captions per image)
+EVAL_FORMATS = {"karpathy": ("short", 1), "docci": ("long", 1), "urban1k": ("long", 1), "sharegpt4v": ("long", 1)}
 
 
 @dataclass(frozen=True)
@@ -71,13 +72,21 @@ class PrepareDataConfig:
     def __post_init__(self) -> None:
         check = artifacts.check
         check(self.source_format in SOURCE_FORMATS, "source_format", self.source_format, f"one of {SOURCE_FORMATS}")
-        check(self.source_format != "table" or bool(self.images), "images", self.images,
-              "a caption table needs the images root (directory or s3:// prefix)")  # fmt: skip
+        check(
+            self.source_format != "table" or bool(self.images),
+            "images",
+            self.images,
+            "a caption table needs the images root (directory or s3:// prefix)",
+        )
         for spec in self.eval_sources:
             name, _, rest = spec.partition("=")
             fmt = rest.split(":", 1)[0]
-            check(bool(name) and fmt in EVAL_FORMATS and ":" in rest, "eval_sources", spec,
-                  f"expected NAME=FORMAT:URI[:IMAGES] with FORMAT in {list(EVAL_FORMATS)}")  # fmt: skip
+            check(
+                bool(name) and fmt in EVAL_FORMATS and ":" in rest,
+                "eval_sources",
+                spec,
+                f"expected NAME=FORMAT:URI[:IMAGES] with FORMAT in {list(EVAL_FORMATS)}",
+            )
         check(
             self.source == "synthetic" or storage.is_remote(self.source) or Path(self.source).exists(),
             "source",
@@ -213,8 +222,14 @@ def _eval_source(spec: str) -> tuple[str, Iterable[dict], tuple[str, int]]:
         uri = f"{scheme}://{uri}"
     else:
         uri, _, images = location.partition(":")
-    reader = formats.karpathy_records if fmt == "karpathy" else formats.docci_records
-    return name, reader(uri, images or storage.join(uri.rsplit("/", 1)[0], "images")), EVAL_FORMATS[fmt]
+    if fmt == "urban1k":  # a directory, not a file: image/ and caption/ below it
+        return name, formats.urban1k_records(uri, images), EVAL_FORMATS[fmt]
+    readers = {
+        "karpathy": formats.karpathy_records,
+        "docci": formats.docci_records,
+        "sharegpt4v": formats.sharegpt4v_records,
+    }
+    return name, readers[fmt](uri, images or storage.join(uri.rsplit("/", 1)[0], "images")), EVAL_FORMATS[fmt]
 
 
 def _source_records(cfg: PrepareDataConfig) -> tuple[dict[str, Iterable[dict]], dict[str, tuple[str, int]]]:
@@ -225,8 +240,9 @@ def _source_records(cfg: PrepareDataConfig) -> tuple[dict[str, Iterable[dict]], 
         if cfg.source_format == "img2dataset":
             train = formats.img2dataset_records(cfg.source, cfg.raw_field or "txt", cfg.short_field, cfg.long_field)
         else:
-            train = formats.table_records(cfg.source, cfg.images, short=cfg.short_field, long=cfg.long_field,
-                                          raw=cfg.raw_field or "caption")  # fmt: skip
+            train = formats.table_records(
+                cfg.source, cfg.images, short=cfg.short_field, long=cfg.long_field, raw=cfg.raw_field or "caption"
+            )
         evals = [_eval_source(spec) for spec in cfg.eval_sources]
         return {"train": train, **{n: r for n, r, _ in evals}}, {n: need for n, _, need in evals}
     if cfg.source == "synthetic":

@@ -5,7 +5,8 @@
 Train sources: img2dataset webdataset tars (jpg/txt/json; which fields hold which caption kind is configurable,
 so DreamLIP-style recaptioned shards work) and caption tables (CSV or JSONL; Parquet when pyarrow is installed)
 with image paths relative to an images root (local directory or s3:// prefix).
-Evaluation sets: Karpathy-split JSON (Flickr30k / COCO, five captions per image) and DOCCI-style jsonlines.
+Evaluation sets: Karpathy-split JSON (Flickr30k / COCO, five captions per image), DOCCI jsonlines, Urban-1K
+(image/ + caption/ folders) and ShareGPT4V JSON (one long caption per image).
 """
 
 from __future__ import annotations
@@ -122,3 +123,25 @@ def docci_records(uri: str, images: str, split: str = "test") -> Iterator[dict]:
             continue
         key = str(row.get("example_id") or row["image_file"].rsplit(".", 1)[0])
         yield _image_record(key, storage.join(images, row["image_file"]), {"long": [row.get("description", "")]})
+
+
+def urban1k_records(uri: str, images: str = "") -> Iterator[dict]:
+    """Urban-1K: <root>/image/<name>.jpg with <root>/caption/<name>.txt holding its long caption.
+    `uri` is the root; `images` overrides where the images are (default <root>/image)."""
+    image_root = images or storage.join(uri, "image")
+    for caption_file in storage.list_files(storage.join(uri, "caption"), ".txt"):
+        stem = caption_file.rsplit("/", 1)[-1].removesuffix(".txt")
+        try:
+            text = storage.read_bytes(caption_file).decode("utf-8")
+        except UnicodeDecodeError:
+            yield {"__key__": stem, "__error__": f"{caption_file}: not UTF-8 text"}
+            continue
+        yield _image_record(stem, storage.join(image_root, f"{stem}.jpg"), {"long": [text.strip()]})
+
+
+def sharegpt4v_records(uri: str, images: str) -> Iterator[dict]:
+    """ShareGPT4V JSON: [{"id", "image": relative path, "conversations": [human prompt, gpt caption]}]."""
+    for item in storage.read_json(uri):
+        answers = [c.get("value", "") for c in item.get("conversations", []) if c.get("from") == "gpt"]
+        key = str(item.get("id") or item["image"].rsplit(".", 1)[0]).replace("/", "_")
+        yield _image_record(key, storage.join(images, item["image"]), {"long": answers[:1]})
