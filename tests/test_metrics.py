@@ -2,10 +2,19 @@
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llm2clip.metrics import caption_retrieval_accuracy, info_nce, retrieval_metrics
+from llm2clip.metrics import (
+    bootstrap_indices,
+    bootstrap_retrieval,
+    caption_retrieval_accuracy,
+    ci95,
+    info_nce,
+    retrieval_hits,
+    retrieval_metrics,
+)
 
 
 def test_info_nce_matches_hand_computation():
@@ -66,3 +75,72 @@ def test_image_to_text_hit_when_any_caption_ranks_first():
     got = retrieval_metrics(image_emb, text_emb, torch.tensor([0, 0, 1]), ks=(1,))
     assert got["image_to_text_R@1"] == 1.0
     assert abs(got["text_to_image_R@1"] - 2 / 3) < 1e-6
+
+
+def test_collapsed_model_scores_nothing_not_everything():
+    # every embedding identical: before the fix ties went to the query and this scored R@1 = 1.0 both ways
+    image_emb = torch.ones(10, 4)
+    text_emb = torch.ones(20, 4)
+    owner = torch.arange(10).repeat_interleave(2)
+    got = retrieval_metrics(image_emb, text_emb, owner, ks=(1, 5))
+    chance_i2t_r1 = 2 / 20  # 2 of 20 captions are an image's own
+    for k in ("image_to_text_R@1", "text_to_image_R@1"):
+        assert got[k] <= chance_i2t_r1, (k, got[k])
+    assert got["text_to_image_R@1"] == 0.0 and got["image_to_text_R@1"] == 0.0
+    assert caption_retrieval_accuracy(torch.ones(5, 3), torch.ones(5, 3)) == 0.0
+
+
+def test_caption_duplicated_on_two_images_is_no_free_hit():
+    image_emb = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]])
+    # images 0 and 1 carry the very same caption text (so the same embedding); image 2 its own caption
+    same = [1.0, 0.3]
+    text_emb = torch.tensor([same, same, [0.0, 1.0]])
+    owner = torch.tensor([0, 1, 2])
+    got = retrieval_metrics(image_emb, text_emb, owner, ks=(1, 2))
+    # image->text: image 0's best own caption ties with image 1's identical caption -> rank 1 -> miss at R@1
+    assert abs(got["image_to_text_R@1"] - 1 / 3) < 1e-6  # only image 2
+    assert got["image_to_text_R@2"] == 1.0
+    # text->image: caption 0 (image 0) beats image 1 genuinely; caption 1 (image 1) ranks image 0 higher
+    assert abs(got["text_to_image_R@1"] - 2 / 3) < 1e-6
+
+
+def test_ties_count_against_the_query_brute_force():
+    torch.manual_seed(1)
+    # quantised embeddings: many exact ties
+    image_emb = torch.randint(0, 2, (15, 3)).float() + 0.01
+    owner = torch.randint(0, 15, (40,))
+    text_emb = torch.randint(0, 2, (40, 3)).float() + 0.01
+    sim = F.normalize(text_emb, dim=-1) @ F.normalize(image_emb, dim=-1).T
+    hits = retrieval_hits(image_emb, text_emb, owner, ks=(1, 3))
+    for k in (1, 3):
+        for t in range(40):  # rank = other images scoring >= the right one
+            rank = sum(1 for i in range(15) if i != owner[t] and sim[t, i] >= sim[t, owner[t]])
+            assert bool(hits[f"text_to_image_R@{k}"][t]) == (rank < k)
+        for i in range(15):
+            own = [t for t in range(40) if owner[t] == i]
+            if not own:
+                assert not hits[f"image_to_text_R@{k}"][i]
+                continue
+            best = max(sim[t, i] for t in own)
+            rank = sum(1 for t in range(40) if owner[t] != i and sim[t, i] >= best)
+            assert bool(hits[f"image_to_text_R@{k}"][i]) == (rank < k)
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n():
+    owner = torch.arange(400).repeat_interleave(2)
+    rng = torch.Generator().manual_seed(0)
+    hits = {
+        "image_to_text_R@1": torch.rand(400, generator=rng) < 0.3,
+        "text_to_image_R@1": torch.rand(800, generator=rng) < 0.3,
+    }
+    reps = bootstrap_retrieval(hits, owner, bootstrap_indices(400, 1000, seed=0))
+    for name, h in hits.items():
+        lo, hi = ci95(reps[name])
+        assert lo < h.float().mean().item() < hi
+        assert 0.05 < hi - lo < 0.15  # binomial: 2 * 1.96 * sqrt(.3 * .7 / 400) = 0.09
+    small = bootstrap_retrieval({k: v[: len(v) // 4] for k, v in hits.items()}, owner[:200],
+                                bootstrap_indices(100, 1000, seed=0))  # fmt: skip
+    assert np.ptp(ci95(small["image_to_text_R@1"])) > np.ptp(ci95(reps["image_to_text_R@1"]))
+    # seeded: the same draws give the same interval
+    again = bootstrap_retrieval(hits, owner, bootstrap_indices(400, 1000, seed=0))
+    assert ci95(again["text_to_image_R@1"]) == ci95(reps["text_to_image_R@1"])

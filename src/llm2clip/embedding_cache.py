@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save
 
-from llm2clip import artifacts, data, storage, text_encoder
+from llm2clip import artifacts, data, devices, storage, text_encoder
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,8 @@ class CacheConfig:
     num_groups: int = 1
     max_tokens: int = 8192  # padded tokens per batch (length-sorted batches)
     max_batch: int = 256
-    dtype: str = "bfloat16"  # compute dtype
+    device: str = "auto"  # cuda if available, else cpu
+    dtype: str = "auto"  # compute dtype; auto = bf16 on GPU / CPUs with native bf16, else fp32 (recorded in the key)
     store_dtype: str = "float16"
     pack_size: int = 2048  # new embeddings per pack written to the content-addressed store
     store_root: str | None = None  # default: $LLM2CLIP_STORE/embedding-cache, else the local model cache
@@ -56,7 +57,8 @@ class CacheConfig:
         check(self.max_tokens >= 64, "max_tokens", self.max_tokens, "must be >= 64")
         check(self.max_batch >= 1, "max_batch", self.max_batch, "must be >= 1")
         check(self.pack_size >= 1, "pack_size", self.pack_size, "must be >= 1")
-        check(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype, "unknown dtype")
+        check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
+        check(self.dtype in devices.DTYPES, "dtype", self.dtype, f"must be one of {devices.DTYPES}")
         check(
             self.store_dtype in ("float32", "float16", "bfloat16"),
             "store_dtype",
@@ -147,7 +149,8 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
             texts += caps
 
     # ---- look every caption up in the content-addressed store; embed only the misses, a pack at a time
-    store = EmbeddingStore(cfg.store_root or default_store_root(), {**identity, "dtype": cfg.dtype,
+    device, dtype = devices.setup(cfg.device, cfg.dtype)
+    store = EmbeddingStore(cfg.store_root or default_store_root(), {**identity, "dtype": dtype,
                                                                     "store_dtype": cfg.store_dtype})  # fmt: skip
     hashes = [caption_hash(t) for t in texts]
     missing = sorted({h: t for h, t in zip(hashes, texts, strict=True) if h not in store.index}.items())
@@ -155,15 +158,22 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
     print(f"{len(texts)} captions, {len(set(hashes))} distinct: {hits} cached, {len(missing)} to embed", flush=True)
     padded_tokens, t_embed, dim = 0, time.time(), None
     if missing:
+        print(f"device {device}, compute dtype {dtype}", flush=True)
         encoder = text_encoder.load_caption_encoder(
-            identity["base_model"], bidirectional=identity["bidirectional"], max_length=identity["max_length"]
+            identity["base_model"],
+            bidirectional=identity["bidirectional"],
+            max_length=identity["max_length"],
+            # on a GPU the weights are stored in the compute dtype (an 8B model: 16 GB, not 32); on a CPU they stay
+            # fp32 and autocast casts per op
+            dtype=getattr(torch, dtype) if device.type == "cuda" else torch.float32,
+            device=device,
         )
         if cfg.use_adapter:
             with storage.local_dir(storage.join(text_lora_dir, "adapter")) as adapter_dir:
                 text_encoder.load_lora(encoder, adapter_dir)
         for start in range(0, len(missing), cfg.pack_size):
             chunk = missing[start : start + cfg.pack_size]
-            emb, padded = text_encoder.encode_all(encoder, [t for _, t in chunk], cfg.dtype, cfg.max_tokens,
+            emb, padded = text_encoder.encode_all(encoder, [t for _, t in chunk], dtype, cfg.max_tokens,
                                                   cfg.max_batch)  # fmt: skip
             store.add({h: v.to(getattr(torch, cfg.store_dtype)) for (h, _), v in zip(chunk, emb, strict=True)})
             padded_tokens += padded
@@ -198,6 +208,7 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
         cfg,
         {"dataset": dataset_dir, "text_lora": text_lora_dir},
         encoder=identity,
+        compute=devices.describe(device, dtype),
         dim=dim,
         store=store.packs,
         dtype=cfg.store_dtype,

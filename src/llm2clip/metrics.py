@@ -1,7 +1,8 @@
-"""Contrastive losses and retrieval metrics: InfoNCE for captions, CRA, multi-caption recall@k."""
+"""Contrastive losses and retrieval metrics: InfoNCE for captions, CRA, multi-caption recall@k, bootstrap CIs."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,10 +20,53 @@ def info_nce(
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
-def caption_retrieval_accuracy(queries: torch.Tensor, pool: torch.Tensor) -> float:
-    """CRA: query i ([N, D]) must retrieve pool item i ([N, D]) top-1 by cosine similarity."""
+def _rank_hits(sim: torch.Tensor, correct: torch.Tensor, k: int) -> torch.Tensor:
+    """sim [Q, C] scores of each query against C candidates; correct [Q] its right candidate.
+
+    Rank = how many OTHER candidates score >= the right one (ties count against the query): a collapsed model,
+    whose scores are all equal, ranks every right answer last instead of first. Returns hits [Q] bool (rank < k).
+    """
+    own = sim.gather(1, correct[:, None])  # [Q, 1]
+    at_least = (sim >= own).sum(1) - 1  # the right candidate itself is always >= its own score
+    return at_least < k
+
+
+def caption_retrieval_hits(queries: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+    """Per-query CRA hits [N] bool: query i ([N, D]) retrieves pool item i ([N, D]) top-1 by cosine similarity,
+    ties counted against the query."""
     sim = F.normalize(queries.float(), dim=-1) @ F.normalize(pool.float(), dim=-1).T
-    return (sim.argmax(dim=1) == torch.arange(len(queries))).float().mean().item()
+    return _rank_hits(sim, torch.arange(len(queries)), 1)
+
+
+def caption_retrieval_accuracy(queries: torch.Tensor, pool: torch.Tensor) -> float:
+    """CRA: share of queries i ([N, D]) that retrieve pool item i ([N, D]) top-1 (ties count against)."""
+    return caption_retrieval_hits(queries, pool).float().mean().item()
+
+
+def retrieval_hits(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)
+) -> dict[str, torch.Tensor]:
+    """Per-query hits of the multi-caption protocol. image_emb [N, D], text_emb [M, D], text_image [M] = image
+    index of each caption. Returns {"image_to_text_R@k": [N] bool, "text_to_image_R@k": [M] bool}.
+
+    text->image, per caption: rank = images other than its own scoring >= its own image.
+    image->text, per image: a hit when ANY of its captions ranks within k; rank = captions of OTHER images scoring
+    >= the image's best own caption. Ties count against the query in both directions, so a caption that appears
+    verbatim on two images is a hit for neither image (each sees the other's identical copy as a tie).
+    """
+    sim = F.normalize(text_emb.float(), dim=-1) @ F.normalize(image_emb.float(), dim=-1).T  # [M, N]
+    n, m = len(image_emb), len(text_emb)
+    own = torch.zeros(m, n, dtype=torch.bool)
+    own[torch.arange(m), text_image] = True
+    best_own = sim.masked_fill(~own, float("-inf")).max(0).values  # [N]: each image's best own caption
+    i2t_rank = ((sim >= best_own[None, :]) & ~own).sum(0)  # [N]: other images' captions scoring >= it
+    t2i_rank = (sim >= sim[torch.arange(m), text_image][:, None]).sum(1) - 1  # [M]
+    has_caption = own.any(0)
+    out = {}
+    for k in ks:
+        out[f"image_to_text_R@{k}"] = (i2t_rank < k) & has_caption
+        out[f"text_to_image_R@{k}"] = t2i_rank < k
+    return out
 
 
 def retrieval_metrics(
@@ -31,23 +75,40 @@ def retrieval_metrics(
     text_image: torch.Tensor,
     ks: tuple[int, ...] = (1, 5, 10),
 ) -> dict[str, float]:
-    """Multi-caption retrieval. image_emb [N, D], text_emb [M, D], text_image [M] = image index of each text.
+    """Multi-caption recall@k in both directions (see `retrieval_hits`; ties count against the query)."""
+    hits = retrieval_hits(image_emb, text_emb, text_image, ks)
+    return {name: h.float().mean().item() for name, h in hits.items()}
 
-    text->image: per caption, a hit when its image ranks within k. image->text: a hit when ANY caption of the
-    image ranks within k. Ties count against the query (rank = number of strictly better candidates).
-    """
-    sim = F.normalize(text_emb.float(), dim=-1) @ F.normalize(image_emb.float(), dim=-1).T  # [M, N]
-    idx = torch.arange(len(text_emb))
-    correct = sim[idx, text_image]  # [M]
-    t2i_rank = (sim > correct[:, None]).sum(1)  # [M]
-    # image -> text: rank of each caption among all captions for its own image, best caption per image
-    sim_t = sim.T  # [N, M]
-    own = sim_t[text_image, idx]  # [M]: similarity of each caption to its image
-    i2t_rank_per_caption = (sim_t[text_image] > own[:, None]).sum(1)  # [M]
-    best = torch.full((len(image_emb),), len(text_emb), dtype=torch.long)
-    best = best.scatter_reduce(0, text_image, i2t_rank_per_caption, reduce="amin")
+
+# ----------------------------------------------------------------------------------------------- confidence
+
+
+def bootstrap_indices(n: int, resamples: int = 1000, seed: int = 0) -> np.ndarray:
+    """[resamples, n] indices drawn with replacement (seeded): the same draws serve every model, so their
+    differences are paired."""
+    return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def ci95(samples: np.ndarray) -> list[float]:
+    """Percentile 95% interval of bootstrap replicates."""
+    lo, hi = np.percentile(samples, [2.5, 97.5])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_retrieval(
+    hits: dict[str, torch.Tensor], text_image: torch.Tensor, draws: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Bootstrap replicates [resamples] of every recall in `hits`, resampling IMAGES (each with all its
+    captions: captions of one image are not independent queries). draws: bootstrap_indices(n_images)."""
+    n = draws.shape[1]
+    owner = text_image.numpy()
+    captions_per_image = np.bincount(owner, minlength=n)
     out = {}
-    for k in ks:
-        out[f"image_to_text_R@{k}"] = (best < k).float().mean().item()
-        out[f"text_to_image_R@{k}"] = (t2i_rank < k).float().mean().item()
+    for name, h in hits.items():
+        h = h.numpy().astype(np.float64)
+        if name.startswith("image_to_text"):
+            out[name] = h[draws].mean(1)
+        else:  # text->image: pooled over the captions of the drawn images
+            per_image = np.bincount(owner, weights=h, minlength=n)
+            out[name] = per_image[draws].sum(1) / np.maximum(captions_per_image[draws].sum(1), 1)
     return out

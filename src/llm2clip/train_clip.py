@@ -14,7 +14,7 @@ import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import load, save
 
-from llm2clip import artifacts, clip_model, data, embedding_cache, storage
+from llm2clip import artifacts, clip_model, data, devices, embedding_cache, storage
 
 OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
 OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
@@ -38,7 +38,8 @@ class TrainClipConfig:
     layer_decay: float = 1.0  # layer-wise lr decay for the vision tower (LLM2CLIP: 0.85 on pretrained towers)
     grad_clip: float = 5.0
     long_caption_prob: float = 0.5  # chance to train on the long caption of an image instead of a short one
-    dtype: str = "bfloat16"
+    device: str = "auto"  # cuda if available, else cpu
+    dtype: str = "auto"  # autocast; auto = bf16 on GPU / CPUs with native bf16, else fp32 (llm2clip.devices)
     log_every: int = 20
     seed: int = 0
 
@@ -60,7 +61,8 @@ class TrainClipConfig:
         check(0 < self.layer_decay <= 1, "layer_decay", self.layer_decay, "must be in (0, 1]")
         check(self.grad_clip > 0, "grad_clip", self.grad_clip, "must be > 0")
         check(0 <= self.long_caption_prob <= 1, "long_caption_prob", self.long_caption_prob, "must be in [0, 1]")
-        check(self.dtype in ("float32", "bfloat16"), "dtype", self.dtype, "must be float32 or bfloat16")
+        check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
+        check(self.dtype in devices.DTYPES, "dtype", self.dtype, f"must be one of {devices.DTYPES}")
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -80,8 +82,8 @@ def load_images(split_dir: str, image_size: int) -> tuple[list[str], list[dict],
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float, OpenAI mean/std."""
-    return (images.float() / 255.0 - OPENAI_MEAN) / OPENAI_STD
+    """uint8 [B, 3, H, W] -> float, OpenAI mean/std (on the images' device)."""
+    return (images.float() / 255.0 - OPENAI_MEAN.to(images.device)) / OPENAI_STD.to(images.device)
 
 
 def image_size_of(model_name: str) -> int:
@@ -136,9 +138,8 @@ def build_model(cfg: TrainClipConfig, llm_dim: int | None) -> torch.nn.Module:
 
 
 def loss_step(model, loss_fn: ClipLoss, images: torch.Tensor, texts: torch.Tensor, dtype: str) -> torch.Tensor:
-    """images uint8 [B, 3, H, W], texts [B, ...] -> symmetric InfoNCE."""
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else torch.autocast("cpu", enabled=False)
-    with ctx:
+    """images uint8 [B, 3, H, W], texts [B, ...], both on the model's device -> symmetric InfoNCE (fp32)."""
+    with devices.autocast(images.device, dtype):
         image_features = model.encode_image(normalize_images(images), normalize=True)
         text_features = model.encode_text(texts, normalize=True)
     return loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
@@ -149,6 +150,8 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
+    device, dtype = devices.setup(cfg.device, cfg.dtype)
+    print(f"device {device}, compute dtype {dtype}", flush=True)
 
     # ---- data
     keys, metas, images = load_images(storage.join(dataset_dir, "train"), image_size_of(cfg.model))
@@ -171,6 +174,9 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
     model = build_model(cfg, llm_dim)
     if cfg.text_source == "llm" and cfg.center_text:
         model.text_mean.copy_(table.texts.float().mean(0))
+    model.to(device)
+    if device.type == "cuda":  # page-locked host memory: batches copy to the GPU asynchronously
+        images = images.pin_memory()
     loss_fn = ClipLoss()
     optimizer = torch.optim.AdamW(clip_model.param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -192,7 +198,8 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             rows = [table.sample(i, cfg.long_caption_prob, rng) for i in idx]
             set_lr(step)
-            loss = loss_step(model, loss_fn, images[idx], table.texts[rows], cfg.dtype)
+            batch_images = images[idx].to(device, non_blocking=True)
+            loss = loss_step(model, loss_fn, batch_images, table.texts[rows].to(device, non_blocking=True), dtype)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -210,7 +217,7 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
 
     # ---- save
     seconds = time.time() - t0
-    weights = save({k: v.contiguous() for k, v in model.state_dict().items()})
+    weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     storage.write_bytes(storage.join(out_dir, "model.safetensors"), weights)
     metrics = {
         "loss_first": losses[0],
@@ -227,6 +234,7 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
         {"dataset": dataset_dir, "caption_embeddings": cache_dirs or []},
         llm_dim=llm_dim,
         cache=cache_info,
+        compute=devices.describe(device, dtype),
         metrics=metrics,
         losses=losses[:: max(1, len(losses) // 200)],
         timings_s={"train_clip": seconds},

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llm2clip import artifacts, data, storage, text_encoder
+from llm2clip import artifacts, data, devices, storage, text_encoder
 from llm2clip.metrics import caption_retrieval_accuracy, info_nce
 
 
@@ -31,7 +31,8 @@ class TuneConfig:
     lr: float = 2e-4
     warmup_steps: int = 5
     weight_decay: float = 0.0
-    dtype: str = "bfloat16"  # autocast dtype for the LLM; pooling and the loss run in fp32
+    device: str = "auto"  # cuda if available, else cpu (llm2clip.devices)
+    dtype: str = "auto"  # autocast dtype; auto = bf16 on GPU / CPUs with native bf16, else fp32. Pooling and loss: fp32
     merge: bool = False  # also save the base model with the adapter merged in
     cra_max_captions: int = 1000
     max_tokens: int = 1024  # padded tokens per forward chunk (length-sorted)
@@ -49,12 +50,8 @@ class TuneConfig:
         check(self.batch_size >= 2, "batch_size", self.batch_size, "needs >= 2 images for in-batch negatives")
         check(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1)")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
-        check(
-            self.dtype in ("float32", "bfloat16", "float16"),
-            "dtype",
-            self.dtype,
-            "must be float32, bfloat16 or float16",
-        )
+        check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
+        check(self.dtype in devices.DTYPES, "dtype", self.dtype, f"must be one of {devices.DTYPES}")
 
 
 def cra(encoder: text_encoder.CaptionEncoder, queries: list[str], pool: list[str], dtype: str) -> float:
@@ -79,7 +76,7 @@ def cra_pairs(dataset_dir: str, limit: int) -> tuple[list[str], list[str]]:
 
 
 def loss_step(
-    encoder: text_encoder.CaptionEncoder, groups: list[list[str]], cfg: TuneConfig, rng: random.Random
+    encoder: text_encoder.CaptionEncoder, groups: list[list[str]], cfg: TuneConfig, rng: random.Random, dtype: str
 ) -> torch.Tensor:
     """One batch: per image two distinct captions (anchor, positive), plus one caption of another image."""
     batch = rng.sample(range(len(groups)), cfg.batch_size)
@@ -91,7 +88,7 @@ def loss_step(
         if cfg.hard_negatives:
             j = rng.choice([j for j in range(len(groups)) if j not in batch] or [i])
             negatives.append(rng.choice(groups[j]))
-    with text_encoder.autocast(cfg.dtype):
+    with devices.autocast(devices.module_device(encoder.model), dtype):
         emb, _ = text_encoder.embed_by_length(encoder, anchors + positives + negatives, cfg.max_tokens)
     b = cfg.batch_size
     return info_nce(emb[:b], emb[b : 2 * b], emb[2 * b :] if negatives else None, cfg.scale)
@@ -112,8 +109,12 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
     queries, pool = cra_pairs(dataset_dir, cfg.cra_max_captions)
 
     # ---- model
-    encoder = text_encoder.load_caption_encoder(cfg.llm, bidirectional=cfg.bidirectional, max_length=cfg.max_length)
-    cra_before = cra(encoder, queries, pool, cfg.dtype)
+    device, dtype = devices.setup(cfg.device, cfg.dtype)
+    print(f"device {device}, compute dtype {dtype}", flush=True)
+    encoder = text_encoder.load_caption_encoder(
+        cfg.llm, bidirectional=cfg.bidirectional, max_length=cfg.max_length, device=device
+    )
+    cra_before = cra(encoder, queries, pool, dtype)
     print(f"CRA before tuning: {cra_before:.4f} on {len(queries)} held-out caption pairs", flush=True)
     # Seed here, after loading: a first run that converts or builds the base model consumes random numbers,
     # and the LoRA init and dropout must not depend on whether the model was already in the local cache.
@@ -134,7 +135,7 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
     losses = []
     encoder.model.train()
     for step in range(cfg.steps):
-        loss = loss_step(encoder, groups, cfg, rng)
+        loss = loss_step(encoder, groups, cfg, rng, dtype)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -147,7 +148,7 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
             )
 
     # ---- evaluate and save
-    cra_after = cra(encoder, queries, pool, cfg.dtype)
+    cra_after = cra(encoder, queries, pool, dtype)
     print(f"CRA after tuning: {cra_after:.4f}", flush=True)
     with storage.staged_dir(storage.join(out_dir, "adapter")) as adapter_dir:
         encoder.model.save_pretrained(adapter_dir)
@@ -176,6 +177,7 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
         adapter_fingerprint=adapter_fingerprint,
         pooling="mean",
         embedding_dim=encoder.dim,
+        compute=devices.describe(device, dtype),
         metrics=metrics,
         losses=losses,
         timings_s={"tune_caption_encoder": seconds},
