@@ -44,6 +44,73 @@ def test_pooling_ignores_padding_side(tiny_encoder, bidirectional):
     torch.testing.assert_close(left, alone, atol=1e-5, rtol=1e-5)
 
 
+def add_bos_eos(encoder):
+    """Make the tiny tokenizer wrap every text as Llama/Mistral tokenizers do: BOS ... EOS (</s> plays both)."""
+    from tokenizers.processors import TemplateProcessing
+
+    eos = encoder.tokenizer.eos_token_id
+    encoder.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="</s> $A </s>", special_tokens=[("</s>", eos)]
+    )
+    return encoder
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+@pytest.mark.parametrize("instruction", ["", "Describe this picture: "])
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_pooling_averages_exactly_the_captions_own_tokens(tiny_encoder, padding_side, instruction, bidirectional):
+    """Brute force: run each caption alone, unpadded, and average the states at the positions between BOS +
+    instruction tokens and EOS (counted by tokenizing the instruction by itself)."""
+    enc = add_bos_eos(tiny_encoder)
+    te.set_attention(enc, bidirectional)
+    enc.instruction = instruction
+    enc.tokenizer.padding_side = padding_side
+    n_instruction = len(enc.tokenizer(instruction.rstrip(), add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        pooled = te.embed(enc, CAPTIONS)
+        for i, caption in enumerate(CAPTIONS):
+            ids = torch.tensor([enc.tokenizer(instruction + caption)["input_ids"]])
+            assert ids[0, 0] == ids[0, -1] == enc.tokenizer.eos_token_id  # BOS and EOS are there
+            states = te.hidden_states(enc, ids, torch.ones_like(ids))[0]
+            own = states[1 + n_instruction : -1]
+            assert len(own) >= 2
+            torch.testing.assert_close(pooled[i], own.mean(0), atol=1e-5, rtol=1e-5)
+            # the excluded positions matter: averaging over all tokens (BOS, EOS, instruction) would differ
+            assert not torch.allclose(pooled[i], states.mean(0), atol=1e-4)
+
+
+def test_instruction_is_attended_to_but_not_pooled(tiny_encoder):
+    """The instruction changes the caption tokens' states (attention sees it), yet the mask covers the same count of
+    tokens as the caption has without it."""
+    enc = add_bos_eos(tiny_encoder)
+    plain = te.tokenize(enc, CAPTIONS)
+    with torch.no_grad():
+        without = te.embed(enc, CAPTIONS)
+        enc.instruction = "Describe this picture: "
+        with_instruction = te.embed(enc, CAPTIONS)
+    prefixed = te.tokenize(enc, CAPTIONS)
+    assert torch.equal(plain["embed_mask"].sum(1), prefixed["embed_mask"].sum(1))
+    assert prefixed["input_ids"].shape[1] > plain["input_ids"].shape[1]
+    for a, b in zip(without, with_instruction, strict=True):
+        assert not torch.allclose(a, b, atol=1e-4)
+
+
+def test_bos_and_padding_never_enter_the_pooling_mask(tiny_encoder):
+    enc = add_bos_eos(tiny_encoder)
+    enc.tokenizer.padding_side = "left"
+    batch = te.tokenize(enc, CAPTIONS)
+    special = torch.isin(batch["input_ids"], torch.tensor(enc.tokenizer.all_special_ids))
+    assert special.any() and not (batch["embed_mask"].bool() & special).any()
+    assert torch.equal(batch["embed_mask"].bool(), batch["attention_mask"].bool() & ~special)
+
+
+def test_a_caption_with_no_token_of_its_own_is_an_error(tiny_encoder):
+    tiny_encoder.instruction = "Describe this picture in many words please: "
+    tiny_encoder.max_length = 8  # the instruction alone fills it
+    with pytest.raises(ValueError, match="no token of its own"):
+        te.tokenize(tiny_encoder, CAPTIONS)
+
+
 def test_mean_pool_matches_manual():
     states = torch.randn(2, 4, 3)
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 0, 0]])

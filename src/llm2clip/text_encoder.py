@@ -16,10 +16,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from llm2clip import devices
+
 # Names the project resolves itself; anything else is a Hugging Face model directory or hub id.
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-random-llama"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What `embed` averages, recorded in every manifest and cache key: the mean of the last hidden states over the
+# caption's own tokens only. BOS/EOS/pad and an instruction prefix are attended to but not pooled (with Llama-3 or
+# Mistral the BOS attention-sink state would otherwise dominate the mean). A new rule gets a new name, so caches
+# made under an older rule are never mixed with new ones.
+POOLING = "mean-caption-tokens"
 
 
 def cache_root() -> Path:
@@ -29,13 +36,18 @@ def cache_root() -> Path:
 
 @dataclass
 class CaptionEncoder:
-    """A causal LM's decoder stack used as a caption embedder; `dim` is the hidden size."""
+    """A causal LM's decoder stack used as a caption embedder; `dim` is the hidden size.
+
+    `instruction` is prepended to every caption (e.g. "Represent this image caption for retrieval: "): the model
+    attends to it, pooling ignores it. The same string must be used in tuning, caching and inference, which is why
+    it is part of the tune manifest and of the cache key."""
 
     model: nn.Module  # the base model (LlamaModel-like), possibly wrapped by peft
     tokenizer: object
     name: str
     bidirectional: bool
     max_length: int
+    instruction: str = ""
 
     @property
     def dim(self) -> int:
@@ -147,17 +159,22 @@ def load_caption_encoder(
     max_length: int = 512,
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    instruction: str = "",
 ) -> CaptionEncoder:
-    """Load the decoder stack of a causal LM (Llama, Qwen2, Mistral...) without its LM head."""
+    """Load the decoder stack of a causal LM (Llama, Qwen2, Mistral...) without its LM head, on `device`.
+
+    `dtype` is the weights' storage dtype (fp32 master weights for tuning; bf16 halves memory for inference on a
+    GPU); the compute dtype is the caller's autocast. `instruction`: see `CaptionEncoder`."""
     from transformers import AutoModel, AutoTokenizer
 
     path = resolve_model_dir(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModel.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation).to(device)
     set_bidirectional(model, bidirectional)
-    return CaptionEncoder(model, tokenizer, name, bidirectional, max_length)
+    return CaptionEncoder(model, tokenizer, name, bidirectional, max_length, instruction)
 
 
 def set_bidirectional(model: nn.Module, bidirectional: bool) -> None:
@@ -165,6 +182,12 @@ def set_bidirectional(model: nn.Module, bidirectional: bool) -> None:
     for module in model.modules():
         if hasattr(module, "is_causal") and hasattr(module, "q_proj"):
             module.is_causal = not bidirectional
+
+
+def set_attention(encoder: CaptionEncoder, bidirectional: bool) -> None:
+    """Switch an encoder between causal and bidirectional attention (the model and the masks it is handed)."""
+    encoder.bidirectional = bidirectional
+    set_bidirectional(encoder.model, bidirectional)
 
 
 def add_lora(encoder: CaptionEncoder, r: int, alpha: int, dropout: float, targets: Sequence[str]) -> None:
@@ -210,31 +233,58 @@ def hidden_states(encoder: CaptionEncoder, input_ids: torch.Tensor, mask: torch.
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over real tokens: states [B, T, D], mask [B, T] (1 = token) -> [B, D], computed in fp32."""
+    """Mean over the masked-in tokens: states [B, T, D], mask [B, T] (1 = pooled) -> [B, D], computed in fp32."""
     m = mask.to(torch.float32).unsqueeze(-1)
     return (states.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def model_inputs(encoder: CaptionEncoder, captions: Sequence[str]) -> list[str]:
+    """The strings the tokenizer sees: instruction + caption."""
+    return [encoder.instruction + c for c in captions]
+
+
 def tokenize(encoder: CaptionEncoder, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Pad to the longest caption of this batch only (never to max_length)."""
-    return encoder.tokenizer(
-        list(captions), padding="longest", truncation=True, max_length=encoder.max_length, return_tensors="pt"
+    """Tokenize instruction + caption, padded to the longest of this batch only (never to max_length).
+
+    Returns input_ids and attention_mask [B, T] (the model attends to the instruction and special tokens) and
+    embed_mask [B, T]: 1 exactly on the caption's own tokens, the ones pooling averages. Special tokens are found
+    by the tokenizer's special-tokens mask and by id; the instruction's tokens by their character offsets (a token
+    starting before the caption's first non-space character belongs to the instruction, so an instruction should
+    end with a space or punctuation, or its last word can merge into the caption's first token)."""
+    tok = encoder.tokenizer
+    batch = tok(
+        model_inputs(encoder, captions),
+        padding="longest",
+        truncation=True,
+        max_length=encoder.max_length,
+        return_tensors="pt",
+        return_special_tokens_mask=True,
+        return_offsets_mapping=bool(encoder.instruction),  # fast tokenizers only; not needed without a prefix
     )
+    special = batch.pop("special_tokens_mask").bool()
+    special |= torch.isin(batch["input_ids"], torch.tensor(tok.all_special_ids))
+    own = batch["attention_mask"].bool() & ~special
+    if encoder.instruction:
+        starts = batch.pop("offset_mapping")[..., 0]  # [B, T] first character of each token
+        own &= starts >= len(encoder.instruction.rstrip())
+    empty = (~own.any(1)).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(
+            f"caption {captions[empty[0]]!r}: no token of its own left to pool (empty, or cut off by "
+            f"max_length={encoder.max_length} after the instruction)"
+        )
+    batch["embed_mask"] = own.long()
+    return batch
 
 
 def embed(encoder: CaptionEncoder, captions: Sequence[str]) -> torch.Tensor:
-    """Caption embeddings [B, D] in fp32 (not normalised); runs under the caller's grad/autocast mode."""
+    """Caption embeddings [B, D] in fp32 (not normalised): the mean of the last hidden states over each caption's own
+    tokens (see `tokenize` and POOLING); runs under the caller's grad/autocast mode."""
     batch = tokenize(encoder, captions)
-    states = hidden_states(encoder, batch["input_ids"], batch["attention_mask"])
-    return mean_pool(states, batch["attention_mask"])
-
-
-def autocast(dtype: str):
-    """bf16 autocast on CPU (AMX) or GPU; a no-op for fp32."""
-    if dtype == "float32":
-        return contextlib.nullcontext()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.autocast(device, dtype=getattr(torch, dtype))
+    device = devices.module_device(encoder.model)
+    ids = batch["input_ids"].to(device, non_blocking=True)
+    mask = batch["attention_mask"].to(device, non_blocking=True)
+    return mean_pool(hidden_states(encoder, ids, mask), batch["embed_mask"].to(device, non_blocking=True))
 
 
 def fingerprint_files(paths: Sequence[Path]) -> str:
@@ -282,7 +332,8 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> l
 
 
 def token_lengths(encoder: CaptionEncoder, captions: Sequence[str]) -> list[int]:
-    ids = encoder.tokenizer(list(captions), add_special_tokens=True)["input_ids"]
+    """Tokens per caption as the model sees it (instruction and special tokens included), capped at max_length."""
+    ids = encoder.tokenizer(model_inputs(encoder, captions), add_special_tokens=True)["input_ids"]
     return [min(len(x), encoder.max_length) for x in ids]
 
 
@@ -300,14 +351,16 @@ def embed_by_length(
         order += idx
         padded += len(idx) * lengths[idx[0]]
     out = torch.cat(parts)
-    return out[torch.argsort(torch.tensor(order))], padded
+    return out[torch.argsort(torch.tensor(order, device=out.device))], padded
 
 
 @torch.no_grad()
 def encode_all(
     encoder: CaptionEncoder, captions: Sequence[str], dtype: str, max_tokens: int = 4096, max_batch: int = 256
 ) -> tuple[torch.Tensor, int]:
-    """Inference: embed captions batched by length; returns ([N, D] fp32 in input order, padded tokens)."""
+    """Inference on the model's device under `dtype` autocast, batched by length; returns ([N, D] fp32 on the CPU,
+    in input order; padded tokens)."""
     encoder.model.eval()
-    with autocast(dtype):
-        return embed_by_length(encoder, captions, max_tokens, max_batch)
+    with devices.autocast(devices.module_device(encoder.model), dtype):
+        emb, padded = embed_by_length(encoder, captions, max_tokens, max_batch)
+    return emb.cpu(), padded
