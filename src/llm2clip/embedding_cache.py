@@ -78,7 +78,8 @@ def all_shards(dataset_dir: str) -> list[tuple[str, str]]:
 
 
 def encoder_identity(text_lora_dir: str, use_adapter: bool) -> dict:
-    """What the embeddings depend on; two caches agree only when these agree."""
+    """What the embeddings depend on; two caches agree only when these agree. The pooling rule and the instruction
+    prefix are part of it: a different instruction (or an older pooling rule) is a different cache."""
     tuned = artifacts.read_manifest(text_lora_dir, "tune_caption_encoder")
     cfg = tuned["config"]
     return {
@@ -87,6 +88,7 @@ def encoder_identity(text_lora_dir: str, use_adapter: bool) -> dict:
         "adapter_fingerprint": tuned["adapter_fingerprint"] if use_adapter else None,
         "bidirectional": cfg["bidirectional"],
         "pooling": tuned["pooling"],
+        "instruction": cfg.get("instruction", ""),  # manifests before the instruction field had none
         "max_length": cfg["max_length"],
     }
 

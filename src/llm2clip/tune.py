@@ -5,12 +5,21 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llm2clip import artifacts, data, devices, storage, text_encoder
-from llm2clip.metrics import caption_retrieval_accuracy, info_nce
+from llm2clip.metrics import bootstrap_indices, caption_retrieval_hits, ci95, info_nce
+
+BOOTSTRAP_RESAMPLES = 1000
+# Rejection sampling of a hard negative gives up after this many draws (only when nearly every image is in the
+# batch or lacks a caption of the positive's kind); the row then has in-batch negatives only.
+MAX_NEGATIVE_DRAWS = 100
+Group = list[tuple[str, str]]  # one image's captions as (kind, text), data.caption_list order
+CRA_SKIPPED = "CRA skipped: no eval set has two short captions per image"
 
 
 @dataclass(frozen=True)
@@ -24,8 +33,10 @@ class TuneConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = text_encoder.LORA_TARGETS
+    # Prepended to every caption in tuning, caching and inference (attended to, never pooled); part of the cache key.
+    instruction: str = ""
     scale: float = 50.0
-    hard_negatives: bool = True  # a caption of another image per row, as the official code adds
+    hard_negatives: bool = True  # per row a caption of the positive's kind from an image outside the batch
     steps: int = 40
     batch_size: int = 16  # images per step: 2 captions each (+ 1 hard negative)
     lr: float = 2e-4
@@ -34,7 +45,7 @@ class TuneConfig:
     device: str = "auto"  # cuda if available, else cpu (llm2clip.devices)
     dtype: str = "auto"  # autocast dtype; auto = bf16 on GPU / CPUs with native bf16, else fp32. Pooling and loss: fp32
     merge: bool = False  # also save the base model with the adapter merged in
-    cra_max_captions: int = 1000
+    cra_max_captions: int = 5000  # CRA pool size cap: the paper's COCO 5K protocol
     max_tokens: int = 1024  # padded tokens per forward chunk (length-sorted)
     log_every: int = 5
     seed: int = 0
@@ -45,24 +56,38 @@ class TuneConfig:
         check(self.lora_r >= 1, "lora_r", self.lora_r, "must be >= 1")
         check(0.0 <= self.lora_dropout < 1.0, "lora_dropout", self.lora_dropout, "must be in [0, 1)")
         check(len(self.lora_targets) > 0, "lora_targets", self.lora_targets, "needs at least one module name")
+        check(
+            not self.instruction or not self.instruction[-1].isalnum(),
+            "instruction",
+            self.instruction,
+            "must end with a space or punctuation (its last word would merge into the caption's first token)",
+        )
         check(self.scale > 0, "scale", self.scale, "must be > 0")
         check(self.steps >= 1, "steps", self.steps, "must be >= 1")
         check(self.batch_size >= 2, "batch_size", self.batch_size, "needs >= 2 images for in-batch negatives")
         check(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1)")
+        check(self.cra_max_captions >= 2, "cra_max_captions", self.cra_max_captions, "must be >= 2")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
         check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
         check(self.dtype in devices.DTYPES, "dtype", self.dtype, f"must be one of {devices.DTYPES}")
 
 
-def cra(encoder: text_encoder.CaptionEncoder, queries: list[str], pool: list[str], dtype: str) -> float:
-    q, _ = text_encoder.encode_all(encoder, queries, dtype)
-    p, _ = text_encoder.encode_all(encoder, pool, dtype)
-    return caption_retrieval_accuracy(q, p)
+# ----------------------------------------------------------------------------------------------- CRA
 
 
-def cra_pairs(dataset_dir: str, limit: int) -> tuple[list[str], list[str]]:
-    """Held-out pairs: caption 1 of each image queries caption 2 of all, from synthetic_short if present, else
-    the first eval set scored on short captions (a Karpathy-split set: COCO / Flickr30k)."""
+@dataclass(frozen=True)
+class CraPairs:
+    """Held-out caption pairs for CRA: queries[i] and pool[i] are two captions of the same image."""
+
+    queries: list[str]
+    pool: list[str]
+    source: str  # the eval set they come from
+
+
+def cra_pairs(dataset_dir: str, limit: int) -> CraPairs | None:
+    """Up to `limit` held-out pairs (caption 1 of each image queries caption 2 of all), from synthetic_short if
+    present, else the first eval set scored on short captions (a Karpathy-split set: COCO 5K / Flickr30k).
+    None when no eval set has two short captions per image."""
     kinds = data.benchmarks(dataset_dir)
     for bench in sorted(kinds, key=lambda b: b != "synthetic_short"):
         if kinds[bench] != "short":
@@ -71,23 +96,90 @@ def cra_pairs(dataset_dir: str, limit: int) -> tuple[list[str], list[str]]:
         pairs = [m["captions"]["short"][:2] for _, _, m in data.read_captions(split)
                  if len(m["captions"].get("short", [])) >= 2][:limit]  # fmt: skip
         if len(pairs) >= 2:
-            return [a for a, _ in pairs], [b for _, b in pairs]
-    raise ValueError(f"{dataset_dir}: CRA needs an eval set with two short captions per image (has {kinds})")
+            return CraPairs([a for a, _ in pairs], [b for _, b in pairs], bench)
+    return None
+
+
+def cra(encoder: text_encoder.CaptionEncoder, pairs: CraPairs, draws: np.ndarray, dtype: str) -> dict:
+    """CRA of the encoder as it is (attention mode, adapter) and its bootstrap 95% interval over queries.
+
+    draws: [resamples, N] from `bootstrap_indices`; the same draws for every measurement make them paired."""
+    q, _ = text_encoder.encode_all(encoder, pairs.queries, dtype)
+    p, _ = text_encoder.encode_all(encoder, pairs.pool, dtype)
+    hits = caption_retrieval_hits(q, p).numpy().astype(np.float64)
+    return {"value": float(hits.mean()), "ci95": ci95(hits[draws].mean(1))}
+
+
+def cra_untuned(encoder: text_encoder.CaptionEncoder, pairs: CraPairs, draws: np.ndarray, dtype: str) -> dict:
+    """CRA before tuning, both ways: "causal", the frozen LLM as the paper's raw-LLM row uses it, and
+    "bidirectional", the causal mask removed without any adaptation (what LLM2Vec shows damages an LLM).
+    Leaves the encoder in the attention mode it came in."""
+    mode = encoder.bidirectional
+    out = {}
+    for name, bidirectional in (("causal", False), ("bidirectional", True)):
+        text_encoder.set_attention(encoder, bidirectional)
+        out[name] = cra(encoder, pairs, draws, dtype)
+    text_encoder.set_attention(encoder, mode)
+    return out
+
+
+def cra_metrics(before: dict | None, after: dict | None, pairs: CraPairs | None) -> dict:
+    """Flat CRA fields of the stage metrics: cra_before (causal, untuned: the paper's raw LLM),
+    cra_before_bidirectional (untuned, mask removed), cra_after (tuned, as configured), each with a `_ci95`
+    [lo, hi], the pool size and its source eval set; all None with a `cra_note` when CRA could not be measured."""
+    if pairs is None or before is None or after is None:
+        values = dict.fromkeys(["cra_before", "cra_before_bidirectional", "cra_after"])
+        return {**values, **{f"{k}_ci95": None for k in values}, "cra_pool_size": 0, "cra_source": None,
+                "cra_note": CRA_SKIPPED}  # fmt: skip
+    out = {}
+    for name, m in (("cra_before", before["causal"]), ("cra_before_bidirectional", before["bidirectional"]),
+                    ("cra_after", after)):  # fmt: skip
+        out[name], out[f"{name}_ci95"] = m["value"], m["ci95"]
+    return {**out, "cra_pool_size": len(pairs.pool), "cra_source": pairs.source}
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def draw_negative(groups: Sequence[Group], kind: str, exclude: set[int], rng: random.Random) -> str | None:
+    """A caption of `kind` from a random image not in `exclude`, by rejection sampling: O(1) expected draws when
+    most images are outside the batch and have that kind (never a pass over all images). None after
+    MAX_NEGATIVE_DRAWS misses."""
+    for _ in range(MAX_NEGATIVE_DRAWS):
+        j = rng.randrange(len(groups))
+        if j in exclude:
+            continue
+        same_kind = [text for k, text in groups[j] if k == kind]
+        if same_kind:
+            return rng.choice(same_kind)
+    return None
+
+
+def sample_batch(
+    groups: Sequence[Group], batch_size: int, hard_negatives: bool, rng: random.Random
+) -> tuple[list[str], list[str], list[str]]:
+    """Captions of one step: anchors [B] and positives [B] (two distinct captions of each of B random images) and,
+    with hard_negatives, up to B negatives, each of its row's positive's kind from an image outside the batch
+    (as the official code pairs them). Cost O(B), independent of the number of images."""
+    batch = rng.sample(range(len(groups)), batch_size)
+    in_batch = set(batch)
+    anchors, positives, negatives = [], [], []
+    for i in batch:
+        (_, anchor), (kind, positive) = rng.sample(groups[i], 2)
+        anchors.append(anchor)
+        positives.append(positive)
+        if hard_negatives:
+            negative = draw_negative(groups, kind, in_batch, rng)
+            if negative is not None:
+                negatives.append(negative)
+    return anchors, positives, negatives
 
 
 def loss_step(
-    encoder: text_encoder.CaptionEncoder, groups: list[list[str]], cfg: TuneConfig, rng: random.Random, dtype: str
+    encoder: text_encoder.CaptionEncoder, groups: Sequence[Group], cfg: TuneConfig, rng: random.Random, dtype: str
 ) -> torch.Tensor:
-    """One batch: per image two distinct captions (anchor, positive), plus one caption of another image."""
-    batch = rng.sample(range(len(groups)), cfg.batch_size)
-    anchors, positives, negatives = [], [], []
-    for i in batch:
-        a, p = rng.sample(groups[i], 2)
-        anchors.append(a)
-        positives.append(p)
-        if cfg.hard_negatives:
-            j = rng.choice([j for j in range(len(groups)) if j not in batch] or [i])
-            negatives.append(rng.choice(groups[j]))
+    """One batch (see `sample_batch`) -> InfoNCE over the anchors against every positive and negative (fp32)."""
+    anchors, positives, negatives = sample_batch(groups, cfg.batch_size, cfg.hard_negatives, rng)
     with devices.autocast(devices.module_device(encoder.model), dtype):
         emb, _ = text_encoder.embed_by_length(encoder, anchors + positives + negatives, cfg.max_tokens)
     b = cfg.batch_size
@@ -100,22 +192,30 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
-    # ---- data: caption groups (>= 2 captions of the same image) and held-out CRA pairs
+    # ---- data: caption groups (>= 2 captions of the same image, with their kinds) and held-out CRA pairs
     train = storage.join(dataset_dir, data.split_path("train"))
-    groups = [[t for _, t in data.caption_list(m)] for _, _, m in data.read_captions(train)]
+    groups = [data.caption_list(m) for _, _, m in data.read_captions(train)]
     groups = [g for g in groups if len(g) >= 2]
     if len(groups) < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size}: only {len(groups)} train images have 2+ captions")
-    queries, pool = cra_pairs(dataset_dir, cfg.cra_max_captions)
+    pairs = cra_pairs(dataset_dir, cfg.cra_max_captions)
+    draws = bootstrap_indices(len(pairs.queries), BOOTSTRAP_RESAMPLES, cfg.seed) if pairs else None
 
     # ---- model
     device, dtype = devices.setup(cfg.device, cfg.dtype)
     print(f"device {device}, compute dtype {dtype}", flush=True)
     encoder = text_encoder.load_caption_encoder(
-        cfg.llm, bidirectional=cfg.bidirectional, max_length=cfg.max_length, device=device
+        cfg.llm, bidirectional=cfg.bidirectional, max_length=cfg.max_length, device=device, instruction=cfg.instruction
     )
-    cra_before = cra(encoder, queries, pool, dtype)
-    print(f"CRA before tuning: {cra_before:.4f} on {len(queries)} held-out caption pairs", flush=True)
+    before = cra_untuned(encoder, pairs, draws, dtype) if pairs else None
+    if before:
+        print(
+            f"CRA before tuning on {len(pairs.queries)} {pairs.source} caption pairs: causal "
+            f"{before['causal']['value']:.4f}, bidirectional {before['bidirectional']['value']:.4f}",
+            flush=True,
+        )
+    else:
+        print(CRA_SKIPPED, flush=True)
     # Seed here, after loading: a first run that converts or builds the base model consumes random numbers,
     # and the LoRA init and dropout must not depend on whether the model was already in the local cache.
     torch.manual_seed(cfg.seed)
@@ -148,8 +248,9 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
             )
 
     # ---- evaluate and save
-    cra_after = cra(encoder, queries, pool, dtype)
-    print(f"CRA after tuning: {cra_after:.4f}", flush=True)
+    after = cra(encoder, pairs, draws, dtype) if pairs else None
+    if after:
+        print(f"CRA after tuning: {after['value']:.4f} {after['ci95']}", flush=True)
     with storage.staged_dir(storage.join(out_dir, "adapter")) as adapter_dir:
         encoder.model.save_pretrained(adapter_dir)
         adapter_fingerprint = text_encoder.adapter_fingerprint(adapter_dir)
@@ -159,8 +260,7 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
             encoder.tokenizer.save_pretrained(merged_dir)
     seconds = time.time() - t0
     metrics = {
-        "cra_before": cra_before,
-        "cra_after": cra_after,
+        **cra_metrics(before, after, pairs),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "trainable_params": sum(p.numel() for p in params),
@@ -175,7 +275,8 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
         base_fingerprint=text_encoder.model_fingerprint(cfg.llm),
         adapter="adapter",
         adapter_fingerprint=adapter_fingerprint,
-        pooling="mean",
+        pooling=text_encoder.POOLING,
+        instruction=cfg.instruction,
         embedding_dim=encoder.dim,
         compute=devices.describe(device, dtype),
         metrics=metrics,

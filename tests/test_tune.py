@@ -1,0 +1,146 @@
+"""Stage 1: hard-negative sampling at scale, CRA (pool, intervals, causal and bidirectional before), the manifest."""
+
+import random
+import tracemalloc
+from collections.abc import Sequence
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llm2clip import artifacts, embedding_cache, metrics, text_encoder, tune
+
+KINDS = ("raw", "short", "long")
+
+
+class LazyGroups(Sequence):
+    """`n` images whose captions are made on demand and name their image and kind ("short 17 b"). Image j has two
+    short captions, a long one when j % 3 == 0 and a raw one when j % 5 == 0. Counts item accesses and refuses
+    iteration, so a sampler that walks every image fails loudly."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.accessed = n, 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, j: int) -> list[tuple[str, str]]:
+        if not 0 <= j < self.n:
+            raise IndexError(j)
+        self.accessed += 1
+        out = [("short", f"short {j} a"), ("short", f"short {j} b")]
+        out += [("long", f"long {j} a")] if j % 3 == 0 else []
+        return out + ([("raw", f"raw {j} a")] if j % 5 == 0 else [])
+
+    def __iter__(self):
+        raise AssertionError("the sampler iterated over every image")
+
+
+def owner(caption: str) -> tuple[str, int]:
+    kind, j, _ = caption.split()
+    return kind, int(j)
+
+
+def test_hard_negatives_are_outside_the_batch_and_of_the_positives_kind():
+    groups, rng = LazyGroups(50), random.Random(0)
+    kinds_seen = set()
+    for _ in range(200):
+        anchors, positives, negatives = tune.sample_batch(groups, 16, True, rng)
+        batch = {owner(a)[1] for a in anchors}
+        assert len(batch) == 16 and len(negatives) == 16
+        for a, p, n in zip(anchors, positives, negatives, strict=True):
+            assert owner(a)[1] == owner(p)[1] and a != p  # two distinct captions of one image
+            assert owner(n)[1] not in batch
+            assert owner(n)[0] == owner(p)[0]
+            kinds_seen.add(owner(p)[0])
+    assert kinds_seen == set(KINDS)  # every kind was exercised, including the rarer ones
+
+
+def test_sampling_a_million_images_costs_the_batch_not_the_dataset():
+    """Memory and item accesses stay O(batch): a list over 10^6 images per row would take tens of MB."""
+    groups, rng = LazyGroups(1_000_000), random.Random(0)
+    tracemalloc.start()
+    try:
+        for _ in range(5):
+            tune.sample_batch(groups, 32, True, rng)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000, f"peak {peak} bytes"
+    # per row: one access for the pair, then ~1 draw for a short negative, ~3 for long, ~5 for raw
+    assert groups.accessed < 5 * 32 * 10
+
+
+def test_negative_draws_give_up_when_no_image_qualifies():
+    groups = LazyGroups(4)
+    assert tune.draw_negative(groups, "short", {0, 1, 2, 3}, random.Random(0)) is None
+    assert tune.draw_negative(groups, "raw", {0}, random.Random(0)) is None  # only image 0 has a raw caption
+    assert tune.draw_negative(groups, "long", {0}, random.Random(0)) == "long 3 a"
+
+
+def test_cra_pairs_come_from_short_captions_up_to_the_limit(tiny_dataset):
+    pairs = tune.cra_pairs(tiny_dataset, 5)
+    assert pairs.source == "synthetic_short" and len(pairs.queries) == len(pairs.pool) == 5
+    assert all(q != p for q, p in zip(pairs.queries, pairs.pool, strict=True))
+    assert len(tune.cra_pairs(tiny_dataset, 5000).pool) == 12  # every eval image, when fewer than the cap
+
+
+def test_cra_is_skipped_with_a_note_without_short_pairs(tmp_path):
+    splits = {"synthetic_long": {"path": "eval/synthetic_long", "caption_kind": "long"}}
+    artifacts.write_manifest(str(tmp_path), "prepare_data", {}, {}, splits=splits)
+    assert tune.cra_pairs(str(tmp_path), 5000) is None
+    m = tune.cra_metrics(None, None, None)
+    assert m["cra_note"] and m["cra_before"] is None and m["cra_after_ci95"] is None and m["cra_pool_size"] == 0
+
+
+def test_cra_matches_brute_force_and_restores_attention(tiny_encoder):
+    pairs = tune.CraPairs(
+        ["a red circle", "a picture of a blue square", "a dark image with a green cross", "an orange triangle"],
+        ["a red circle and nothing else", "a blue square", "a green cross on dark", "a yellow triangle"],
+        "test",
+    )
+    draws = metrics.bootstrap_indices(4, 200, 0)
+    got = tune.cra_untuned(tiny_encoder, pairs, draws, "float32")
+    assert tiny_encoder.bidirectional  # back in the mode it was loaded in
+    for name, bidirectional in (("causal", False), ("bidirectional", True)):
+        text_encoder.set_attention(tiny_encoder, bidirectional)
+        with torch.no_grad():
+            q = torch.stack([text_encoder.embed(tiny_encoder, [c])[0] for c in pairs.queries])
+            p = torch.stack([text_encoder.embed(tiny_encoder, [c])[0] for c in pairs.pool])
+        sim = F.normalize(q, dim=-1) @ F.normalize(p, dim=-1).T
+        hits = [int((sim[i] >= sim[i, i]).sum()) == 1 for i in range(4)]  # strictly best: ties count against
+        assert got[name]["value"] == pytest.approx(sum(hits) / 4)
+        lo, hi = got[name]["ci95"]
+        assert lo <= got[name]["value"] <= hi
+
+
+def test_tune_reports_cra_before_both_ways_and_after_with_intervals(tiny_dataset, tmp_path):
+    cfg = tune.TuneConfig(
+        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, lora_alpha=8, device="cpu", dtype="float32"
+    )
+    result = tune.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
+    for name in ("cra_before", "cra_before_bidirectional", "cra_after"):
+        lo, hi = result[f"{name}_ci95"]
+        assert 0.0 <= lo <= result[name] <= hi <= 1.0, name
+    assert result["cra_pool_size"] == 12 and result["cra_source"] == "synthetic_short"
+    manifest = artifacts.read_manifest(str(tmp_path / "lora"), "tune_caption_encoder")
+    assert manifest["metrics"]["cra_before_bidirectional"] == result["cra_before_bidirectional"]
+    assert manifest["pooling"] == text_encoder.POOLING and manifest["instruction"] == ""
+
+
+def test_the_instruction_is_part_of_the_cache_key(tmp_path):
+    keys = []
+    for i, instruction in enumerate(["", "Describe the image: "]):
+        cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, instruction=instruction)
+        d = str(tmp_path / str(i))
+        artifacts.write_manifest(d, "tune_caption_encoder", cfg, {}, base_model=cfg.llm, base_fingerprint="f",
+                                 adapter_fingerprint="a", pooling=text_encoder.POOLING)  # fmt: skip
+        identity = embedding_cache.encoder_identity(d, use_adapter=True)
+        assert identity["instruction"] == instruction and identity["pooling"] == text_encoder.POOLING
+        keys.append(embedding_cache.EmbeddingStore(str(tmp_path / "store"), identity).key)
+    assert keys[0] != keys[1]
+
+
+def test_an_instruction_ending_in_a_word_is_refused():
+    with pytest.raises(ValueError, match="instruction"):
+        tune.TuneConfig(instruction="Describe the image")
