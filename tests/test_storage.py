@@ -1,5 +1,6 @@
 """llm2clip.storage against a real S3-protocol server (moto; nanio where credentials must be refused)."""
 
+import contextlib
 import threading
 import time
 
@@ -103,3 +104,48 @@ def test_prepared_shards_stream_from_s3(s3_env):
     keys = [r["key"] for r in data.read_split(storage.join(out, "train"))]
     assert len(keys) == 10 and len(set(keys)) == 10
     assert storage.read_json(storage.join(out, "manifest.json"))["stage"] == "prepare_data"
+
+
+def test_a_server_that_never_answers_fails_as_a_timeout(monkeypatch, s3_env):
+    """A socket that accepts connections and never answers: TimeoutError naming the limit, in seconds not minutes."""
+    import socket
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+
+    def accept_forever() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(server.accept()[0])
+
+    threading.Thread(target=accept_forever, daemon=True).start()
+    port = server.getsockname()[1]
+    monkeypatch.setenv("MINIO_ENDPOINT", f"127.0.0.1:{port}")
+    monkeypatch.setenv("LLM2CLIP_S3_READ_TIMEOUT", "1")
+    monkeypatch.setenv("LLM2CLIP_S3_RETRIES", "5")
+    t0 = time.time()
+    try:
+        with pytest.raises(TimeoutError) as err:
+            storage.read_bytes(storage.join(s3_env, "x"))
+    finally:
+        server.close()
+        for conn in accepted:
+            conn.close()
+    elapsed = time.time() - t0
+    assert elapsed < 5, elapsed  # two 1 s read timeouts and one 0.5 s backoff, not six of each
+    assert str(err.value) == (
+        f"read {s3_env}/x: timeout: 127.0.0.1:{port} did not answer within the read timeout of 1 s "
+        "(LLM2CLIP_S3_READ_TIMEOUT), 2 times in 2 attempts"
+    )
+
+
+def test_timeout_settings_come_from_the_environment(monkeypatch, s3_env):
+    monkeypatch.setenv("LLM2CLIP_S3_CONNECT_TIMEOUT", "2.5")
+    monkeypatch.setenv("LLM2CLIP_S3_READ_TIMEOUT", "7")
+    settings = storage.S3Settings.from_env()
+    assert (settings.connect_timeout_s, settings.read_timeout_s) == (2.5, 7.0)
+    monkeypatch.setenv("LLM2CLIP_S3_READ_TIMEOUT", "soon")
+    with pytest.raises(ValueError, match="LLM2CLIP_S3_READ_TIMEOUT='soon': expected a float"):
+        storage.S3Settings.from_env()

@@ -3,9 +3,12 @@
 Object-store settings come from the environment, never from pipeline parameters:
     MINIO_ENDPOINT          host:port or http(s)://host:port (also read: AWS_ENDPOINT_URL)
     AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION (optional)
+    LLM2CLIP_S3_RETRIES (5), LLM2CLIP_S3_CONNECT_TIMEOUT (5 s), LLM2CLIP_S3_READ_TIMEOUT (30 s)
 Writes are atomic: a local file is renamed into place, an object appears only once its upload (multipart for
 large objects) completes. Transient errors are retried with backoff; refused credentials are not, and the error
-names the endpoint and bucket (never the keys).
+names the endpoint and bucket (never the keys). A timeout is retried once only, then raised as a TimeoutError that
+names the limit: a server that accepts connections and never answers fails a call after two read timeouts and
+one backoff (2 x 30 + 0.5 s by default), not after every retry has waited out its timeout.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ class S3Settings:
     region: str | None = None
     retries: int = 5
     backoff_s: float = 0.5
-    timeout_s: float = 30.0
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 30.0  # the longest silence while waiting for a response or a chunk of one
 
     def __repr__(self) -> str:
         return f"S3Settings(endpoint={self.endpoint!r}, secure={self.secure})"
@@ -80,8 +84,23 @@ class S3Settings:
             access_key=os.environ.get("AWS_ACCESS_KEY_ID", ""),
             secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
             region=os.environ.get("AWS_REGION") or None,
-            retries=int(os.environ.get("LLM2CLIP_S3_RETRIES", "5")),
+            retries=_env_number("LLM2CLIP_S3_RETRIES", 5, int),
+            connect_timeout_s=_env_number("LLM2CLIP_S3_CONNECT_TIMEOUT", 5.0, float),
+            read_timeout_s=_env_number("LLM2CLIP_S3_READ_TIMEOUT", 30.0, float),
         )
+
+
+def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected a {kind.__name__}") from None
+    if value < 0 or (kind is float and value == 0):
+        raise ValueError(f"{name}={raw!r}: must be positive")
+    return value
 
 
 @functools.lru_cache(maxsize=4)
@@ -91,7 +110,7 @@ def _client(settings: S3Settings):
 
     # Our own retry loop decides what is transient; urllib3 must not retry behind it.
     http = urllib3.PoolManager(
-        timeout=urllib3.Timeout(connect=settings.timeout_s, read=settings.timeout_s),
+        timeout=urllib3.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s),
         retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
         maxsize=16,
     )
@@ -127,13 +146,29 @@ def _local(uri: str | Path) -> Path:
 # ----------------------------------------------------------------------------------------------- retries
 
 
+def _timeout(error: BaseException) -> str | None:
+    """ "connect" or "read" when the error is a timeout (urllib3 wraps it in MaxRetryError), else None."""
+    import urllib3
+
+    reason = getattr(error, "reason", None) if isinstance(error, urllib3.exceptions.MaxRetryError) else error
+    if isinstance(reason, urllib3.exceptions.NewConnectionError):  # a refused connection (a subclass, oddly)
+        return None
+    if isinstance(reason, urllib3.exceptions.ConnectTimeoutError):
+        return "connect"
+    if isinstance(reason, urllib3.exceptions.ReadTimeoutError | TimeoutError):
+        return "read"
+    return None
+
+
 def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
-    """Run fn with exponential backoff on transient failures; auth failures raise PermissionError at once."""
+    """Run fn with exponential backoff on transient failures; auth failures raise PermissionError at once,
+    a second timeout raises TimeoutError naming the limit."""
     import urllib3
     from minio.error import S3Error, ServerError
 
     settings = S3Settings.from_env()
     bucket = split_uri(uri)[0]
+    timeouts = 0
     for attempt in range(settings.retries + 1):
         try:
             return fn()
@@ -158,7 +193,20 @@ def _retry(what: str, uri: str, fn: Callable[[], T]) -> T:
                 ) from None
             if attempt == settings.retries:
                 raise
-        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError):
+        except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError, OSError) as e:
+            kind = _timeout(e)
+            timeouts += kind is not None
+            if kind is not None and (timeouts == 2 or attempt == settings.retries):
+                limit, env = (
+                    (settings.connect_timeout_s, "LLM2CLIP_S3_CONNECT_TIMEOUT")
+                    if kind == "connect"
+                    else (settings.read_timeout_s, "LLM2CLIP_S3_READ_TIMEOUT")
+                )
+                raise TimeoutError(
+                    f"{what} {uri}: timeout: {settings.endpoint} did not "
+                    f"{'accept a connection' if kind == 'connect' else 'answer'} within the {kind} timeout of "
+                    f"{limit:g} s ({env}), {timeouts} times in {attempt + 1} attempts"
+                ) from None
             if attempt == settings.retries:
                 raise ConnectionError(
                     f"{what} {uri}: {settings.endpoint} unreachable after {settings.retries + 1} attempts"
