@@ -69,6 +69,7 @@ def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, 
 
 def validate_parameters(params: dict[str, object]) -> None:
     """Check the stage configs before starting any task, so a bad value fails in a second, not mid-run."""
+    from llm2clip import preflight
     from llm2clip.data import PrepareDataConfig
     from llm2clip.train_clip import TrainClipConfig
     from llm2clip.tune import TuneConfig
@@ -97,22 +98,24 @@ def validate_parameters(params: dict[str, object]) -> None:
         )
         if params["cache_groups"] < 1:
             raise ValueError(f"cache_groups={params['cache_groups']!r}: must be >= 1")
-        if params["train_batch_size"] > params["num_train"]:
-            raise ValueError(f"train_batch_size={params['train_batch_size']!r}: larger than num_train")
+        preflight.check_run(params)  # models, object-store settings, paths, field names, batch vs split sizes
     except ValueError as e:
         raise SystemExit(f"bad pipeline parameter: {e}") from None
 
 
 def use_store(uri: str) -> None:
     """Check the store is reachable and writable before any task starts, then hand it to every task."""
-    from llm2clip import artifacts, storage
+    from llm2clip import artifacts, preflight, storage
 
+    problems = preflight.object_store_problems("--store", uri, os.environ)
+    if problems:
+        raise SystemExit(problems[0])
     try:
         storage.split_uri(uri)
         probe = storage.join(uri, ".llm2clip-probe")
         storage.write_bytes(probe, b"ok")
         storage.delete(probe)
-    except (ValueError, RuntimeError, PermissionError, FileNotFoundError, ConnectionError) as e:
+    except (ValueError, RuntimeError, PermissionError, FileNotFoundError, ConnectionError, TimeoutError) as e:
         raise SystemExit(f"--store {uri}: {e}") from None
     os.environ[artifacts.STORE_ENV] = uri
 
@@ -132,6 +135,25 @@ def headline(summary: dict) -> str:
     return "\n".join(lines)
 
 
+# What a finished run leaves in its output directory; removed when the next run starts, so a failed run can never
+# leave an earlier run's results looking current. status.json says how the latest run went.
+RUN_RESULTS = ("summary.json", "report.html", "report.md", "retrieval_r1.png")
+RUN_STATUS = "status.json"
+
+
+def start_run_dir(output: Path) -> None:
+    """Clear the previous run's results from `output` and mark the run as running."""
+    output.mkdir(parents=True, exist_ok=True)
+    for name in RUN_RESULTS:
+        (output / name).unlink(missing_ok=True)
+    write_status(output, "running")
+
+
+def write_status(output: Path, state: str, error: str | None = None) -> None:
+    status = {"state": state, "time_unix": time.time(), **({"error": error} if error else {})}
+    (output / RUN_STATUS).write_text(json.dumps(status, indent=2))
+
+
 def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
     """Run the pipeline with kfp.local.SubprocessRunner in this environment; returns summary.json's content."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
@@ -142,7 +164,7 @@ def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
 
     params = {**pipeline_parameters(), **PROFILES[profile], **overrides}
     validate_parameters(params)
-    output.mkdir(parents=True, exist_ok=True)
+    start_run_dir(output)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(output / "pipeline_root"),
@@ -199,23 +221,35 @@ def main(argv: list[str] | None = None) -> int:
     comp = sub.add_parser("compile", help="write the compiled pipeline YAML", description="Compile the pipeline.")
     comp.add_argument("--output", type=Path, default=None, help="where to write (default: pipelines/llm2clip.yaml)")
     bench = sub.add_parser("benchmark", help="measure caching and streaming throughput, write JSON",
-                           description="Caption caching (length-bucketed vs naive padding vs the official recipe) "
-                           "and shard streaming (S3 vs local); ratios measured in one run.")  # fmt: skip
+                           description="Caption caching (ours vs the official LLM2CLIP recipe, its batching in our "
+                           "dtype, naive padding, and a token-budget sweep; interleaved rounds, per-round ratios) and "
+                           "shard streaming (S3 vs local).")  # fmt: skip
     bench.add_argument("--output", type=Path, default=Path("runs/benchmark.json"), help="JSON file to write")
     bench.add_argument("--llm", default="smollm2-135m-instruct", help="caption encoder (default: the embedded LLM)")
-    bench.add_argument("--captions", type=int, default=480, help="captions for the bucketed variant")
-    bench.add_argument("--naive-captions", type=int, default=96, help="captions for the slow variants (a prefix)")
+    bench.add_argument("--captions", type=int, default=256, help="captions of the mix every caching variant embeds")
+    bench.add_argument("--naive-captions", type=int, default=32, help="captions for naive padding (a prefix)")
     bench.add_argument("--fixed-length", type=int, default=512, help="padding length of the naive variant")
+    bench.add_argument("--repeats", type=int, default=3, help="interleaved rounds (every variant once per round)")
+    bench.add_argument("--sweep-max-tokens", default="512,1024,2048,4096,8192", help="token budgets to sweep (comma)")
+    bench.add_argument("--sweep-max-batch", default="256", help="max captions per batch to sweep (comma-separated)")
     bench.add_argument("--stream-images", type=int, default=1000, help="images for the streaming benchmark")
+    bench.add_argument("--no-streaming", action="store_true", help="caching benchmark only")
     args = parser.parse_args(argv)
 
     if args.command == "benchmark":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from llm2clip.benchmark import run_benchmarks
 
-        if min(args.captions, args.naive_captions, args.fixed_length, args.stream_images) < 1:
+        try:
+            sweep_tokens = [int(x) for x in args.sweep_max_tokens.split(",")]
+            sweep_batch = [int(x) for x in args.sweep_max_batch.split(",")]
+        except ValueError:
+            raise SystemExit("--sweep-max-tokens and --sweep-max-batch take comma-separated integers") from None
+        sizes = [args.captions, args.naive_captions, args.fixed_length, args.stream_images, args.repeats]
+        if min(sizes + sweep_tokens + sweep_batch) < 1:
             raise SystemExit("benchmark sizes must be >= 1")
-        result = run_benchmarks(args.llm, args.captions, args.naive_captions, args.fixed_length, args.stream_images)
+        result = run_benchmarks(args.llm, args.captions, args.naive_captions, args.fixed_length, args.stream_images,
+                                args.repeats, sweep_tokens, sweep_batch, streaming=not args.no_streaming)  # fmt: skip
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))
         print(f"wrote {args.output}")
@@ -226,10 +260,23 @@ def main(argv: list[str] | None = None) -> int:
 
         print(compile_pipeline(args.output or COMPILED))
         return 0
+    from llm2clip import lifeline
+
     overrides = parse_overrides(args.overrides, pipeline_parameters())
     if args.store:
         use_store(args.store)
-    summary = run_local(args.output, args.profile, overrides)
+    try:
+        with lifeline.on_stop_signal():
+            summary = run_local(args.output, args.profile, overrides)
+    except lifeline.Stopped as e:
+        write_status(args.output, "stopped", str(e))
+        print(f"llm2clip: run {e}; no results in {args.output}", file=sys.stderr)
+        return 128 + e.signum
+    except Exception as e:
+        if (args.output / RUN_STATUS).exists():  # the run had started: say so where its results would be
+            write_status(args.output, "failed", str(e))
+        raise
+    write_status(args.output, "succeeded")
     print()
     print(headline(summary))
     print(f"\nreport:  {summary['report']}\nsummary: {(args.output / 'summary.json').resolve()}")

@@ -388,9 +388,9 @@ def read_captions_of_shard(shard: str) -> Iterator[tuple[str, str, dict]]:
         yield Path(shard).name, sample["__key__"], json.loads(sample["json"])
 
 
-def _eval_source(spec: str) -> tuple[str, Iterable[dict], tuple[str, int]]:
-    from llm2clip import formats
-
+def parse_eval_source(spec: str) -> tuple[str, str, str, str]:
+    """ "NAME=FORMAT:URI[:IMAGES]" -> (name, format, uri, images root); the default images root is "" for
+    urban1k (<root>/image) and the folder "images" beside the annotation file for the others."""
     name, _, rest = spec.partition("=")
     fmt, _, location = rest.partition(":")
     if location.startswith(("s3:", "minio:")):  # keep the scheme's colon: s3://b/x.json[:s3://b/images]
@@ -399,14 +399,22 @@ def _eval_source(spec: str) -> tuple[str, Iterable[dict], tuple[str, int]]:
         uri = f"{scheme}://{uri}"
     else:
         uri, _, images = location.partition(":")
-    if fmt == "urban1k":  # a directory, not a file: image/ and caption/ below it
-        return name, formats.urban1k_records(uri, images), EVAL_FORMATS[fmt]
+    if not images and fmt != "urban1k":
+        images = storage.join(uri.rsplit("/", 1)[0], "images")
+    return name, fmt, uri, images
+
+
+def _eval_source(spec: str) -> tuple[str, Iterable[dict], tuple[str, int]]:
+    from llm2clip import formats
+
+    name, fmt, uri, images = parse_eval_source(spec)
     readers = {
         "karpathy": formats.karpathy_records,
         "docci": formats.docci_records,
         "sharegpt4v": formats.sharegpt4v_records,
+        "urban1k": formats.urban1k_records,  # a directory, not a file: image/ and caption/ below it
     }
-    return name, readers[fmt](uri, images or storage.join(uri.rsplit("/", 1)[0], "images")), EVAL_FORMATS[fmt]
+    return name, readers[fmt](uri, images), EVAL_FORMATS[fmt]
 
 
 def _source_records(cfg: PrepareDataConfig) -> tuple[dict[str, Iterable[dict]], dict[str, tuple[str, int]]]:

@@ -83,7 +83,7 @@ def sample_fields(sample: dict) -> list[str]:
     return out
 
 
-def _field(sample: dict, spec: str) -> list:
+def field_values(sample: dict, spec: str) -> list:
     """A caption field of a webdataset sample: "txt" (a file), or "json.key" / "json.a.b" (a JSON field); values
     are returned undecoded (bytes or JSON values) for data.clean_caption to judge."""
     ext, _, path = spec.partition(".")
@@ -130,7 +130,7 @@ def img2dataset_records(uri: str, raw: str = "txt", short: str = "", long: str =
         for sample in wds.WebDataset(shard, shardshuffle=False, empty_check=False):
             key = sample["__key__"]
             try:
-                captions = {k: _field(sample, spec) for k, spec in fields.items()}
+                captions = {k: field_values(sample, spec) for k, spec in fields.items()}
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 yield _error(key, "bad metadata", f"{_name(shard)}: a caption field's JSON is not valid UTF-8 JSON "
                              f"({e.__class__.__name__}: {e})")  # fmt: skip

@@ -1,0 +1,237 @@
+"""The CLI fails in a second on bad parameters (llm2clip.preflight), never leaves an old run looking current, and
+takes its task processes down with it (llm2clip.lifeline): Ctrl-C, SIGTERM and kill -9."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from test_formats import img2dataset_shard, jpeg, karpathy
+
+from llm2clip import cli, data, lifeline, preflight
+
+
+def params(**overrides) -> dict:
+    return {**cli.pipeline_parameters(), **cli.PROFILES["tiny"], **overrides}
+
+
+def problems(env: dict | None = None, **overrides) -> list[str]:
+    return preflight.run_problems(params(**overrides), {"HF_HUB_OFFLINE": "1"} if env is None else env)
+
+
+# ----------------------------------------------------------------------------------------------- preflight
+
+
+def test_models_are_checked_before_anything_runs(tmp_path):
+    assert problems() == [] and problems(llm="smollm2-135m-instruct") == []
+    assert problems(llm="/nonexistent") == [
+        "llm='/nonexistent': no such model directory (or use 'smollm2-135m-instruct' / 'tiny-random-llama')"
+    ]
+    (tmp_path / "empty").mkdir()
+    assert problems(llm=str(tmp_path / "empty")) == [
+        f"llm='{tmp_path / 'empty'}': the directory holds no config.json (expected a Hugging Face model directory)"
+    ]
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    assert problems(llm=str(tmp_path / "empty")) == []
+    assert problems(llm="acme/not-a-cached-model") == [
+        "llm='acme/not-a-cached-model': not a local directory and not in the Hugging Face cache, and "
+        "HF_HUB_OFFLINE=1 forbids downloading it: pass a local model directory holding config.json, or "
+        "'smollm2-135m-instruct' / 'tiny-random-llama'"
+    ]
+    assert problems(env={}, llm="acme/not-a-cached-model") == []  # online: the hub decides at load time
+
+
+def test_object_store_locations_need_their_settings_in_the_environment(monkeypatch):
+    found = problems(env={"AWS_ACCESS_KEY_ID": "k"}, source="s3://bucket/shards")
+    assert found == [
+        "source='s3://bucket/shards': an object-store location needs MINIO_ENDPOINT, AWS_SECRET_ACCESS_KEY in the "
+        "environment"
+    ]
+    monkeypatch.delenv("MINIO_ENDPOINT", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with pytest.raises(SystemExit, match="--store='s3://b/x': an object-store location needs MINIO_ENDPOINT"):
+        cli.use_store("s3://b/x")
+
+
+def test_eval_sources_must_exist(tmp_path):
+    spec = f"urban=urban1k:{tmp_path / 'Urban1k'}"
+    found = problems(source_options={"eval_sources": [spec, f"f=karpathy:{tmp_path / 'no.json'}"]})
+    assert found == [
+        f"eval_sources[0] (urban): no caption/*.txt under {tmp_path / 'Urban1k'} (the Urban-1K layout: caption/, "
+        "image/)",
+        f"eval_sources[0] (urban): images root {tmp_path / 'Urban1k' / 'image'} does not exist or is empty",
+        f"eval_sources[1] (f): {tmp_path / 'no.json'} does not exist",
+        f"eval_sources[1] (f): images root {tmp_path / 'images'} does not exist or is empty",
+    ]
+    assert problems(source_options={"eval_sources": [karpathy(tmp_path / "f30k")]}) == []  # used with synthetic
+
+
+def test_field_names_are_checked_against_a_first_sample(tmp_path):
+    src = tmp_path / "laion"
+    img2dataset_shard(src, n=3)
+    ev = [karpathy(tmp_path / "f30k")]
+    options = {"source_format": "img2dataset", "eval_sources": ev, "short_field": "json.short_caption"}
+    assert problems(source=str(src), source_options=options) == []
+    found = problems(source=str(src), source_options={**options, "raw_field": "json.captions"})
+    assert found == [
+        f"raw_field='json.captions': matches nothing in the first sample of {src / '00000.tar'} (available: json, "
+        "txt, json.url, json.short_caption, json.long_caption)"
+    ]
+    found = problems(source=str(src), source_options={**options, "long_field": "json.long"})
+    assert found[0].startswith("long_field='json.long': matches nothing in the first sample")
+    (tmp_path / "t.csv").write_text("file,text\na.jpg,a cat\n")
+    table = {"source_format": "table", "images": str(tmp_path / "f30k" / "images"), "eval_sources": ev}
+    assert problems(source=str(tmp_path / "t.csv"), source_options=table)[:2] == [
+        f"image_column='image': not a column of {tmp_path / 't.csv'} (columns: file, text)",
+        f"raw_field='caption' (the default): not a column of {tmp_path / 't.csv'} (columns: file, text)",
+    ]
+    table.update(image_column="file", raw_field="text")
+    assert problems(source=str(tmp_path / "t.csv"), source_options=table, tune_batch_size=2, train_batch_size=2) == [
+        f"tune_batch_size=2: larger than the 1 training images of source '{tmp_path / 't.csv'}' (the table's rows)",
+        f"train_batch_size=2: larger than the 1 training images of source '{tmp_path / 't.csv'}' (the table's rows)",
+    ]
+
+
+def test_batch_sizes_are_checked_against_prepared_split_sizes(tmp_path):
+    data.prepare_data(data.PrepareDataConfig(num_train=10, num_eval=4), str(tmp_path / "ds"))
+    assert problems(source=str(tmp_path / "ds"), train_batch_size=10) == []
+    assert problems(source=str(tmp_path / "ds"), train_batch_size=16) == [
+        f"train_batch_size=16: larger than the 10 training images of source '{tmp_path / 'ds'}' (train/sizes.json)"
+    ]
+    assert problems(num_train=8) == ["train_batch_size=16: larger than the 8 training images of source "
+                                     "'synthetic' (num_train)"]  # fmt: skip
+
+
+def test_cli_refuses_bad_parameters_before_any_task_starts(tmp_path, capsys):
+    t0 = time.time()
+    with pytest.raises(SystemExit, match="llm='/nonexistent': no such model directory"):
+        cli.main(["run", "--local", "--profile", "tiny", "--output", str(tmp_path), "--set", "llm=/nonexistent"])
+    assert time.time() - t0 < 30 and not (tmp_path / "pipeline_root").exists()
+
+
+# ----------------------------------------------------------------------------------------------- run directory
+
+
+def test_a_new_run_clears_the_previous_results(tmp_path):
+    for name in cli.RUN_RESULTS:
+        (tmp_path / name).write_text("from an earlier run")
+    cli.start_run_dir(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cli.RUN_STATUS]
+    assert json.loads((tmp_path / cli.RUN_STATUS).read_text())["state"] == "running"
+
+
+# ----------------------------------------------------------------------------------------------- process tree
+
+PARENT = """
+import subprocess, sys
+from llm2clip import lifeline
+with lifeline.on_stop_signal(grace_s=2):
+    print("ready", flush=True)
+    subprocess.run(["sh", "-c", sys.argv[1] + "; true"])
+"""
+CHILD = f"{sys.executable} -c 'import llm2clip, time; print(\"task\", flush=True); time.sleep(300)'"
+
+
+def _start(script: str, arg: str, **kw) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", script, arg], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)  # fmt: skip
+    assert proc.stdout.readline().strip() == "ready"
+    deadline = time.time() + 20
+    while len(lifeline.descendants(proc.pid)) < 2 and time.time() < deadline:  # sh, then python below it
+        time.sleep(0.1)
+    assert proc.stdout.readline().strip() == "task"  # the task's llm2clip import has started its watchdog
+    return proc
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_stop_signals_end_every_task_process(sig):
+    """Started as `cmd &` from a script starts it (SIGINT ignored), the signal still stops the whole tree."""
+    proc = _start(PARENT, f"{sys.executable} -c 'print(\"task\", flush=True); import time; time.sleep(300)'",
+                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    tree = lifeline.descendants(proc.pid)
+    os.kill(proc.pid, sig)
+    assert proc.wait(timeout=10) != 0
+    assert not [p for p in tree if lifeline.alive(p)]
+
+
+def test_tasks_end_themselves_after_kill_9_of_the_cli():
+    parent = PARENT.replace("with lifeline.on_stop_signal(grace_s=2):", "if True:\n    import os\n"
+                            "    os.environ[lifeline.PARENT_ENV] = str(os.getpid())")  # fmt: skip
+    proc = _start(parent, CHILD)
+    tree = lifeline.descendants(proc.pid)
+    task = [p for p in tree if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+    assert task
+    t0 = time.time()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    while any(lifeline.alive(p) for p in task) and time.time() - t0 < 10:
+        time.sleep(0.05)
+    elapsed = time.time() - t0
+    assert not [p for p in task if lifeline.alive(p)] and elapsed < lifeline.WATCH_INTERVAL_S + 1.5, elapsed
+    for p in tree:  # the `sh` wrapper has no watchdog: it ends when its python child does
+        with_deadline = time.time() + 5
+        while lifeline.alive(p) and time.time() < with_deadline:
+            time.sleep(0.05)
+        assert not lifeline.alive(p)
+
+
+# ----------------------------------------------------------------------------------------------- whole CLI (slow)
+
+
+def _cli(output: Path, *args: str, **kw) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "llm2clip.cli", "run", "--local", "--profile", "tiny", "--output", str(output), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, **kw)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_failed_run_says_so_and_leaves_no_old_summary(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"from": "an earlier run"}')
+    src = tmp_path / "src"  # canonical layout whose every train record is broken: prepare_data fails
+    for split in ("train", "eval/synthetic_short", "eval/synthetic_long"):
+        (src / split).mkdir(parents=True)
+        with wds.TarWriter(str(src / split / "shard-000000.tar")) as w:
+            for i in range(20):
+                meta = {"captions": {"short": ["", "x"] if split == "train" else ["a b", "c d"], "long": ["e f"]}}
+                w.write({"__key__": f"k{i}", "jpg": jpeg(i), "json": json.dumps(meta)})
+    proc = _cli(out, "--set", f"source={src}")
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, log
+    assert "no usable record; 20 rejected (blank caption: 20)" in log
+    assert not (out / "summary.json").exists()
+    status = json.loads((out / cli.RUN_STATUS).read_text())
+    assert status["state"] == "failed" and "prepare-data" in status["error"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_the_real_cli_takes_its_tasks_down(tmp_path, sig):
+    """Ctrl-C: the CLI stops its task and exits 130. kill -9: the task notices and ends itself."""
+    proc = _cli(tmp_path / "run", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(
+        b"executor_main" in Path(f"/proc/{p}/cmdline").read_bytes() for p in lifeline.descendants(proc.pid)
+        if Path(f"/proc/{p}").exists()
+    ):  # fmt: skip
+        time.sleep(0.2)
+    time.sleep(2)  # the task is importing llm2clip (its watchdog)
+    tree = lifeline.descendants(proc.pid)
+    assert tree
+    t0 = time.time()
+    os.kill(proc.pid, sig)
+    code = proc.wait(timeout=30)
+    while any(lifeline.alive(p) for p in tree) and time.time() - t0 < 30:
+        time.sleep(0.1)
+    assert not [p for p in tree if lifeline.alive(p)], f"still running after {time.time() - t0:.1f} s"
+    if sig == signal.SIGINT:
+        assert code == 130
+        assert json.loads((tmp_path / "run" / cli.RUN_STATUS).read_text())["state"] == "stopped"
+    print(f"{signal.Signals(sig).name}: every task process gone {time.time() - t0:.1f} s after the signal")
