@@ -12,13 +12,22 @@ def cache_caption_embeddings(
     caption_embeddings: Output[Dataset],
     group: dict,
     use_adapter: bool,
+    attention: str,
+    device: str,
+    dtype: str,
 ):
-    """fp16 safetensors per shard keyed by sample key, with a manifest (use_adapter=False: the raw LLM)."""
+    """fp16 safetensors per shard keyed by sample key, with a manifest (use_adapter=False: the raw LLM;
+    attention "causal": the LLM as it is, the paper's raw-LLM baseline)."""
     from llm2clip.artifacts import output_location, point, resolve
     from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings
 
     cfg = CacheConfig(
-        use_adapter=use_adapter, group_index=int(group["group_index"]), num_groups=int(group["num_groups"])
+        use_adapter=use_adapter,
+        attention=attention,
+        group_index=int(group["group_index"]),
+        num_groups=int(group["num_groups"]),
+        device=device,
+        dtype=dtype,
     )
     out = output_location(caption_embeddings.path, caption_embeddings.uri)
     result = cache_caption_embeddings(cfg, resolve(dataset.path), resolve(text_lora.path), out)

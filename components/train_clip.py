@@ -16,9 +16,14 @@ def train_clip(
     batch_size: int,
     lr: float,
     seed: int,
+    center_text: bool,
+    device: str,
+    dtype: str,
+    enabled: bool = True,
 ):
-    """Checkpoint + manifest. Reads only the cache: the LLM is not loaded."""
-    from llm2clip.artifacts import output_location, point, resolve
+    """Checkpoint + manifest. Reads only the cache: the LLM is not loaded. enabled=False (an ablation not asked
+    for) trains nothing and writes a manifest that says so, which evaluate leaves out."""
+    from llm2clip.artifacts import output_location, point, resolve, write_manifest
     from llm2clip.train_clip import TrainClipConfig, train_clip
 
     cfg = TrainClipConfig(
@@ -29,8 +34,15 @@ def train_clip(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        center_text=center_text,
+        device=device,
+        dtype=dtype,
     )
     out = output_location(vision_model.path, vision_model.uri)
+    if not enabled:
+        write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
+        point(vision_model.path, out)
+        return
     result = train_clip(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings])
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "llm", "location": out, **result})

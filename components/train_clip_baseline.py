@@ -15,6 +15,8 @@ def train_clip_baseline(
     batch_size: int,
     lr: float,
     seed: int,
+    device: str,
+    dtype: str,
 ):
     """Checkpoint + manifest of the CLIP baseline; it needs no LLM and no cache, so it runs beside stage 1."""
     from llm2clip.artifacts import output_location, point, resolve
@@ -28,6 +30,8 @@ def train_clip_baseline(
         batch_size=batch_size,
         lr=lr,
         seed=seed,
+        device=device,
+        dtype=dtype,
     )
     out = output_location(vision_model.path, vision_model.uri)
     result = train_clip(cfg, resolve(dataset.path), out)

@@ -17,6 +17,8 @@ def tune_caption_encoder(
     lr: float,
     lora_r: int,
     seed: int,
+    device: str,
+    dtype: str,
 ):
     """LoRA adapter + manifest; logs CRA before and after tuning."""
     import json
@@ -34,6 +36,8 @@ def tune_caption_encoder(
         lora_alpha=2 * lora_r,
         warmup_steps=max(1, steps // 8),
         seed=seed,
+        device=device,
+        dtype=dtype,
     )
     out = output_location(text_lora.path, text_lora.uri)
     result = tune_caption_encoder(cfg, resolve(dataset.path), out)

@@ -45,6 +45,10 @@ def llm2clip_pipeline(
     train_epochs: int = 15,
     train_batch_size: int = 64,
     train_lr: float = 1e-3,
+    center_text: bool = True,
+    ablations: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
     image: str = IMAGE,
 ) -> dsl.Artifact:
     """Parameters:
@@ -60,6 +64,12 @@ def llm2clip_pipeline(
     cache_groups: how many parallel caching tasks the shards are split over.
     vision_model / pretrained: open_clip model config and pretrained tag ("" = random init).
     train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines.
+    center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
+        paper, see the README); applies to both LLM-taught models.
+    ablations: also train both LLM-taught models without centring and report them beside the others.
+    device: "auto" (cuda if the task sees a GPU, else cpu), "cpu" or "cuda", for every model-running task.
+    dtype: compute dtype, "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32), "float32",
+        "bfloat16" or "float16"; every manifest records the one used.
     image: the container image every task runs in.
     Returns the evaluation artifact (summary.json, report.html, report.md).
     """
@@ -81,6 +91,8 @@ def llm2clip_pipeline(
         lr=tune_lr,
         lora_r=lora_r,
         seed=seed,
+        device=device,
+        dtype=dtype,
     )
     train_args = dict(
         model=vision_model,
@@ -89,22 +101,41 @@ def llm2clip_pipeline(
         batch_size=train_batch_size,
         lr=train_lr,
         seed=seed,
+        device=device,
+        dtype=dtype,
     )
-    trained, embeddings = {}, {}
-    for name, use_adapter in (("llm2clip", True), ("llm2clip_raw_llm", False)):
+    # LLM2CLIP embeds with the tuned LLM as it was tuned; the raw-LLM baseline with the frozen LLM as it is
+    # (causal, no adapter), as the paper's raw-LLM row. Both are then trained with exactly the same recipe.
+    trained, embeddings, ablated = {}, {}, {}
+    for name, use_adapter, attention in (("llm2clip", True, "as_tuned"), ("llm2clip_raw_llm", False, "causal")):
         with dsl.ParallelFor(data.outputs["Output"], parallelism=0) as group:
             cache = cache_caption_embeddings(
                 dataset=data.outputs["dataset"],
                 text_lora=tuned.outputs["text_lora"],
                 group=group,
                 use_adapter=use_adapter,
+                attention=attention,
+                device=device,
+                dtype=dtype,
             )
             cache.set_display_name(f"cache_caption_embeddings ({name})").set_container_image(image)
         embeddings[name] = cache.outputs["caption_embeddings"]
         trained[name] = train_clip(
-            dataset=data.outputs["dataset"], caption_embeddings=dsl.Collected(embeddings[name]), **train_args
+            dataset=data.outputs["dataset"],
+            caption_embeddings=dsl.Collected(embeddings[name]),
+            center_text=center_text,
+            **train_args,
         )
         trained[name].set_display_name(f"train_clip ({name})")
+        # the centring ablation: trains only when `ablations` asks for it, else writes a "skipped" manifest
+        ablated[name] = train_clip(
+            dataset=data.outputs["dataset"],
+            caption_embeddings=dsl.Collected(embeddings[name]),
+            center_text=False,
+            enabled=ablations,
+            **train_args,
+        )
+        ablated[name].set_display_name(f"train_clip ({name}, no centring)").set_container_image(image)
     baseline = train_clip_baseline(dataset=data.outputs["dataset"], **train_args)
     result = evaluate(
         dataset=data.outputs["dataset"],
@@ -112,8 +143,11 @@ def llm2clip_pipeline(
         llm2clip_model=trained["llm2clip"].outputs["vision_model"],
         raw_llm_model=trained["llm2clip_raw_llm"].outputs["vision_model"],
         clip_model=baseline.outputs["vision_model"],
+        llm2clip_no_centring_model=ablated["llm2clip"].outputs["vision_model"],
+        raw_llm_no_centring_model=ablated["llm2clip_raw_llm"].outputs["vision_model"],
         tuned_embeddings=dsl.Collected(embeddings["llm2clip"]),
         raw_embeddings=dsl.Collected(embeddings["llm2clip_raw_llm"]),
+        device=device,
     )
     for task in (data, tuned, trained["llm2clip"], trained["llm2clip_raw_llm"], baseline, result):
         task.set_container_image(image)

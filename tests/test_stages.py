@@ -1,19 +1,22 @@
 """The library stages chained on CPU with the tiny random Llama: prepare -> tune -> cache -> train -> evaluate."""
 
 import json
+import math
 from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm2clip import artifacts, data, embedding_cache, evaluate, text_encoder, train_clip, tune
+from llm2clip import artifacts, clip_model, data, embedding_cache, evaluate, loading, text_encoder, train_clip, tune
 
 
 @pytest.fixture(scope="module")
 def chain(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
-    out = {k: str(root / k) for k in ("lora", "cache_a", "cache_b", "raw", "llm2clip", "rawm", "clip", "eval")}
+    names = ("lora", "cache_a", "cache_b", "raw", "llm2clip", "rawm", "clip", "nocenter", "skipped", "eval")
+    out = {k: str(root / k) for k in names}
     tuned = tune.tune_caption_encoder(
         tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=6, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1),
         tiny_dataset,
@@ -26,18 +29,32 @@ def chain(tiny_dataset, tmp_path_factory):
         )
         caches.append(out[key])
     embedding_cache.cache_caption_embeddings(
-        embedding_cache.CacheConfig(use_adapter=False), tiny_dataset, out["lora"], out["raw"]
+        embedding_cache.CacheConfig(use_adapter=False, attention="causal"), tiny_dataset, out["lora"], out["raw"]
     )
     tcfg = dict(epochs=2, batch_size=8, warmup_steps=2)
     train_clip.train_clip(train_clip.TrainClipConfig(**tcfg), tiny_dataset, out["llm2clip"], caches)
     train_clip.train_clip(train_clip.TrainClipConfig(**tcfg), tiny_dataset, out["rawm"], [out["raw"]])
     train_clip.train_clip(train_clip.TrainClipConfig(text_source="clip", **tcfg), tiny_dataset, out["clip"])
+    nocenter = train_clip.TrainClipConfig(center_text=False, **tcfg)
+    train_clip.train_clip(nocenter, tiny_dataset, out["nocenter"], caches)
+    artifacts.write_manifest(out["skipped"], "train_clip", nocenter, {}, skipped="not requested")  # as the component
     summary = evaluate.evaluate(
         evaluate.EvaluateConfig(),
         tiny_dataset,
         out["lora"],
-        {"llm2clip": out["llm2clip"], "llm2clip_raw_llm": out["rawm"], "clip_baseline": out["clip"]},
-        {"llm2clip": caches, "llm2clip_raw_llm": [out["raw"]]},
+        {
+            "llm2clip": out["llm2clip"],
+            "llm2clip_raw_llm": out["rawm"],
+            "clip_baseline": out["clip"],
+            "llm2clip_no_centring": out["nocenter"],
+            "llm2clip_raw_llm_no_centring": out["skipped"],
+        },
+        {
+            "llm2clip": caches,
+            "llm2clip_raw_llm": [out["raw"]],
+            "llm2clip_no_centring": caches,
+            "llm2clip_raw_llm_no_centring": [out["raw"]],
+        },
         out["eval"],
     )
     return {"dirs": out, "tuned": tuned, "summary": summary, "caches": caches, "data": tiny_dataset}
@@ -47,7 +64,7 @@ def test_tuning_reports_cra_and_writes_adapter(chain):
     assert 0.0 <= chain["tuned"]["cra_before"] <= 1.0 and 0.0 <= chain["tuned"]["cra_after"] <= 1.0
     assert chain["tuned"]["loss_last"] < chain["tuned"]["loss_first"]
     manifest = artifacts.read_manifest(chain["dirs"]["lora"], "tune_caption_encoder")
-    assert manifest["pooling"] == "mean" and manifest["config"]["lora_r"] == 4
+    assert manifest["pooling"].startswith("mean") and manifest["config"]["lora_r"] == 4
     assert (Path(chain["dirs"]["lora"]) / "adapter" / "adapter_model.safetensors").exists()
 
 
@@ -98,13 +115,29 @@ def test_raw_and_tuned_caches_refuse_to_mix(chain):
 
 def test_summary_contract(chain):
     s = json.loads((Path(chain["dirs"]["eval"]) / "summary.json").read_text())
-    assert set(s["cra"]) == {"before", "after"}
+    assert {"before", "after"} <= set(s["cra"])
     for bench in ("synthetic_short", "synthetic_long"):
+        # the skipped ablation is left out, the trained one is in
+        assert set(s["retrieval"][bench]) == {"llm2clip", "llm2clip_raw_llm", "clip_baseline", "llm2clip_no_centring"}
         for model in ("llm2clip", "llm2clip_raw_llm", "clip_baseline"):
             vals = s["retrieval"][bench][model]
             for k in ("image_to_text_R@1", "text_to_image_R@1", "image_to_text_R@10"):
                 assert 0.0 <= vals[k] <= 1.0
+                lo, hi = vals[f"{k}_ci95"]
+                assert lo <= vals[k] <= hi
             assert vals["image_to_text_R@1"] <= vals["image_to_text_R@5"] <= vals["image_to_text_R@10"]
+            assert vals["images"] == 12
+        for other in ("llm2clip_raw_llm", "clip_baseline", "llm2clip_no_centring"):
+            c = s["comparisons"][bench][f"llm2clip vs {other}"]["image_to_text_R@1"]
+            main, base = s["retrieval"][bench]["llm2clip"], s["retrieval"][bench][other]
+            assert abs(c["difference"] - (main["image_to_text_R@1"] - base["image_to_text_R@1"])) < 1e-9
+            assert c["difference_ci95"][0] <= c["difference"] <= c["difference_ci95"][1]
+    assert set(s["retrieval_average"]) >= {"llm2clip", "clip_baseline"}
+    assert s["artifacts"]["models"]["llm2clip"] == chain["dirs"]["llm2clip"]
+    assert "llm2clip_raw_llm_no_centring" not in s["artifacts"]["models"]
+    assert s["cache"]["misses"] + s["cache"]["hits"] > 0
+    raw_identity = s["models"]["llm2clip_raw_llm"]["encoder"]
+    assert raw_identity["bidirectional"] is False and raw_identity["adapter_fingerprint"] is None
     assert {
         "prepare_data",
         "tune_caption_encoder",
@@ -138,3 +171,50 @@ def test_configs_name_the_bad_field():
         tune.TuneConfig(batch_size=1)
     with pytest.raises(ValueError, match="group_index=2"):
         embedding_cache.CacheConfig(group_index=2, num_groups=2)
+
+
+# ----------------------------------------------------------------------------------------------- stage 2 recipe
+
+
+def test_stage2_recipe_follows_the_starting_point():
+    scratch = train_clip.TrainClipConfig()
+    assert scratch.recipe == "scratch"
+    assert (scratch.lr, scratch.layer_decay, scratch.warmup_steps) == (1e-3, 1.0, 20)
+    pretrained = train_clip.TrainClipConfig(pretrained="laion2b_s34b_b79k")
+    assert pretrained.recipe == "pretrained"  # the official LLM2CLIP stage-2 recipe
+    assert (pretrained.lr, pretrained.layer_decay, pretrained.warmup_steps) == (1e-5, 0.85, 0)
+    overridden = train_clip.TrainClipConfig(pretrained="x.pt", lr=3e-5, warmup_steps=5)
+    assert (overridden.lr, overridden.layer_decay, overridden.warmup_steps) == (3e-5, 0.85, 5)
+    assert train_clip.TrainClipConfig(layer_decay=0.9).lr == 1e-3
+    with pytest.raises(ValueError, match="embed_dim=0"):
+        train_clip.TrainClipConfig(embed_dim=0)
+
+
+def test_stage2_manifest_records_resolved_recipe_and_preprocessing(chain):
+    manifest = artifacts.read_manifest(chain["dirs"]["llm2clip"], "train_clip")
+    c = manifest["config"]
+    assert manifest["recipe"] == "scratch" and (c["lr"], c["layer_decay"], c["warmup_steps"]) == (1e-3, 1.0, 2)
+    assert manifest["preprocess"]["size"] == [64, 64] and manifest["preprocess"]["train_scale"] == [0.9, 1.0]
+    model, _ = train_clip.load_trained(chain["dirs"]["llm2clip"])
+    assert loading.preprocess_of(model) == loading.ImagePreprocess.from_dict(manifest["preprocess"])
+
+
+def test_stage2_from_a_pretrained_checkpoint_file(chain, tmp_path):
+    """A tower given as a checkpoint file: official recipe, the checkpoint's preprocessing and temperature, and
+    the run reloads without the file (the saved weights replace it)."""
+    clip = open_clip.create_model(clip_model.DEFAULT_MODEL)
+    with torch.no_grad():
+        clip.logit_scale.fill_(math.log(50.0))
+    ckpt = tmp_path / "tower.pt"
+    torch.save(clip.state_dict(), ckpt)
+    cfg = train_clip.TrainClipConfig(pretrained=str(ckpt), epochs=1, batch_size=8, embed_dim=128)
+    out = str(tmp_path / "run")
+    metrics = train_clip.train_clip(cfg, chain["data"], out, chain["caches"])
+    assert math.isfinite(metrics["loss_last"])
+    manifest = artifacts.read_manifest(out, "train_clip")
+    c = manifest["config"]
+    assert manifest["recipe"] == "pretrained" and (c["lr"], c["layer_decay"], c["warmup_steps"]) == (1e-5, 0.85, 0)
+    ckpt.unlink()
+    model, _ = train_clip.load_trained(out)
+    assert model.head.out_features == 128
+    assert abs(model.logit_scale.item() - math.log(50.0)) < 0.01  # started at the pretrained value, lr 1e-5

@@ -29,12 +29,17 @@ from safetensors.torch import load, save
 
 from llm2clip import artifacts, data, devices, storage, text_encoder
 
+ATTENTION = ("as_tuned", "causal", "bidirectional")
+
 
 @dataclass(frozen=True)
 class CacheConfig:
     """Which adapter to apply, which shards this task owns, and how captions are batched."""
 
     use_adapter: bool = True  # False: embed with the raw (not tuned) base LLM, for the raw-LLM baseline
+    # "as_tuned": the attention stage 1 tuned with; "causal": the LLM as it is (the paper's raw-LLM baseline);
+    # "bidirectional": the causal mask removed
+    attention: str = "as_tuned"
     group_index: int = 0
     num_groups: int = 1
     max_tokens: int = 8192  # padded tokens per batch (length-sorted batches)
@@ -47,6 +52,7 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         check = artifacts.check
+        check(self.attention in ATTENTION, "attention", self.attention, f"must be one of {ATTENTION}")
         check(self.num_groups >= 1, "num_groups", self.num_groups, "must be >= 1")
         check(
             0 <= self.group_index < self.num_groups,
@@ -138,6 +144,8 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
     """Embed every caption of this task's shard group; returns counts and throughput."""
     t0 = time.time()
     identity = encoder_identity(text_lora_dir, cfg.use_adapter)
+    if cfg.attention != "as_tuned":
+        identity["bidirectional"] = cfg.attention == "bidirectional"
     mine = all_shards(dataset_dir)[cfg.group_index :: cfg.num_groups]
 
     # ---- captions of the owned shards, flattened

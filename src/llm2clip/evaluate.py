@@ -1,16 +1,20 @@
-"""evaluate: zero-shot retrieval (multi-caption protocol) of LLM2CLIP and its baselines, CRA, the report."""
+"""evaluate: zero-shot retrieval (multi-caption protocol) of LLM2CLIP, its baselines and ablations, with bootstrap
+95% intervals and paired differences; CRA; the report."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from llm2clip import artifacts, data, report, storage, train_clip
-from llm2clip.metrics import retrieval_metrics
+from llm2clip import artifacts, data, devices, loading, report, storage, train_clip
+from llm2clip.metrics import bootstrap_indices, bootstrap_retrieval, ci95, retrieval_hits
 
-MODELS = ("llm2clip", "llm2clip_raw_llm", "clip_baseline")
+# The model every comparison is made against, then its baselines, then the ablations (present when asked for).
+MAIN = "llm2clip"
+MODELS = ("llm2clip", "llm2clip_raw_llm", "clip_baseline", "llm2clip_no_centring", "llm2clip_raw_llm_no_centring")
 
 
 @dataclass(frozen=True)
@@ -18,25 +22,34 @@ class EvaluateConfig:
     benchmarks: tuple[str, ...] = ()  # empty: every eval set of the prepared dataset
     ks: tuple[int, ...] = (1, 5, 10)
     batch_size: int = 256
+    bootstrap: int = 1000  # resamples of the eval images for the 95% intervals
+    seed: int = 0  # the bootstrap draws; the same draws serve every model, so differences are paired
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         artifacts.check(len(self.ks) > 0 and min(self.ks) >= 1, "ks", self.ks, "must be positive ranks")
+        artifacts.check(self.bootstrap >= 100, "bootstrap", self.bootstrap, "needs >= 100 resamples")
+        artifacts.check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
 
 
 @torch.no_grad()
 def score_model(
     model_dir: str, dataset_dir: str, benchmark: str, cache_dirs: list[str] | None, cfg: EvaluateConfig
-) -> dict[str, float]:
-    """Retrieval metrics of one trained stage-2 model on one benchmark."""
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Per-query retrieval hits of one trained stage-2 model on one benchmark (see metrics.retrieval_hits), and
+    the image index of every scored caption [M]. Computed in fp32 on the configured device."""
+    device = devices.resolve_device(cfg.device)
     model, manifest = train_clip.load_trained(model_dir)
+    model.to(device)
     mcfg = manifest["config"]
     kind = data.benchmarks(dataset_dir)[benchmark]
     split_dir = storage.join(dataset_dir, data.split_path(benchmark))
-    keys, metas, images = train_clip.load_images(split_dir, train_clip.image_size_of(mcfg["model"]))
+    preprocess = loading.preprocess_of(model)  # the tower's own: resize + centre crop, its mean/std
+    keys, metas, images = loading.load_images(split_dir, preprocess)
     if mcfg["text_source"] == "llm":
-        table = train_clip.llm_text_table(cache_dirs or [], benchmark, keys, metas)
+        table = loading.llm_text_table(cache_dirs or [], benchmark, keys, metas)
     else:
-        table = train_clip.clip_text_table(mcfg["model"], metas)
+        table = loading.clip_text_table(mcfg["model"], metas)
     rows, owner = [], []
     for i in range(len(keys)):
         r = table.rows(i, kind)
@@ -44,15 +57,77 @@ def score_model(
         owner += [i] * len(r)
     image_emb = torch.cat(
         [
-            model.encode_image(train_clip.normalize_images(images[s : s + cfg.batch_size]))
+            model.encode_image(preprocess.normalize(images[s : s + cfg.batch_size].to(device))).cpu()
             for s in range(0, len(keys), cfg.batch_size)
         ]
     )
     texts = table.texts[rows]
     text_emb = torch.cat(
-        [model.encode_text(texts[s : s + cfg.batch_size]) for s in range(0, len(rows), cfg.batch_size)]
+        [model.encode_text(texts[s : s + cfg.batch_size].to(device)).cpu() for s in range(0, len(rows), cfg.batch_size)]
     )
-    return retrieval_metrics(image_emb, text_emb, torch.tensor(owner), cfg.ks)
+    owner_t = torch.tensor(owner)
+    return retrieval_hits(image_emb, text_emb, owner_t, cfg.ks), owner_t
+
+
+def score_benchmark(
+    dataset_dir: str, benchmark: str, models: dict[str, str], caches: dict[str, list[str]], cfg: EvaluateConfig
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Every model on one benchmark: recall@k with 95% intervals, and each other model's paired difference from
+    LLM2CLIP (the same bootstrap draws of the same images for every model).
+
+    Returns ({model: {metric: value, metric_ci95: [lo, hi]}}, {"llm2clip vs <model>": {metric: {...}}}).
+    """
+    scores, replicates = {}, {}
+    draws = None
+    for name, model_dir in models.items():
+        hits, owner = score_model(model_dir, dataset_dir, benchmark, caches.get(name), cfg)
+        n_images = int(owner.max()) + 1 if len(owner) else 0
+        if draws is None:
+            draws = bootstrap_indices(n_images, cfg.bootstrap, cfg.seed)
+        reps = bootstrap_retrieval(hits, owner, draws)
+        values: dict = {"images": n_images, "captions": len(owner)}
+        for metric, h in hits.items():
+            values[metric] = h.float().mean().item()
+            values[f"{metric}_ci95"] = ci95(reps[metric])
+        scores[name], replicates[name] = values, reps
+    comparisons = {}
+    if MAIN in scores:
+        for other in scores:
+            if other == MAIN:
+                continue
+            comparisons[f"{MAIN} vs {other}"] = {
+                metric: compare(
+                    scores[MAIN], scores[other], metric, replicates[MAIN][metric] - replicates[other][metric]
+                )
+                for metric in replicates[MAIN]
+            }
+    return scores, comparisons
+
+
+def compare(a: dict, b: dict, metric: str, diff_replicates: np.ndarray) -> dict:
+    """A's lead over B on one metric: the difference, its paired 95% interval, and whether the two models' own
+    intervals overlap (the plain reading: overlapping intervals cannot carry a ranking)."""
+    (alo, ahi), (blo, bhi) = a[f"{metric}_ci95"], b[f"{metric}_ci95"]
+    lo, hi = ci95(diff_replicates)
+    return {
+        "difference": a[metric] - b[metric],
+        "difference_ci95": [lo, hi],
+        "intervals_overlap": bool(alo <= bhi and blo <= ahi),
+        "difference_excludes_zero": bool(lo > 0 or hi < 0),
+    }
+
+
+def average_over_benchmarks(retrieval: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
+    """Mean recall per model and metric over the evaluated sets (the paper's headline: the average of its five
+    retrieval sets per direction). Only models scored on every set."""
+    benches = list(retrieval)
+    models = [m for m in retrieval[benches[0]] if all(m in retrieval[b] for b in benches)] if benches else []
+    out = {}
+    for m in models:
+        metrics = [k for k, v in retrieval[benches[0]][m].items() if k.startswith(("image_to_text", "text_to_image"))
+                   and not k.endswith("_ci95")]  # fmt: skip
+        out[m] = {k: float(np.mean([retrieval[b][m][k] for b in benches])) for k in metrics}
+    return out
 
 
 def evaluate(
@@ -66,44 +141,55 @@ def evaluate(
 ) -> dict:
     """Score every model on every benchmark; write summary.json, report.md, report.html.
 
-    models: {"llm2clip": dir, "llm2clip_raw_llm": dir, "clip_baseline": dir}
-    caches: cache dirs each LLM-text model reads ({"llm2clip": [...], "llm2clip_raw_llm": [...]}).
+    models: {"llm2clip": dir, "llm2clip_raw_llm": dir, "clip_baseline": dir, ablations...}; a model directory whose
+        manifest says it was skipped (an ablation not asked for) is left out.
+    caches: cache dirs each LLM-text model reads ({"llm2clip": [...], "llm2clip_raw_llm": [...], ...}).
     """
     t0 = time.time()
     unknown = set(models) - set(MODELS)
     if unknown:
         raise ValueError(f"models: unknown model names {sorted(unknown)} (expected {MODELS})")
+    models = {name: d for name, d in models.items() if not artifacts.read_manifest(d, "train_clip").get("skipped")}
     available = data.benchmarks(dataset_dir)
     names = cfg.benchmarks or tuple(available)
     unknown_benchmarks = [b for b in names if b not in available]
     if unknown_benchmarks:
         raise ValueError(f"benchmarks: {unknown_benchmarks} are not in the dataset (it has {list(available)})")
-    retrieval = {
-        b: {name: score_model(d, dataset_dir, b, caches.get(name), cfg) for name, d in models.items()} for b in names
-    }
+    retrieval, comparisons = {}, {}
+    for b in names:
+        retrieval[b], comparisons[b] = score_benchmark(dataset_dir, b, models, caches, cfg)
     tuned = artifacts.read_manifest(text_lora_dir, "tune_caption_encoder")
     timings: dict[str, float] = {}
     for d in [dataset_dir, text_lora_dir]:
         timings.update(artifacts.read_manifest(d)["timings_s"])
     for name, d in models.items():
         timings[f"train_clip:{name}"] = artifacts.read_manifest(d, "train_clip")["metrics"]["seconds"]
-    cache_manifests = [artifacts.read_manifest(d, "cache_caption_embeddings") for ds in caches.values() for d in ds]
-    cache_stats = {k: sum(m["metrics"][k] for m in cache_manifests) for k in ("hits", "misses")}
+    # ablations read the same caches as their main model: count each cache once, under the first model using it
+    distinct: dict[tuple[str, ...], str] = {}
     for name, dirs in caches.items():
+        distinct.setdefault(tuple(dirs), name)
+    cache_manifests = [artifacts.read_manifest(d, "cache_caption_embeddings") for dirs in distinct for d in dirs]
+    cache_stats = {k: sum(m["metrics"][k] for m in cache_manifests) for k in ("hits", "misses")}
+    for dirs, name in distinct.items():
         timings[f"cache_caption_embeddings:{name}"] = sum(  # task-seconds: parallel groups add up
             artifacts.read_manifest(d)["timings_s"]["cache_caption_embeddings"] for d in dirs
         )
     timings.update(extra_timings or {})
     timings["evaluate"] = time.time() - t0
     summary = {
-        "cra": {"before": tuned["metrics"]["cra_before"], "after": tuned["metrics"]["cra_after"]},
+        "cra": cra_summary(tuned["metrics"]),
         "retrieval": retrieval,
+        "comparisons": comparisons,
         "timings_s": timings,
         "cache": cache_stats,
         "models": {name: _describe(d) for name, d in models.items()},
         "llm": tuned["base_model"],
+        "bootstrap": {"resamples": cfg.bootstrap, "seed": cfg.seed, "unit": "eval images (with all their captions)"},
+        "artifacts": {"dataset": dataset_dir, "text_lora": text_lora_dir, "models": models, "caches": caches},
         "report": storage.join(out_dir, "report.html"),
     }
+    if len(retrieval) > 1:
+        summary["retrieval_average"] = average_over_benchmarks(retrieval)
     storage.write_json(storage.join(out_dir, "summary.json"), summary)
     report.write_reports(summary, out_dir)
     artifacts.write_manifest(
@@ -114,6 +200,11 @@ def evaluate(
         timings_s={"evaluate": timings["evaluate"]},
     )
     return summary
+
+
+def cra_summary(tune_metrics: dict) -> dict:
+    """CRA as stage 1 measured it: every `cra_*` metric, without the prefix ("before", "after_ci95", ...)."""
+    return {k.removeprefix("cra_"): v for k, v in tune_metrics.items() if k.startswith("cra_")}
 
 
 def _describe(model_dir: str) -> dict:
