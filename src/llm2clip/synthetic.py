@@ -191,3 +191,39 @@ def caption_corpus(seed: int, num_scenes: int = 400) -> Iterator[str]:
         caps = captions(scene, rng, 2)
         yield from caps["short"]
         yield from caps["long"]
+
+
+# ----------------------------------------------------------------------------------------------- classification
+# A zero-shot classification set from the same renderer: the class of an image is its dominant object's colour
+# and shape ("red circle"), drawn large and filled; up to two small objects of other classes are distractors.
+
+
+def class_names() -> list[str]:
+    """The synthetic classes, "<colour> <shape>", in a fixed order (class index = position)."""
+    return [f"{colour} {shape}" for shape in SHAPES for colour in COLOURS]
+
+
+def classification_scenes(num_images: int, seed: int) -> list[tuple[Scene, int]]:
+    """(scene, class index) pairs, classes balanced (image i has class i mod C, then shuffled); deterministic in
+    the seed."""
+    rng = random.Random(f"{seed}/classification")
+    kinds = [(s, c) for s in SHAPES for c in COLOURS]  # class_names order
+    labels = [i % len(kinds) for i in range(num_images)]
+    rng.shuffle(labels)
+    out = []
+    for i, label in enumerate(labels):
+        others = rng.sample([k for k in kinds if k != kinds[label]], rng.randint(0, 2))
+        cells = rng.sample(range(9), 1 + len(others))
+        dominant = Obj(*kinds[label], "large", "filled", cells[0])
+        distractors = [
+            Obj(s, c, "small", rng.choice(FILLS), cell) for (s, c), cell in zip(others, cells[1:], strict=True)
+        ]
+        scene = Scene(f"cls{i:06d}", label, rng.choice(list(BACKGROUNDS)), (dominant, *distractors))
+        out.append((scene, label))
+    return out
+
+
+def classification_set(num_images: int, image_size: int, seed: int) -> tuple[list[Image.Image], list[int], list[str]]:
+    """Rendered images, their class indices and the class names (see `classification_scenes`)."""
+    pairs = classification_scenes(num_images, seed)
+    return [render(scene, image_size) for scene, _ in pairs], [label for _, label in pairs], class_names()
