@@ -127,12 +127,16 @@ def test_a_new_run_clears_the_previous_results(tmp_path):
 
 # ----------------------------------------------------------------------------------------------- process tree
 
+# A stand-in for the CLI under KFP's SubprocessRunner: `sh -c` with Python below it, its output piped through.
 PARENT = """
 import subprocess, sys
 from llm2clip import lifeline
 with lifeline.on_stop_signal(grace_s=2):
     print("ready", flush=True)
-    subprocess.run(["sh", "-c", sys.argv[1] + "; true"])
+    with subprocess.Popen(["sh", "-c", sys.argv[1] + "; true"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True) as task:
+        for line in task.stdout:
+            print(line, end="", flush=True)
 """
 CHILD = f"{sys.executable} -c 'import llm2clip, time; print(\"task\", flush=True); time.sleep(300)'"
 
@@ -231,6 +235,8 @@ def test_the_real_cli_takes_its_tasks_down(tmp_path, sig):
     while any(lifeline.alive(p) for p in tree) and time.time() - t0 < 30:
         time.sleep(0.1)
     assert not [p for p in tree if lifeline.alive(p)], f"still running after {time.time() - t0:.1f} s"
+    if sig == signal.SIGKILL:  # the watchdog's poll interval plus the task's own exit
+        assert time.time() - t0 < lifeline.WATCH_INTERVAL_S + 4
     if sig == signal.SIGINT:
         assert code == 130
         assert json.loads((tmp_path / "run" / cli.RUN_STATUS).read_text())["state"] == "stopped"

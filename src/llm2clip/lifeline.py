@@ -118,8 +118,10 @@ def watch_parent(interval_s: float = WATCH_INTERVAL_S) -> threading.Thread | Non
     def watch() -> None:
         while alive(cli):
             time.sleep(interval_s)
-        print(f"llm2clip: the CLI (pid {cli}) that started this task is gone; ending the task", file=sys.stderr)
-        os._exit(143)
+        try:  # stderr is often a pipe into the dead CLI: writing to it may fail, exiting must not
+            print(f"llm2clip: the CLI (pid {cli}) that started this task is gone; ending the task", file=sys.stderr)
+        finally:
+            os._exit(143)
 
     thread = threading.Thread(target=watch, name="llm2clip-lifeline", daemon=True)
     thread.start()
