@@ -121,18 +121,9 @@ def use_store(uri: str) -> None:
 
 
 def headline(summary: dict) -> str:
-    cols = ("image_to_text_R@1", "text_to_image_R@1")
-    lines = [
-        f"CRA (held-out captions): before {summary['cra']['before']:.3f}  after {summary['cra']['after']:.3f}",
-        f"{'benchmark':<17} {'model':<18} {'I->T R@1':>9} {'T->I R@1':>9}",
-    ]
-    cache = summary.get("cache")
-    if cache:
-        lines.insert(1, f"embedding cache: {cache['hits']} captions found, {cache['misses']} embedded")
-    for bench, models in summary["retrieval"].items():
-        for name, v in models.items():
-            lines.append(f"{bench:<17} {name:<18} {v[cols[0]]:>9.3f} {v[cols[1]]:>9.3f}")
-    return "\n".join(lines)
+    from llm2clip.report import headline as text
+
+    return text(summary)
 
 
 # What a finished run leaves in its output directory; removed when the next run starts, so a failed run can never

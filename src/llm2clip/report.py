@@ -97,7 +97,8 @@ def with_ci(values: dict, metric: str) -> str:
 
 
 def _rows(summary: dict) -> list[tuple[str, str, dict]]:
-    return [(b, m, v) for b, models in summary["retrieval"].items() for m, v in models.items()]
+    """(benchmark, model, values), models in a fixed order: LLM2CLIP, its baselines, then the ablations."""
+    return [(b, m, models[m]) for b, models in summary["retrieval"].items() for m in sorted(models, key=_order)]
 
 
 def cra_rows(summary: dict) -> list[tuple[str, str]]:
@@ -129,37 +130,43 @@ def cra_note(summary: dict) -> str:
     )
 
 
+def _verdict(c: dict) -> str:
+    if not c["intervals_overlap"]:
+        return "ahead, outside the noise" if c["difference"] > 0 else "behind, outside the noise"
+    if c["difference_excludes_zero"]:
+        side = "ahead" if c["difference"] > 0 else "behind"
+        return f"{side} by the paired test, but the two intervals overlap"
+    return "within the noise: the intervals overlap"
+
+
 def comparison_sentences(summary: dict) -> list[str]:
     """Plain statements, per benchmark and baseline, of LLM2CLIP's R@1 lead and whether it is outside the noise."""
     out = []
     for bench, pairs in summary.get("comparisons", {}).items():
-        for pair, metrics in pairs.items():
+        for pair, metrics in sorted(pairs.items(), key=lambda kv: _order(kv[0].split(" vs ", 1)[1])):
             other = pair.split(" vs ", 1)[1]
             parts = []
             for metric in R1:
                 c = metrics.get(metric)
-                if c is None:
-                    continue
-                lo, hi = c["difference_ci95"]
-                verdict = (
-                    "the two intervals overlap, so this set cannot rank them"
-                    if c["intervals_overlap"]
-                    else "the intervals do not overlap"
-                )
-                sign = "" if c["difference_excludes_zero"] else "; the paired difference includes zero"
-                parts.append(
-                    f"{SHORT[metric]} {100 * c['difference']:+.1f} points (paired 95% CI {100 * lo:+.1f} to "
-                    f"{100 * hi:+.1f}): {verdict}{sign}"
-                )
+                if c is not None:
+                    lo, hi = c["difference_ci95"]
+                    parts.append(
+                        f"{SHORT[metric]} {100 * c['difference']:+.1f} points (paired 95% CI {100 * lo:+.1f} to "
+                        f"{100 * hi:+.1f}): {_verdict(c)}"
+                    )
             if parts:
                 out.append(f"{bench}, LLM2CLIP vs {LABELS.get(other, other)}: " + "; ".join(parts) + ".")
     return out
 
 
+def _order(model: str) -> int:
+    return list(LABELS).index(model) if model in LABELS else len(LABELS)
+
+
 def plot_png(summary: dict) -> bytes:
     """Grouped bars with 95% error bars: R@1 in both directions, per benchmark and model."""
     benchmarks = list(summary["retrieval"])
-    models = list(next(iter(summary["retrieval"].values())))
+    models = sorted(next(iter(summary["retrieval"].values())), key=_order)
     fig, axes = plt.subplots(1, len(benchmarks), figsize=(5.8 * len(benchmarks), 4.2), squeeze=False)
     width = 0.8 / len(models)
     for ax, b in zip(axes[0], benchmarks, strict=True):
@@ -301,6 +308,25 @@ any caption of the image ranks within k; text→image is scored per caption; tie
 <table><tr><th>stage</th><th>seconds</th></tr>{timings}</table>
 </body></html>
 """
+
+
+def headline(summary: dict) -> str:
+    """The console summary: CRA, R@1 with its interval per benchmark and model, and the plain comparisons."""
+    cra = summary.get("cra", {})
+    lines = ["CRA (held-out captions, %): " + "; ".join(f"{label}: {value}" for label, value in cra_rows(summary))]
+    if cra.get("note"):
+        lines.append(f"CRA: {cra['note']}")
+    cache = summary.get("cache")
+    if cache:
+        lines.append(f"embedding cache: {cache['hits']} captions found, {cache['misses']} embedded")
+    width = max(len(m) for _, m, _ in _rows(summary))
+    lines.append(f"{'benchmark':<17} {'model':<{width}} {'I->T R@1 [95% CI]':>20} {'T->I R@1 [95% CI]':>20}")
+    for b, m, v in _rows(summary):
+        lines.append(f"{b:<17} {m:<{width}} {with_ci(v, R1[0]):>20} {with_ci(v, R1[1]):>20}")
+    for d, m, v in zero_shot_rows(summary):
+        lines.append(f"zero-shot {d} {m}: top-1 {with_ci(v, 'acc1')}, top-5 {pct(v['acc5'])}")
+    lines += comparison_sentences(summary)
+    return "\n".join(lines)
 
 
 def write_reports(summary: dict, out_dir: str) -> None:
