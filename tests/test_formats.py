@@ -298,6 +298,8 @@ def test_urban1k_and_sharegpt4v_eval_sets(tmp_path):
     (urban / "caption" / "1.txt").write_text("A busy street with a red bus on the left and a cyclist. " * 5)
     (urban / "caption" / "2.txt").write_text("A quiet square at dusk. " * 5)
     (urban / "caption" / "3.txt").write_text("an image that does not exist")
+    (urban / "caption" / "4.txt").write_bytes(b"caf\xe9 in Latin-1")
+    write_images(urban / "image", ["4.jpg"])
     write_images(tmp_path / "sg" / "coco", ["a.jpg"])
     conv = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A detailed caption."}]
     (tmp_path / "sg" / "share.json").write_text(json.dumps([{"id": "a", "image": "coco/a.jpg", "conversations": conv}]))
@@ -314,4 +316,7 @@ def test_urban1k_and_sharegpt4v_eval_sets(tmp_path):
     stats = data.prepare_data(cfg, str(out))
     assert stats["urban1k_kept"] == 2 and stats["sharegpt4v_kept"] == 1 and stats["synthetic_long_kept"] == 4
     assert _reasons(out)["3"]["message"] == f"image file not found: {urban / 'image' / '3.jpg'}"
+    assert (
+        _reasons(out)["4"]["message"] == "caption long[0] of '4' (field 'caption/4.txt'): invalid byte 0xe9 at byte 3"
+    )
     assert data.benchmarks(str(out))["urban1k"] == "long"

@@ -3,8 +3,9 @@
 - Ctrl-C or SIGTERM to the CLI: `on_stop_signal` stops every process below it (SIGTERM, then SIGKILL after a grace
   period; KFP's SubprocessRunner starts each task as `sh -c` with Python below it) and the CLI exits non-zero.
 - kill -9 of the CLI, which can run no handler: each task watches the CLI's pid (LLM2CLIP_PARENT_PID, set by the CLI
-  for its tasks) and ends itself once the CLI is gone, within WATCH_INTERVAL_S plus the time the CLI's own parent
-  takes to reap it (a dead but unreaped CLI is seen as a zombie in /proc and counts as gone).
+  for its tasks) from a thread started when the task imports llm2clip (the first thing each component body does),
+  and ends itself within WATCH_INTERVAL_S of the CLI's death (measured 1.0-1.2 s), or of that import if the task
+  was still starting. A dead but unreaped CLI is a zombie in /proc and counts as gone.
 Linux only (/proc); elsewhere the tree walk finds nothing and the watchdog polls os.kill(pid, 0).
 """
 
