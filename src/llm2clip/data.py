@@ -192,7 +192,7 @@ def clean_caption(value: object, where: str) -> str:
 # ----------------------------------------------------------------------------------------------- images
 # Image formats we keep byte for byte when the image is already plain sRGB; anything else is stored as PNG of
 # its RGB conversion, so every reader of the canonical shards gets the same pixels with a plain convert("RGB").
-PASSTHROUGH = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
+PASSTHROUGH = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}  # MPO: a phone JPEG with extra frames
 SNIFF = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF",
          b"MM\x00*": "TIFF", b"RIFF": "WEBP"}  # fmt: skip
 ALPHA_BACKGROUND = (255, 255, 255)  # transparent pixels become white (as on a web page), not black

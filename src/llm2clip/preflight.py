@@ -22,7 +22,9 @@ def check_run(params: Mapping[str, object], env: Mapping[str, str] | None = None
     """Raise ValueError listing every problem of a pipeline run's parameters (see the module docstring)."""
     problems = run_problems(params, os.environ if env is None else env)
     if problems:
-        raise ValueError("\n  ".join(problems) if len(problems) == 1 else "\n  " + "\n  ".join(problems))
+        raise ValueError(
+            problems[0] if len(problems) == 1 else f"{len(problems)} problems:\n  " + "\n  ".join(problems)
+        )
 
 
 def run_problems(params: Mapping[str, object], env: Mapping[str, str]) -> list[str]:
