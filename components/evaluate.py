@@ -21,6 +21,7 @@ def evaluate(
     report_markdown: Output[Markdown],
     evaluation: Output[Artifact],
     device: str,
+    zero_shot: list,
 ):
     """summary.json + reports in `evaluation`; R@k per benchmark and model as KFP metrics. The two ablation
     models are left out of the report when their task was told to skip (ablations=False)."""
@@ -40,7 +41,12 @@ def evaluate(
     caches = {"llm2clip": tuned, "llm2clip_raw_llm": raw, "llm2clip_no_centring": tuned,
               "llm2clip_raw_llm_no_centring": raw}  # fmt: skip
     summary = evaluate(
-        EvaluateConfig(device=device), resolve(dataset.path), resolve(text_lora.path), models, caches, evaluation.path
+        EvaluateConfig(device=device, zero_shot=tuple(zero_shot)),
+        resolve(dataset.path),
+        resolve(text_lora.path),
+        models,
+        caches,
+        evaluation.path,
     )
     for bench, by_model in summary["retrieval"].items():
         for name, values in by_model.items():

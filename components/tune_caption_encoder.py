@@ -42,8 +42,9 @@ def tune_caption_encoder(
     out = output_location(text_lora.path, text_lora.uri)
     result = tune_caption_encoder(cfg, resolve(dataset.path), out)
     point(text_lora.path, out)
-    for k in ("cra_before", "cra_after", "loss_last"):
-        metrics.log_metric(k, result[k])
+    for k in ("cra_before", "cra_before_bidirectional", "cra_after", "loss_last"):
+        if isinstance(result.get(k), float):  # CRA is None when skipped (no eval set with two short captions)
+            metrics.log_metric(k, result[k])
     text_lora.metadata.update({"base_model": llm, "location": out, **result})
     with open(metrics.path, "w") as f:  # a file, so local caching can hit
         json.dump(result, f)

@@ -47,6 +47,7 @@ def llm2clip_pipeline(
     train_lr: float = 1e-3,
     center_text: bool = True,
     ablations: bool = False,
+    zero_shot: list = ["synthetic"],  # noqa: B006 (a KFP parameter default, never mutated)
     device: str = "auto",
     dtype: str = "auto",
     image: str = IMAGE,
@@ -67,6 +68,8 @@ def llm2clip_pipeline(
     center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
         paper, see the README); applies to both LLM-taught models.
     ablations: also train both LLM-taught models without centring and report them beside the others.
+    zero_shot: zero-shot classification sets: "synthetic" (colour x shape scenes) and/or "NAME=URI" (an image
+        folder per class, local or s3://, optional classnames.txt); [] for none.
     device: "auto" (cuda if the task sees a GPU, else cpu), "cpu" or "cuda", for every model-running task.
     dtype: compute dtype, "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32), "float32",
         "bfloat16" or "float16"; every manifest records the one used.
@@ -148,6 +151,7 @@ def llm2clip_pipeline(
         tuned_embeddings=dsl.Collected(embeddings["llm2clip"]),
         raw_embeddings=dsl.Collected(embeddings["llm2clip_raw_llm"]),
         device=device,
+        zero_shot=zero_shot,
     )
     for task in (data, tuned, trained["llm2clip"], trained["llm2clip_raw_llm"], baseline, result):
         task.set_container_image(image)

@@ -51,9 +51,9 @@ def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, 
             raise SystemExit(f"--set {key}: unknown pipeline parameter (known: {', '.join(sorted(defaults))})")
         kind = type(defaults[key])
         try:
-            if kind is dict:
+            if kind in (dict, list):  # JSON: --set source_options='{"a": 1}' --set zero_shot='["synthetic"]'
                 value = json.loads(raw)
-                if not isinstance(value, dict):
+                if not isinstance(value, kind):
                     raise ValueError(raw)
                 out[key] = value
             elif kind is bool:

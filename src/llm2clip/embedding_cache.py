@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +30,14 @@ from safetensors.torch import load, save
 from llm2clip import artifacts, data, devices, storage, text_encoder
 
 ATTENTION = ("as_tuned", "causal", "bidirectional")
+
+
+def default_token_budget(device: str = "auto") -> tuple[int, int]:
+    """(max_tokens, max_batch) per length-sorted batch for the device the cache runs on. CPU: chosen by measurement
+    (`llm2clip benchmark` sweep, README "Benchmarks"): 2,048-token batches were the fastest, and 8,192 pads more and
+    outgrows the CPU caches. GPU: reasoned, not measured: a few thousand tokens per batch keep an H100's matmuls
+    busy (batch 32 of short captions starves it) and 8,192 tokens of an 8B model's activations fit easily."""
+    return (8192, 256) if devices.resolve_device(device).type == "cuda" else (2048, 256)
 
 
 @dataclass(frozen=True)
@@ -42,8 +50,9 @@ class CacheConfig:
     attention: str = "as_tuned"
     group_index: int = 0
     num_groups: int = 1
-    max_tokens: int = 8192  # padded tokens per batch (length-sorted batches)
-    max_batch: int = 256
+    # padded tokens and captions per length-sorted batch; default per device (of "auto"), see default_token_budget
+    max_tokens: int = field(default_factory=lambda: default_token_budget()[0])
+    max_batch: int = field(default_factory=lambda: default_token_budget()[1])
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # compute dtype; auto = bf16 on GPU / CPUs with native bf16, else fp32 (recorded in the key)
     store_dtype: str = "float16"
@@ -173,6 +182,7 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
             identity["base_model"],
             bidirectional=identity["bidirectional"],
             max_length=identity["max_length"],
+            instruction=identity.get("instruction", ""),
             # on a GPU the weights are stored in the compute dtype (an 8B model: 16 GB, not 32); on a CPU they stay
             # fp32 and autocast casts per op
             dtype=getattr(torch, dtype) if device.type == "cuda" else torch.float32,

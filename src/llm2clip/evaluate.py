@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llm2clip import artifacts, data, devices, loading, report, storage, train_clip
+from llm2clip import artifacts, data, devices, inference, loading, report, storage, train_clip, zeroshot
 from llm2clip.metrics import bootstrap_indices, bootstrap_retrieval, ci95, retrieval_hits
 
 # The model every comparison is made against, then its baselines, then the ablations (present when asked for).
@@ -25,11 +25,19 @@ class EvaluateConfig:
     bootstrap: int = 1000  # resamples of the eval images for the 95% intervals
     seed: int = 0  # the bootstrap draws; the same draws serve every model, so differences are paired
     device: str = "auto"
+    # zero-shot classification sets: "synthetic" (colour x shape scenes at the dataset's image size) or
+    # "NAME=URI" (an image folder per class, local or s3://, optional classnames.txt)
+    zero_shot: tuple[str, ...] = ("synthetic",)
+    zero_shot_images: int = 480  # size of the synthetic set (20 per class)
+    zero_shot_templates: tuple[str, ...] = ("single", "ensemble")
 
     def __post_init__(self) -> None:
         artifacts.check(len(self.ks) > 0 and min(self.ks) >= 1, "ks", self.ks, "must be positive ranks")
         artifacts.check(self.bootstrap >= 100, "bootstrap", self.bootstrap, "needs >= 100 resamples")
         artifacts.check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
+        for spec in self.zero_shot:
+            artifacts.check(spec == "synthetic" or "=" in spec, "zero_shot", spec, "expected 'synthetic' or NAME=URI")
+        artifacts.check(self.zero_shot_images >= 24, "zero_shot_images", self.zero_shot_images, "must be >= 24")
 
 
 @torch.no_grad()
@@ -158,6 +166,9 @@ def evaluate(
     retrieval, comparisons = {}, {}
     for b in names:
         retrieval[b], comparisons[b] = score_benchmark(dataset_dir, b, models, caches, cfg)
+    t_zero_shot = time.time()
+    zero_shot = zero_shot_all(cfg, dataset_dir, text_lora_dir, models)
+    t_zero_shot = time.time() - t_zero_shot
     tuned = artifacts.read_manifest(text_lora_dir, "tune_caption_encoder")
     timings: dict[str, float] = {}
     for d in [dataset_dir, text_lora_dir]:
@@ -176,10 +187,12 @@ def evaluate(
         )
     timings.update(extra_timings or {})
     timings["evaluate"] = time.time() - t0
+    timings["evaluate:zero_shot"] = t_zero_shot
     summary = {
         "cra": cra_summary(tuned["metrics"]),
         "retrieval": retrieval,
         "comparisons": comparisons,
+        "zero_shot": zero_shot,
         "timings_s": timings,
         "cache": cache_stats,
         "models": {name: _describe(d) for name, d in models.items()},
@@ -200,6 +213,32 @@ def evaluate(
         timings_s={"evaluate": timings["evaluate"]},
     )
     return summary
+
+
+def zero_shot_sets(cfg: EvaluateConfig, dataset_dir: str) -> list[zeroshot.ZeroShotSet]:
+    image_size = artifacts.read_manifest(dataset_dir, "prepare_data")["config"]["image_size"]
+    out = []
+    for spec in cfg.zero_shot:
+        if spec == "synthetic":
+            out.append(zeroshot.synthetic_set(cfg.zero_shot_images, image_size, cfg.seed))
+        else:
+            name, _, uri = spec.partition("=")
+            out.append(zeroshot.folder_set(uri, name))
+    return out
+
+
+def zero_shot_all(cfg: EvaluateConfig, dataset_dir: str, text_lora_dir: str, models: dict[str, str]) -> dict:
+    """{"<set>/<templates>": {model: {acc1, acc1_ci95, acc5, ...}}}: every model through its own text side (the
+    LLM with its adapter and pooling as cached, or the CLIP text tower), one model loaded at a time."""
+    sets = zero_shot_sets(cfg, dataset_dir)
+    out: dict[str, dict] = {}
+    for name, model_dir in models.items():
+        encoder = inference.load_model(model_dir, text_lora_dir=text_lora_dir, device=cfg.device)
+        for ds in sets:
+            for templates, result in zeroshot.zero_shot_suite(encoder, ds, cfg.zero_shot_templates, cfg.seed).items():
+                out.setdefault(f"{ds.name}/{templates}", {})[name] = result
+        del encoder
+    return out
 
 
 def cra_summary(tune_metrics: dict) -> dict:

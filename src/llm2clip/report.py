@@ -267,7 +267,11 @@ def html_page(summary: dict, png: bytes) -> str:
             f"<td>{pct(v['acc5'])}</td></tr>"
             for d, m, v in zero_shot_rows(summary)
         )
-        note = esc(summary.get("zero_shot_note", ""))
+        note = esc(
+            "Class names x prompt templates through each model's own text side (LLM2CLIP: the LLM with its adapter "
+            "and pooling, then the stage-2 adapter; CLIP: its text tower). single: 'a photo of a {c}.'; ensemble: "
+            "open_clip's 7 ImageNet templates, averaged. Ties count as misses; 95% bootstrap intervals."
+        )
         zero_shot = (
             f"<h2>Zero-shot classification (%)</h2><p class='note'>{note}</p><table><tr><th>dataset</th>"
             f"<th>model</th><th>top-1 [95% CI]</th><th>top-5</th></tr>{rows}</table>"
