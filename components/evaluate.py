@@ -1,4 +1,4 @@
-"""evaluate component: retrieval of LLM2CLIP and both baselines, CRA, the HTML/Markdown report."""
+"""evaluate component: retrieval and zero-shot of LLM2CLIP, baselines and ablations; CRA; the report."""
 
 from kfp import dsl
 from kfp.dsl import HTML, Artifact, Dataset, Input, Markdown, Metrics, Model, Output
@@ -23,23 +23,15 @@ def evaluate(
     device: str,
     zero_shot: list,
 ):
-    """summary.json + reports in `evaluation`; R@k per benchmark and model as KFP metrics. The two ablation
-    models are left out of the report when their task was told to skip (ablations=False)."""
+    """summary.json + reports in `evaluation`; R@k as KFP metrics. Skipped ablations are left out."""
     import shutil
 
     from llm2clip.artifacts import resolve
-    from llm2clip.evaluate import EvaluateConfig, evaluate
+    from llm2clip.evaluate import MODELS, EvaluateConfig, evaluate, pipeline_caches
 
-    models = {
-        "llm2clip": resolve(llm2clip_model.path),
-        "llm2clip_raw_llm": resolve(raw_llm_model.path),
-        "clip_baseline": resolve(clip_model.path),
-        "llm2clip_no_centring": resolve(llm2clip_no_centring_model.path),
-        "llm2clip_raw_llm_no_centring": resolve(raw_llm_no_centring_model.path),
-    }
-    tuned, raw = [resolve(a.path) for a in tuned_embeddings], [resolve(a.path) for a in raw_embeddings]
-    caches = {"llm2clip": tuned, "llm2clip_raw_llm": raw, "llm2clip_no_centring": tuned,
-              "llm2clip_raw_llm_no_centring": raw}  # fmt: skip
+    trained = [llm2clip_model, raw_llm_model, clip_model, llm2clip_no_centring_model, raw_llm_no_centring_model]
+    models = dict(zip(MODELS, [resolve(m.path) for m in trained], strict=True))
+    caches = pipeline_caches([resolve(a.path) for a in tuned_embeddings], [resolve(a.path) for a in raw_embeddings])
     summary = evaluate(
         EvaluateConfig(device=device, zero_shot=tuple(zero_shot)),
         resolve(dataset.path),

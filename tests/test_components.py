@@ -48,23 +48,36 @@ def flow(tmp_path_factory):
         lr=1e-3,
         lora_r=4,
         seed=0,
+        device="auto",
+        dtype="auto",
     )
     caches = {}
-    for name, use_adapter in (("tuned", True), ("raw", False)):
+    for name, use_adapter, attention in (("tuned", True, "as_tuned"), ("raw", False, "causal")):
         caches[name] = []
         for g in out["groups"]:
             c = art(dsl.Dataset, root / f"cache_{name}_{g['group_index']}")
             components.cache_caption_embeddings.python_func(
-                dataset=dataset, text_lora=lora, caption_embeddings=c, group=g, use_adapter=use_adapter
+                dataset=dataset,
+                text_lora=lora,
+                caption_embeddings=c,
+                group=g,
+                use_adapter=use_adapter,
+                attention=attention,
+                device="auto",
+                dtype="auto",
             )
             caches[name].append(c)
-    train_args = dict(model="llm2clip-vit-tiny", pretrained="", epochs=1, batch_size=8, lr=1e-3, seed=0)
-    models = {k: art(dsl.Model, root / k) for k in ("llm2clip", "raw", "clip")}
-    components.train_clip.python_func(
-        dataset=dataset, caption_embeddings=caches["tuned"], vision_model=models["llm2clip"], **train_args
+    train_args = dict(
+        model="llm2clip-vit-tiny", pretrained="", epochs=1, batch_size=8, lr=1e-3, seed=0, device="auto", dtype="auto"
     )
+    models = {k: art(dsl.Model, root / k) for k in ("llm2clip", "raw", "clip", "nocenter", "skipped")}
+    llm_args = dict(dataset=dataset, center_text=True, **train_args)
+    components.train_clip.python_func(caption_embeddings=caches["tuned"], vision_model=models["llm2clip"], **llm_args)
+    components.train_clip.python_func(caption_embeddings=caches["raw"], vision_model=models["raw"], **llm_args)
+    llm_args["center_text"] = False
+    components.train_clip.python_func(caption_embeddings=caches["tuned"], vision_model=models["nocenter"], **llm_args)
     components.train_clip.python_func(
-        dataset=dataset, caption_embeddings=caches["raw"], vision_model=models["raw"], **train_args
+        caption_embeddings=caches["raw"], vision_model=models["skipped"], enabled=False, **llm_args
     )
     components.train_clip_baseline.python_func(dataset=dataset, vision_model=models["clip"], **train_args)
     outputs = {
@@ -79,8 +92,12 @@ def flow(tmp_path_factory):
         llm2clip_model=models["llm2clip"],
         raw_llm_model=models["raw"],
         clip_model=models["clip"],
+        llm2clip_no_centring_model=models["nocenter"],
+        raw_llm_no_centring_model=models["skipped"],
         tuned_embeddings=caches["tuned"],
         raw_embeddings=caches["raw"],
+        device="auto",
+        zero_shot=["synthetic"],
         **outputs,
     )
     out.update(dataset=dataset, lora=lora, metrics=metrics, caches=caches, models=models, outputs=outputs)
@@ -108,8 +125,10 @@ def test_cache_components_split_the_work(flow):
 def test_train_components(flow):
     assert flow["models"]["llm2clip"].metadata["text_source"] == "llm"
     assert flow["models"]["clip"].metadata["text_source"] == "clip"
-    for m in flow["models"].values():
-        assert (Path(m.path) / "model.safetensors").stat().st_size > 0
+    for name, m in flow["models"].items():
+        assert (Path(m.path) / "model.safetensors").exists() == (name != "skipped")
+    skipped = json.loads((Path(flow["models"]["skipped"].path) / "manifest.json").read_text())
+    assert "not requested" in skipped["skipped"] and skipped["config"]["center_text"] is False
 
 
 def test_evaluate_component(flow):
@@ -122,6 +141,11 @@ def test_evaluate_component(flow):
         summary["retrieval"]["synthetic_long"]["llm2clip"]["image_to_text_R@1"]
         == metrics["synthetic_long/llm2clip/image_to_text_R@1"]
     )
+    # the ablation that was asked for is reported, the skipped one is not; zero-shot covers every reported model
+    assert "synthetic_long/llm2clip_no_centring/image_to_text_R@1" in metrics
+    assert not any("llm2clip_raw_llm_no_centring" in k for k in metrics)
+    assert set(summary["zero_shot"]["synthetic_shapes/single"]) == set(summary["retrieval"]["synthetic_long"])
+    assert 0.0 <= summary["zero_shot"]["synthetic_shapes/ensemble"]["llm2clip"]["acc1"] <= 1.0
 
 
 def test_components_are_thin():
@@ -147,5 +171,5 @@ def test_compiled_pipeline_has_every_stage_and_parameter():
         "for-loop",
     ):
         assert f"comp-{stage}" in text, stage
-    for param in ("tune_steps", "cache_groups", "vision_model", "image"):
+    for param in ("tune_steps", "cache_groups", "vision_model", "image", "center_text", "ablations", "zero_shot"):
         assert f"    {param}:" in text, param

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from llm2clip import cli
 
@@ -15,7 +16,11 @@ def test_whole_pipeline_tiny_profile(tmp_path):
     for bench in ("synthetic_short", "synthetic_long"):
         assert set(summary["retrieval"][bench]) == {"llm2clip", "llm2clip_raw_llm", "clip_baseline"}
         for values in summary["retrieval"][bench].values():
-            assert all(0.0 <= v <= 1.0 for v in values.values())
+            for k, v in values.items():
+                if k.endswith("_ci95"):
+                    assert 0.0 <= v[0] <= values[k.removesuffix("_ci95")] <= v[1] <= 1.0, k
+                elif k.startswith(("image_to_text", "text_to_image")):
+                    assert 0.0 <= v <= 1.0, k
     assert 0.0 <= summary["cra"]["before"] <= 1.0
     for stage in (
         "prepare_data",
@@ -30,6 +35,12 @@ def test_whole_pipeline_tiny_profile(tmp_path):
     ):
         assert summary["timings_s"][stage] > 0, stage
     assert (tmp_path / "report.html").exists() and summary["report"].endswith("report.html")
+    # the README's "Using a trained model": the run's models load back and embed captions never seen in training
+    from llm2clip import inference
+
+    model = inference.from_run(str(tmp_path))
+    text = model.encode_text(["a sentence the model never saw", "another one"])
+    assert text.shape[0] == 2 and torch.allclose(text.norm(dim=-1), torch.ones(2), atol=1e-4)
 
 
 def run_cli(*args):

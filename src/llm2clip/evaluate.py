@@ -241,6 +241,16 @@ def zero_shot_all(cfg: EvaluateConfig, dataset_dir: str, text_lora_dir: str, mod
     return out
 
 
+def pipeline_caches(tuned: list[str], raw: list[str]) -> dict[str, list[str]]:
+    """Which caption-embedding caches each model of the pipeline reads: the ablations read their main model's."""
+    return {
+        "llm2clip": tuned,
+        "llm2clip_raw_llm": raw,
+        "llm2clip_no_centring": tuned,
+        "llm2clip_raw_llm_no_centring": raw,
+    }
+
+
 def cra_summary(tune_metrics: dict) -> dict:
     """CRA as stage 1 measured it: every `cra_*` metric, without the prefix ("before", "after_ci95", ...)."""
     return {k.removeprefix("cra_"): v for k, v in tune_metrics.items() if k.startswith("cra_")}
