@@ -310,3 +310,14 @@ def test_prepared_layout(tiny_dataset):
     assert sum(sizes.values()) == 48 and len(sizes) == 3  # shard_size 20
     rec = next(data.read_split(str(root / "eval" / "synthetic_short")))
     assert len(rec["meta"]["captions"]["short"]) == 2 and rec["image"].mode == "RGB"
+
+
+def test_synthetic_eval_sets_carry_only_the_kind_they_are_scored_on(tiny_dataset):
+    kinds = {"synthetic_short": {"short"}, "synthetic_long": {"long"}, "train": {"short", "long"}}
+    for split, expected in kinds.items():
+        metas = [m for _, _, m in data.read_captions(str(Path(tiny_dataset) / data.split_path(split)))]
+        assert metas and all(set(m["captions"]) == expected for m in metas), split
+    # dropping the unused kind leaves the images and the kept captions as they were
+    full = next(synthetic.generate("long", 4, 4, 1, 32, 0))
+    only_long = next(synthetic.generate("long", 4, 4, 1, 32, 0, ("long",)))
+    assert full["png"] == only_long["png"] and full["json"]["captions"]["long"] == only_long["json"]["captions"]["long"]

@@ -428,9 +428,10 @@ def _source_records(cfg: PrepareDataConfig) -> tuple[dict[str, Iterable[dict]], 
     if cfg.source == "synthetic":
         return {
             "train": synthetic.generate("train", cfg.num_train, cfg.train_group_size, 2, cfg.image_size, cfg.seed),
-            "synthetic_short": synthetic.generate("short", cfg.num_eval, 1, 2, cfg.image_size, cfg.seed),
+            # each eval set carries only the caption kind it is scored on, as COCO (short) and Urban-1K (long) do
+            "synthetic_short": synthetic.generate("short", cfg.num_eval, 1, 2, cfg.image_size, cfg.seed, ("short",)),
             "synthetic_long": synthetic.generate(
-                "long", cfg.num_eval, cfg.eval_group_size, 1, cfg.image_size, cfg.seed
+                "long", cfg.num_eval, cfg.eval_group_size, 1, cfg.image_size, cfg.seed, ("long",)
             ),
             **eval_records,
         }, {**BENCHMARKS, **eval_needs}

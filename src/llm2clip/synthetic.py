@@ -172,14 +172,22 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def generate(
-    split: str, num_images: int, group_size: int, num_short: int, image_size: int, seed: int
+    split: str,
+    num_images: int,
+    group_size: int,
+    num_short: int,
+    image_size: int,
+    seed: int,
+    kinds: tuple[str, ...] = ("short", "long"),
 ) -> Iterator[dict]:
-    """Raw records {key, png, json} for one split, deterministic in (split, seed)."""
+    """Raw records {key, png, json} for one split, deterministic in (split, seed). `kinds` keeps only those
+    caption kinds (an eval set needs only the kind it is scored on: embedding the others costs cache time for
+    nothing); the images and kept captions do not depend on it."""
     rng = random.Random(f"{seed}/{split}")
     num_groups = -(-num_images // group_size)
     scenes = scene_groups(rng, num_groups, group_size, prefix=f"{split}_")[:num_images]
     for scene in scenes:
-        caps = captions(scene, rng, num_short)
+        caps = {k: v for k, v in captions(scene, rng, num_short).items() if k in kinds}
         meta = {"key": scene.key, "group": scene.group, "captions": caps, "source": f"synthetic/{split}"}
         yield {"__key__": scene.key, "png": png_bytes(render(scene, image_size)), "json": meta}
 
