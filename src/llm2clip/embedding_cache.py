@@ -34,9 +34,10 @@ ATTENTION = ("as_tuned", "causal", "bidirectional")
 
 def default_token_budget(device: str = "auto") -> tuple[int, int]:
     """(max_tokens, max_batch) per length-sorted batch for the device the cache runs on. CPU: chosen by measurement
-    (`llm2clip benchmark` sweep, README "Benchmarks"): 2,048-token batches were the fastest, and 8,192 pads more and
-    outgrows the CPU caches. GPU: reasoned, not measured: a few thousand tokens per batch keep an H100's matmuls
-    busy (batch 32 of short captions starves it) and 8,192 tokens of an 8B model's activations fit easily."""
+    (`llm2clip benchmark` sweep, README "Benchmarks"): 2,048-token batches had the best median speed-up over the
+    official recipe; 8,192 padded the most and was the slowest setting. GPU: reasoned, not measured: a few thousand
+    tokens per batch keep an H100's matmuls busy (batch 32 of short captions starves it) and 8,192 tokens of an 8B
+    model's activations fit easily. "auto" is resolved where the config is built (the cache task's machine)."""
     return (8192, 256) if devices.resolve_device(device).type == "cuda" else (2048, 256)
 
 
