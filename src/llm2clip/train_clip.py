@@ -8,34 +8,45 @@ import random
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import load, save
 
-from llm2clip import artifacts, clip_model, data, devices, embedding_cache, storage
+from llm2clip import artifacts, clip_model, devices, loading, storage
+from llm2clip.loading import ImagePreprocess
 
-OPENAI_MEAN = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
-OPENAI_STD = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
 TEXT_SOURCES = ("llm", "clip")
+# Optimisation defaults by starting point; a field left None takes its recipe's value (see TrainClipConfig).
+# "scratch": a random-init tower (the local default). "pretrained": the official LLM2CLIP stage-2 recipe on a
+# pretrained tower (lr 1e-5, visual layer-wise lr decay 0.85, no warm-up).
+RECIPES: dict[str, dict[str, float | int]] = {
+    "scratch": {"lr": 1e-3, "layer_decay": 1.0, "warmup_steps": 20},
+    "pretrained": {"lr": 1e-5, "layer_decay": 0.85, "warmup_steps": 0},
+}
 
 
 @dataclass(frozen=True)
 class TrainClipConfig:
-    """Stage-2 settings. text_source "llm" trains LLM2CLIP from the cache; "clip" the CLIP baseline."""
+    """Stage-2 settings. text_source "llm" trains LLM2CLIP from the cache; "clip" the CLIP baseline.
+
+    lr, layer_decay and warmup_steps left None take the recipe of the starting point (RECIPES): "pretrained" when
+    `pretrained` is set, else "scratch". They are resolved in __post_init__, so the config object (and the
+    manifest, which records it) holds the values actually used; a value given explicitly always wins.
+    """
 
     text_source: str = "llm"
     model: str = clip_model.DEFAULT_MODEL  # any open_clip model-config name
-    pretrained: str | None = None  # open_clip pretrained tag when weights are available
+    pretrained: str | None = None  # open_clip pretrained tag, or a checkpoint file (local path or s3://)
+    embed_dim: int | None = None  # joint embedding width (official LLM2CLIP: 1280); None = the model config's
     adapter_blocks: int = 4
     center_text: bool = True  # subtract the train captions' mean LLM embedding before the adapter (see clip_model)
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float | None = None  # None: recipe (scratch 1e-3, pretrained 1e-5)
     weight_decay: float = 0.05
-    warmup_steps: int = 20
-    layer_decay: float = 1.0  # layer-wise lr decay for the vision tower (LLM2CLIP: 0.85 on pretrained towers)
+    warmup_steps: int | None = None  # None: recipe (scratch 20, pretrained 0)
+    layer_decay: float | None = None  # vision layer-wise lr decay; None: recipe (scratch 1.0 = off, pretrained 0.85)
     grad_clip: float = 5.0
     long_caption_prob: float = 0.5  # chance to train on the long caption of an image instead of a short one
     device: str = "auto"  # cuda if available, else cpu
@@ -43,7 +54,14 @@ class TrainClipConfig:
     log_every: int = 20
     seed: int = 0
 
+    @property
+    def recipe(self) -> str:
+        return "pretrained" if self.pretrained else "scratch"
+
     def __post_init__(self) -> None:
+        for field, value in RECIPES[self.recipe].items():  # frozen: resolve the None defaults in place
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, value)
         check = artifacts.check
         check(
             self.text_source in TEXT_SOURCES,
@@ -52,6 +70,7 @@ class TrainClipConfig:
             f"must be one of {TEXT_SOURCES}",
         )
         check(self.model in open_clip.list_models(), "model", self.model, "is not an open_clip model config")
+        check(self.embed_dim is None or self.embed_dim >= 1, "embed_dim", self.embed_dim, "must be >= 1 or None")
         check(self.adapter_blocks >= 0, "adapter_blocks", self.adapter_blocks, "must be >= 0")
         check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
         check(self.batch_size >= 2, "batch_size", self.batch_size, "needs >= 2 for in-batch negatives")
@@ -65,82 +84,27 @@ class TrainClipConfig:
         check(self.dtype in devices.DTYPES, "dtype", self.dtype, f"must be one of {devices.DTYPES}")
 
 
-# ----------------------------------------------------------------------------------------------- data
-
-
-def load_images(split_dir: str, image_size: int) -> tuple[list[str], list[dict], torch.Tensor]:
-    """Keys, metas and images [N, 3, S, S] uint8 of a prepared split (resized to the tower's input size)."""
-    keys, metas, images = [], [], []
-    for rec in data.read_split(split_dir):
-        img = rec["image"]
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), resample=3)  # bicubic
-        keys.append(rec["key"])
-        metas.append(rec["meta"])
-        images.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-    return keys, metas, torch.stack(images)
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> float, OpenAI mean/std (on the images' device)."""
-    return (images.float() / 255.0 - OPENAI_MEAN.to(images.device)) / OPENAI_STD.to(images.device)
-
-
-def image_size_of(model_name: str) -> int:
-    size = open_clip.get_model_config(model_name)["vision_cfg"]["image_size"]
-    return size if isinstance(size, int) else size[0]
-
-
-class CaptionTable:
-    """Every caption of every image as a row of a text input tensor (cached embeddings or CLIP tokens)."""
-
-    def __init__(self, metas: list[dict], texts: torch.Tensor) -> None:
-        self.kinds: list[list[str]] = [[k for k, _ in data.caption_list(m)] for m in metas]
-        self.offsets = np.cumsum([0] + [len(k) for k in self.kinds])
-        self.texts = texts  # [total captions, ...]
-
-    def rows(self, image: int, kind: str) -> list[int]:
-        return [int(self.offsets[image]) + j for j, k in enumerate(self.kinds[image]) if k == kind]
-
-    def sample(self, image: int, long_prob: float, rng: random.Random) -> int:
-        longs, others = self.rows(image, "long"), [r for k in ("raw", "short") for r in self.rows(image, k)]
-        pool = longs if longs and (not others or rng.random() < long_prob) else others
-        return rng.choice(pool)
-
-
-def llm_text_table(cache_dirs: list[str], split: str, keys: list[str], metas: list[dict]) -> CaptionTable:
-    """Cached embeddings for each sample, stacked in key order; a missing key is an error naming it."""
-    emb, _ = embedding_cache.load_embeddings(cache_dirs, split)
-    missing = [k for k in keys if k not in emb]
-    if missing:
-        raise KeyError(f"{len(missing)} samples of split {split!r} have no cached embedding, e.g. {missing[:3]}")
-    for k, m in zip(keys, metas, strict=True):
-        if emb[k].shape[0] != len(data.caption_list(m)):
-            raise ValueError(
-                f"sample {k!r}: cache has {emb[k].shape[0]} captions, shard has {len(data.caption_list(m))}"
-            )
-    return CaptionTable(metas, torch.cat([emb[k] for k in keys]))
-
-
-def clip_text_table(model_name: str, metas: list[dict]) -> CaptionTable:
-    tokenizer = open_clip.get_tokenizer(model_name)
-    texts = [t for m in metas for _, t in data.caption_list(m)]
-    return CaptionTable(metas, tokenizer(texts))
-
-
 # ----------------------------------------------------------------------------------------------- training
 
 
 def build_model(cfg: TrainClipConfig, llm_dim: int | None) -> torch.nn.Module:
     if cfg.text_source == "llm":
-        return clip_model.LLM2CLIP(cfg.model, cfg.pretrained, llm_dim, cfg.adapter_blocks)
-    return clip_model.create_clip_baseline(cfg.model, cfg.pretrained)
+        return clip_model.LLM2CLIP(cfg.model, cfg.pretrained, llm_dim, cfg.adapter_blocks, cfg.embed_dim)
+    return clip_model.create_clip_baseline(cfg.model, cfg.pretrained, cfg.embed_dim)
 
 
-def loss_step(model, loss_fn: ClipLoss, images: torch.Tensor, texts: torch.Tensor, dtype: str) -> torch.Tensor:
-    """images uint8 [B, 3, H, W], texts [B, ...], both on the model's device -> symmetric InfoNCE (fp32)."""
+def loss_step(
+    model,
+    loss_fn: ClipLoss,
+    images: torch.Tensor,
+    texts: torch.Tensor,
+    dtype: str,
+    preprocess: ImagePreprocess,
+) -> torch.Tensor:
+    """images uint8 [B, 3, H, W], texts [B, ...], both on the model's device -> symmetric InfoNCE (fp32).
+    Normalisation (the tower's mean/std) happens here, on the device."""
     with devices.autocast(images.device, dtype):
-        image_features = model.encode_image(normalize_images(images), normalize=True)
+        image_features = model.encode_image(preprocess.normalize(images), normalize=True)
         text_features = model.encode_text(texts, normalize=True)
     return loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
 
@@ -153,30 +117,32 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
     device, dtype = devices.setup(cfg.device, cfg.dtype)
     print(f"device {device}, compute dtype {dtype}", flush=True)
 
-    # ---- data
-    keys, metas, images = load_images(storage.join(dataset_dir, "train"), image_size_of(cfg.model))
-    cache_info = None
+    # ---- model (the adapter's input width from the cache's manifest), then the data with its tower's preprocessing
+    cache_info, llm_dim = None, None
     if cfg.text_source == "llm":
         if not cache_dirs:
             raise ValueError("text_source='llm' needs the caption-embedding cache (cache_dirs)")
-        table = llm_text_table(cache_dirs, "train", keys, metas)
-        _, cache_info = embedding_cache.load_embeddings(cache_dirs[:1], "synthetic_short")
-        llm_dim = table.texts.shape[-1]
+        cache_manifest = artifacts.read_manifest(cache_dirs[0], "cache_caption_embeddings")
+        cache_info = {"encoder": cache_manifest["encoder"], "dim": cache_manifest["dim"]}
+        llm_dim = cache_manifest["dim"]
+    model = build_model(cfg, llm_dim)
+    preprocess = loading.preprocess_of(model)
+    # whole images (a fresh random crop each step), uint8 on the CPU
+    keys, metas, images = loading.load_images(storage.join(dataset_dir, "train"), preprocess, train=True)
+    if cfg.text_source == "llm":
+        table = loading.llm_text_table(cache_dirs, "train", keys, metas)
     else:
-        table, llm_dim = clip_text_table(cfg.model, metas), None
+        table = loading.clip_text_table(cfg.model, metas)
     n = len(keys)
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n} training images")
     total_steps = cfg.epochs * steps_per_epoch
 
-    # ---- model, loss, optimizer
-    model = build_model(cfg, llm_dim)
+    # ---- loss, optimizer
     if cfg.text_source == "llm" and cfg.center_text:
         model.text_mean.copy_(table.texts.float().mean(0))
     model.to(device)
-    if device.type == "cuda":  # page-locked host memory: batches copy to the GPU asynchronously
-        images = images.pin_memory()
     loss_fn = ClipLoss()
     optimizer = torch.optim.AdamW(clip_model.param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
@@ -198,8 +164,12 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
             idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
             rows = [table.sample(i, cfg.long_caption_prob, rng) for i in idx]
             set_lr(step)
-            batch_images = images[idx].to(device, non_blocking=True)
-            loss = loss_step(model, loss_fn, batch_images, table.texts[rows].to(device, non_blocking=True), dtype)
+            batch_images = preprocess.augment_batch([images[i] for i in idx])  # uint8, on the CPU
+            if device.type == "cuda":  # page-locked: the copy to the GPU is asynchronous
+                batch_images = batch_images.pin_memory()
+            batch_images = batch_images.to(device, non_blocking=True)
+            texts = table.texts[rows].to(device, non_blocking=True)
+            loss = loss_step(model, loss_fn, batch_images, texts, dtype, preprocess)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -235,6 +205,8 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
         llm_dim=llm_dim,
         cache=cache_info,
         compute=devices.describe(device, dtype),
+        recipe=cfg.recipe,
+        preprocess=preprocess.to_dict(),
         metrics=metrics,
         losses=losses[:: max(1, len(losses) // 200)],
         timings_s={"train_clip": seconds},
@@ -244,9 +216,13 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
 
 
 def load_trained(model_dir: str) -> tuple[torch.nn.Module, dict]:
-    """Rebuild a stage-2 model from its manifest and weights (eval mode)."""
+    """Rebuild a stage-2 model from its manifest and weights (eval mode), with the preprocessing it was trained
+    with attached (llm2clip.loading.preprocess_of). The pretrained checkpoint is not read again: the saved weights
+    replace it (the manifest's resolved lr etc. keep the config valid without it)."""
     manifest = artifacts.read_manifest(model_dir, "train_clip")
     cfg = TrainClipConfig(**{**manifest["config"], "pretrained": None})
     model = build_model(cfg, manifest["llm_dim"])
     model.load_state_dict(load(storage.read_bytes(storage.join(model_dir, "model.safetensors"))))
+    if "preprocess" in manifest:  # older manifests: the tower's default preprocessing
+        loading.set_preprocess(model, ImagePreprocess.from_dict(manifest["preprocess"]))
     return model.eval(), manifest
