@@ -32,7 +32,7 @@ def train_clip(
         pretrained=pretrained or None,
         epochs=epochs,
         batch_size=batch_size,
-        lr=lr,
+        lr=lr or None,  # 0: the recipe's (scratch or pretrained)
         seed=seed,
         center_text=center_text,
         device=device,

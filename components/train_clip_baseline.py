@@ -28,7 +28,7 @@ def train_clip_baseline(
         pretrained=pretrained or None,
         epochs=epochs,
         batch_size=batch_size,
-        lr=lr,
+        lr=lr or None,  # 0: the recipe's (scratch or pretrained)
         seed=seed,
         device=device,
         dtype=dtype,

@@ -44,7 +44,7 @@ def llm2clip_pipeline(
     pretrained: str = "",
     train_epochs: int = 15,
     train_batch_size: int = 64,
-    train_lr: float = 1e-3,
+    train_lr: float = 0.0,
     center_text: bool = True,
     ablations: bool = False,
     zero_shot: list = ["synthetic"],  # noqa: B006 (a KFP parameter default, never mutated)
@@ -64,7 +64,9 @@ def llm2clip_pipeline(
     tune_steps / tune_batch_size / tune_lr / lora_r: stage 1 (caption-contrastive LoRA; alpha = 2 r).
     cache_groups: how many parallel caching tasks the shards are split over.
     vision_model / pretrained: open_clip model config and pretrained tag ("" = random init).
-    train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines.
+    train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines; train_lr 0
+        takes the recipe's learning rate (1e-3 for a random tower; with `pretrained`, the official recipe: 1e-5,
+        layer decay 0.85, no warm-up).
     center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
         paper, see the README); applies to both LLM-taught models.
     ablations: also train both LLM-taught models without centring and report them beside the others.

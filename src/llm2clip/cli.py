@@ -94,7 +94,7 @@ def validate_parameters(params: dict[str, object]) -> None:
             model=params["vision_model"],
             epochs=params["train_epochs"],
             batch_size=params["train_batch_size"],
-            lr=params["train_lr"],
+            lr=params["train_lr"] or None,  # 0: the recipe's default
         )
         if params["cache_groups"] < 1:
             raise ValueError(f"cache_groups={params['cache_groups']!r}: must be >= 1")
