@@ -145,10 +145,17 @@ def write_status(output: Path, state: str, error: str | None = None) -> None:
     (output / RUN_STATUS).write_text(json.dumps(status, indent=2))
 
 
+LOCAL_CONCURRENCY = 2  # kfp.local's cap on tasks running at once (kfp 2.17)
+
+
 def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
     """Run the pipeline with kfp.local.SubprocessRunner in this environment; returns summary.json's content."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # kfp.local runs up to LOCAL_CONCURRENCY tasks at once, and PyTorch gives each all cores: two processes with 2
+    # threads each on 2 cores embedded 96 captions in 75 s each, with 1 thread each in 35 s (OpenMP threads spin
+    # against each other). So each task gets its share of the cores unless the user chose.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // LOCAL_CONCURRENCY)))
     from kfp import local
 
     from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
