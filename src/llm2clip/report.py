@@ -60,6 +60,12 @@ DEVIATIONS = [
         "applies when a pretrained tower is given.",
     ),
     (
+        "Image preprocessing",
+        "Each tower's own open_clip preprocessing (mean/std, interpolation, resize mode); training applies "
+        "RandomResizedCrop(0.9-1.0, bicubic) to a copy scaled to the tower's input side (the official code crops "
+        "the full-resolution image); evaluation resizes and centre-crops.",
+    ),
+    (
         "Raw-LLM baseline",
         "The raw-LLM row uses the frozen, untuned LLM with its causal attention as the paper's raw-LLM row does, "
         "with exactly the stage-2 recipe of LLM2CLIP (centring included), so tuning is the only difference. "

@@ -33,6 +33,7 @@ class TrainClipConfig:
     lr, layer_decay and warmup_steps left None take the recipe of the starting point (RECIPES): "pretrained" when
     `pretrained` is set, else "scratch". They are resolved in __post_init__, so the config object (and the
     manifest, which records it) holds the values actually used; a value given explicitly always wins.
+    (dataclasses.replace keeps resolved values: pass lr=None etc. with a new `pretrained` to re-resolve them.)
     """
 
     text_source: str = "llm"
