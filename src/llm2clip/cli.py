@@ -11,8 +11,10 @@ import time
 from pathlib import Path
 
 # Pipeline parameters per profile. "default" is the embedded default (SmolLM2-135M, under 15 minutes on 2 CPU
-# cores); "tiny" is a tiny random Llama on a handful of images (tests). Locally each cache fan-out runs as one task:
-# the tuned and the raw-LLM caches already run side by side, and kfp.local runs at most two tasks at once.
+# cores); "tiny" is a tiny random Llama on a handful of images (tests). kfp.local runs the DAG's tasks one after
+# another, but up to two iterations of a ParallelFor at once, and PyTorch gives every process all cores: two
+# caching processes with 2 threads each on 2 cores embedded 96 captions in 75 s each (1 thread each: 35 s), so
+# locally each cache fan-out is one task.
 PROFILES: dict[str, dict] = {
     # 300 images per eval set: an R@1 of 20% then has a 95% interval of about +-4.5 points (100 gave +-8)
     "default": {"cache_groups": 1, "num_eval": 300, "ablations": True},
@@ -146,17 +148,10 @@ def write_status(output: Path, state: str, error: str | None = None) -> None:
     (output / RUN_STATUS).write_text(json.dumps(status, indent=2))
 
 
-LOCAL_CONCURRENCY = 2  # kfp.local's cap on tasks running at once (kfp 2.17)
-
-
 def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
     """Run the pipeline with kfp.local.SubprocessRunner in this environment; returns summary.json's content."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    # kfp.local runs up to LOCAL_CONCURRENCY tasks at once, and PyTorch gives each all cores: two processes with 2
-    # threads each on 2 cores embedded 96 captions in 75 s each, with 1 thread each in 35 s (OpenMP threads spin
-    # against each other). So each task gets its share of the cores unless the user chose.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // LOCAL_CONCURRENCY)))
     from kfp import local
 
     from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
