@@ -109,6 +109,20 @@ def encoder_identity(text_lora_dir: str, use_adapter: bool) -> dict:
     }
 
 
+def base_encoder(identity: dict, device: torch.device, dtype: str) -> text_encoder.CaptionEncoder:
+    """The base LLM (no adapter) set up as an encoder identity says: attention, max length, instruction. On a GPU
+    the weights are stored in the compute dtype (an 8B model: 16 GB, not 32); on a CPU they stay fp32 and autocast
+    casts per op."""
+    return text_encoder.load_caption_encoder(
+        identity["base_model"],
+        bidirectional=identity["bidirectional"],
+        max_length=identity["max_length"],
+        instruction=identity.get("instruction", ""),
+        dtype=getattr(torch, dtype) if device.type == "cuda" else torch.float32,
+        device=device,
+    )
+
+
 def caption_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
@@ -179,16 +193,7 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
     padded_tokens, t_embed, dim = 0, time.time(), None
     if missing:
         print(f"device {device}, compute dtype {dtype}", flush=True)
-        encoder = text_encoder.load_caption_encoder(
-            identity["base_model"],
-            bidirectional=identity["bidirectional"],
-            max_length=identity["max_length"],
-            instruction=identity.get("instruction", ""),
-            # on a GPU the weights are stored in the compute dtype (an 8B model: 16 GB, not 32); on a CPU they stay
-            # fp32 and autocast casts per op
-            dtype=getattr(torch, dtype) if device.type == "cuda" else torch.float32,
-            device=device,
-        )
+        encoder = base_encoder(identity, device, dtype)
         if cfg.use_adapter:
             with storage.local_dir(storage.join(text_lora_dir, "adapter")) as adapter_dir:
                 text_encoder.load_lora(encoder, adapter_dir)

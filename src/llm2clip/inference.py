@@ -25,7 +25,7 @@ import open_clip
 import torch
 from PIL import Image
 
-from llm2clip import artifacts, devices, loading, storage, text_encoder, train_clip
+from llm2clip import artifacts, devices, embedding_cache, loading, storage, text_encoder, train_clip
 
 
 @dataclass
@@ -146,15 +146,7 @@ def caption_encoder_of(
         )
     if text_encoder.model_fingerprint(identity["base_model"]) != identity["base_fingerprint"]:
         raise ValueError(f"{model_dir}: the local {identity['base_model']!r} differs from the model its cache used")
-    llm = text_encoder.load_caption_encoder(
-        identity["base_model"],
-        bidirectional=identity["bidirectional"],
-        max_length=identity["max_length"],
-        instruction=identity.get("instruction", ""),
-        # as the cache: weights in the compute dtype on a GPU, fp32 on a CPU (autocast casts per op)
-        dtype=getattr(torch, dtype) if device.type == "cuda" else torch.float32,
-        device=device,
-    )
+    llm = embedding_cache.base_encoder(identity, device, dtype)  # exactly as the cache built it
     if identity["adapter_fingerprint"] is None:  # the raw-LLM baseline: no adapter
         return llm
     lora = text_lora_dir or recorded_text_lora(manifest)

@@ -50,8 +50,9 @@ DEVIATIONS = [
     (
         "Local default: synthetic data, a random-init tower, a 135M LLM",
         "The embedded default trains a small randomly initialised open_clip ViT on rendered synthetic scenes, "
-        "with SmolLM2-135M-Instruct as the LLM, on 2 CPU cores in 10-20 minutes depending on the CPU. Its numbers show that the "
-        "pipeline works and how the models compare on this data, not what the paper's ViT-L/Llama-3-8B reach.",
+        "with SmolLM2-135M-Instruct as the LLM, on 2 CPU cores in 10-20 minutes depending on the CPU. Its numbers "
+        "show that the pipeline works and how the models compare on this data, not what the paper's "
+        "ViT-L/Llama-3-8B reach.",
     ),
     (
         "Stage-2 budget",
