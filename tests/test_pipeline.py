@@ -62,6 +62,14 @@ def test_cli_rejects_bad_parameters(tmp_path):
     assert r.returncode != 0 and "batch_size=1" in r.stderr
     r = run_cli("run", "--local", "--profile", "huge")
     assert r.returncode != 0 and "invalid choice: 'huge'" in r.stderr
+    # device, dtype and zero-shot sets fail before any task, not inside stage 1
+    r = run_cli("run", "--local", "--output", str(tmp_path), "--set", "dtype=fp8")
+    assert r.returncode != 0 and "dtype='fp8': must be one of" in r.stderr
+    r = run_cli("run", "--local", "--output", str(tmp_path), "--set", 'zero_shot=["imagenet"]')
+    assert r.returncode != 0 and "zero_shot='imagenet'" in r.stderr
+    if not torch.cuda.is_available():
+        r = run_cli("run", "--local", "--output", str(tmp_path), "--set", "device=cuda")
+        assert r.returncode != 0 and "no CUDA device is visible" in r.stderr
     assert not (tmp_path / "pipeline_root").exists()  # nothing started
 
 

@@ -74,8 +74,9 @@ def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, 
 
 def validate_parameters(params: dict[str, object]) -> None:
     """Check the stage configs before starting any task, so a bad value fails in a second, not mid-run."""
-    from llm2clip import preflight
+    from llm2clip import devices, preflight
     from llm2clip.data import PrepareDataConfig
+    from llm2clip.evaluate import EvaluateConfig
     from llm2clip.train_clip import TrainClipConfig
     from llm2clip.tune import TuneConfig
 
@@ -94,13 +95,20 @@ def validate_parameters(params: dict[str, object]) -> None:
             batch_size=params["tune_batch_size"],
             lr=params["tune_lr"],
             lora_r=params["lora_r"],
+            device=params["device"],
+            dtype=params["dtype"],
         )
         TrainClipConfig(
             model=params["vision_model"],
+            pretrained=params["pretrained"] or None,
             epochs=params["train_epochs"],
             batch_size=params["train_batch_size"],
             lr=params["train_lr"] or None,  # 0: the recipe's default
+            device=params["device"],
+            dtype=params["dtype"],
         )
+        EvaluateConfig(device=params["device"], zero_shot=tuple(params["zero_shot"]))
+        devices.resolve_device(params["device"])  # "cuda" on a machine without a GPU fails here, not in a task
         if params["cache_groups"] < 1:
             raise ValueError(f"cache_groups={params['cache_groups']!r}: must be >= 1")
         preflight.check_run(params)  # models, object-store settings, paths, field names, batch vs split sizes
