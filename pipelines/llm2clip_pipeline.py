@@ -57,13 +57,16 @@ def llm2clip_pipeline(
         eval/<benchmark>/), img2dataset tars or a caption table (see source_options).
     source_options: how to read a real source, e.g. {"source_format": "img2dataset", "short_field":
         "json.short_caption", "long_field": "json.long_caption", "eval_sources": ["coco=karpathy:s3://b/
-        dataset_coco.json:s3://b/coco"]}; keys are PrepareDataConfig fields.
+        dataset_coco.json:s3://b/coco"]}; a caption table (CSV, TSV, JSONL, Parquet) names its columns with
+        "image_column", "key_column" and the *_field keys; eval_sources also add real eval sets to the synthetic
+        source. Keys are PrepareDataConfig fields.
     num_train / num_eval / image_size / seed: size and seed of the synthetic data.
     llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests) or a Hugging Face model path.
     bidirectional: remove the causal mask in the LLM (LLM2Vec-style); False keeps it causal.
     tune_steps / tune_batch_size / tune_lr / lora_r: stage 1 (caption-contrastive LoRA; alpha = 2 r).
     cache_groups: how many parallel caching tasks the shards are split over.
-    vision_model / pretrained: open_clip model config and pretrained tag ("" = random init).
+    vision_model / pretrained: open_clip model config and pretrained tag, or a checkpoint file (local or s3://);
+        "" = random init.
     train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines; train_lr 0
         takes the recipe's learning rate (1e-3 for a random tower; with `pretrained`, the official recipe: 1e-5,
         layer decay 0.85, no warm-up).
