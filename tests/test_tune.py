@@ -1,5 +1,7 @@
-"""Stage 1: hard-negative sampling at scale, CRA (pool, intervals, causal and bidirectional before), the manifest."""
+"""Stage 1: hard-negative sampling at scale, CRA (pool, intervals, causal and bidirectional before; off by default),
+the manifest."""
 
+import math
 import random
 import tracemalloc
 from collections.abc import Sequence
@@ -8,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm2clip import artifacts, embedding_cache, metrics, text_encoder, tune
+from llm2clip import artifacts, data, embedding_cache, metrics, text_encoder, tune
 
 KINDS = ("raw", "short", "long")
 
@@ -85,6 +87,17 @@ def test_cra_pairs_come_from_short_captions_up_to_the_limit(tiny_dataset):
     assert len(tune.cra_pairs(tiny_dataset, 5000).pool) == 12  # every eval image, when fewer than the cap
 
 
+def test_cra_pairs_name_their_rows_in_the_cache_order(tiny_dataset):
+    """Each pair's rows index its two captions in data.caption_list order, the order of the cached embeddings."""
+    pairs = tune.cra_pairs(tiny_dataset, 5000)
+    metas = {k: m for _, k, m in data.read_captions(f"{tiny_dataset}/{data.split_path(pairs.source)}")}
+    assert len(pairs.rows) == len(pairs.queries)
+    for (key, q, p), query, pooled in zip(pairs.rows, pairs.queries, pairs.pool, strict=True):
+        caps = data.caption_list(metas[key])
+        assert caps[q] == ("short", query) and caps[p] == ("short", pooled)
+        assert metas[key]["captions"]["short"][:2] == [query, pooled]
+
+
 def test_cra_is_skipped_with_a_note_without_short_pairs(tmp_path):
     splits = {"synthetic_long": {"path": "eval/synthetic_long", "caption_kind": "long"}}
     artifacts.write_manifest(str(tmp_path), "prepare_data", {}, {}, splits=splits)
@@ -116,8 +129,9 @@ def test_cra_matches_brute_force_and_restores_attention(tiny_encoder):
 
 def test_tune_reports_cra_before_both_ways_and_after_with_intervals(tiny_dataset, tmp_path):
     cfg = tune.TuneConfig(
-        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, lora_alpha=8, device="cpu", dtype="float32"
-    )
+        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, lora_alpha=8, device="cpu", dtype="float32",
+        cra=True,
+    )  # fmt: skip
     result = tune.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
     for name in ("cra_before", "cra_before_bidirectional", "cra_after"):
         lo, hi = result[f"{name}_ci95"]
@@ -126,6 +140,27 @@ def test_tune_reports_cra_before_both_ways_and_after_with_intervals(tiny_dataset
     manifest = artifacts.read_manifest(str(tmp_path / "lora"), "tune_caption_encoder")
     assert manifest["metrics"]["cra_before_bidirectional"] == result["cra_before_bidirectional"]
     assert manifest["pooling"] == text_encoder.POOLING and manifest["instruction"] == ""
+    assert "cra_note" not in result
+
+
+def test_tune_spends_no_llm_pass_on_cra_by_default(tiny_dataset, tmp_path, monkeypatch):
+    """CRA off (the default, the pipeline's case): no pairs read, no CRA pass; the manifest says where CRA is
+    measured, and the loss is still reported."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("stage 1 measured CRA with cra=False")
+
+    for name in ("cra_pairs", "cra", "cra_untuned"):
+        monkeypatch.setattr(tune, name, refuse)
+    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, device="cpu", dtype="float32")
+    assert cfg.cra is False
+    result = tune.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
+    assert result["cra_note"] == tune.CRA_IN_EVALUATE and "evaluate" in result["cra_note"]
+    assert result["cra_before"] is None and result["cra_after"] is None and result["cra_pool_size"] == 0
+    assert math.isfinite(result["loss_first"]) and math.isfinite(result["loss_last"])
+    manifest = artifacts.read_manifest(str(tmp_path / "lora"), "tune_caption_encoder")
+    assert manifest["metrics"]["cra_note"] == tune.CRA_IN_EVALUATE and manifest["config"]["cra"] is False
+    assert len(manifest["losses"]) == 2
 
 
 def test_the_instruction_is_part_of_the_cache_key(tmp_path):

@@ -1,5 +1,5 @@
 """evaluate: zero-shot retrieval (multi-caption protocol) of LLM2CLIP, its baselines and ablations, with bootstrap
-95% intervals and paired differences; CRA; the report."""
+95% intervals and paired differences; CRA from the caption-embedding caches; the report."""
 
 from __future__ import annotations
 
@@ -9,11 +9,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llm2clip import artifacts, data, devices, inference, loading, report, storage, train_clip, zeroshot
-from llm2clip.metrics import bootstrap_indices, bootstrap_retrieval, ci95, retrieval_hits
+from llm2clip import (
+    artifacts,
+    data,
+    devices,
+    embedding_cache,
+    inference,
+    loading,
+    report,
+    storage,
+    train_clip,
+    tune,
+    zeroshot,
+)
+from llm2clip.metrics import bootstrap_indices, bootstrap_retrieval, caption_retrieval_hits, ci95, retrieval_hits
 
 # The model every comparison is made against, then its baselines, then the ablations (present when asked for).
 MAIN = "llm2clip"
+RAW = "llm2clip_raw_llm"  # reads the raw-LLM cache: the frozen LLM, causal, no adapter
 MODELS = ("llm2clip", "llm2clip_raw_llm", "clip_baseline", "llm2clip_no_centring", "llm2clip_raw_llm_no_centring")
 
 
@@ -189,7 +202,7 @@ def evaluate(
     timings["evaluate"] = time.time() - t0
     timings["evaluate:zero_shot"] = t_zero_shot
     summary = {
-        "cra": cra_summary(tuned["metrics"]),
+        "cra": cra_from_caches(dataset_dir, caches, tuned, cfg),
         "retrieval": retrieval,
         "comparisons": comparisons,
         "zero_shot": zero_shot,
@@ -252,8 +265,57 @@ def pipeline_caches(tuned: list[str], raw: list[str]) -> dict[str, list[str]]:
 
 
 def cra_summary(tune_metrics: dict) -> dict:
-    """CRA as stage 1 measured it: every `cra_*` metric, without the prefix ("before", "after_ci95", ...)."""
+    """CRA as stage 1 measured it: every `cra_*` metric, without the prefix ("before", "after_ci95", ...); all None
+    with a "note" when stage 1 did not measure it."""
     return {k.removeprefix("cra_"): v for k, v in tune_metrics.items() if k.startswith("cra_")}
+
+
+def cra_from_caches(dataset_dir: str, caches: dict[str, list[str]], tuned: dict, cfg: EvaluateConfig) -> dict:
+    """CRA of the raw and the tuned LLM, read from the caption-embedding caches the pipeline embeds anyway.
+
+    "before": the raw-LLM cache (frozen LLM, causal, no adapter: the paper's raw-LLM row); "after": the tuned cache.
+    The pairs and the metric are stage 1's (`tune.cra_pairs` up to its cra_max_captions; caption 1 of each image
+    retrieves caption 2 among all, ties counted against the query), and both are resampled with the same
+    bootstrap draws of the queries, so "difference" (after - before) has a paired 95% interval.
+    "before_bidirectional" (mask removed, untuned) has no cache: it is stage 1's, when stage 1 measured it
+    (TuneConfig.cra), with stage 1's draws. Without both caches, stage 1's own CRA (or its note) is returned.
+
+    tuned: the stage-1 manifest. Returns {before, before_ci95, after, after_ci95, difference, difference_ci95,
+    [before_bidirectional, before_bidirectional_ci95,] pool_size, source, before_attention, store_dtype,
+    measured_in}; values in [0, 1].
+    """
+    stage1 = cra_summary(tuned["metrics"])
+    if MAIN not in caches or RAW not in caches:
+        return stage1
+    pairs = tune.cra_pairs(dataset_dir, tuned["config"].get("cra_max_captions", 5000))
+    if pairs is None:
+        return {"before": None, "before_ci95": None, "after": None, "after_ci95": None, "pool_size": 0,
+                "source": None, "note": tune.CRA_SKIPPED}  # fmt: skip
+    draws = bootstrap_indices(len(pairs.rows), cfg.bootstrap, cfg.seed)
+    out: dict = {}
+    replicates, encoders = {}, {}
+    for name, model in (("before", RAW), ("after", MAIN)):
+        emb, encoders[name] = embedding_cache.load_embeddings(caches[model], pairs.source)
+        # The caches store float16 vectors (CacheConfig.store_dtype), stage 1 measured in its compute dtype. CRA
+        # is a ranking, so the rounding can only flip near-ties (cosines within ~1e-3 of each other).
+        queries = torch.stack([emb[key][q] for key, q, _ in pairs.rows])  # [N, D]
+        pool = torch.stack([emb[key][p] for key, _, p in pairs.rows])  # [N, D]
+        hits = caption_retrieval_hits(queries, pool).numpy().astype(np.float64)
+        replicates[name] = hits[draws].mean(1)
+        out[name], out[f"{name}_ci95"] = float(hits.mean()), ci95(replicates[name])
+    out["difference"] = out["after"] - out["before"]
+    out["difference_ci95"] = ci95(replicates["after"] - replicates["before"])
+    if stage1.get("before_bidirectional") is not None:
+        out["before_bidirectional"] = stage1["before_bidirectional"]
+        out["before_bidirectional_ci95"] = stage1.get("before_bidirectional_ci95")
+    return {
+        **out,
+        "pool_size": len(pairs.rows),
+        "source": pairs.source,
+        "measured_in": "evaluate (caches)",
+        "before_attention": "bidirectional" if encoders["before"]["encoder"]["bidirectional"] else "causal",
+        "store_dtype": artifacts.read_manifest(caches[RAW][0], "cache_caption_embeddings").get("dtype"),
+    }
 
 
 def _describe(model_dir: str) -> dict:

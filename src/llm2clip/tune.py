@@ -1,4 +1,5 @@
-"""Stage 1, tune_caption_encoder: caption-contrastive LoRA tuning of an LLM (supervised SimCSE), with CRA."""
+"""Stage 1, tune_caption_encoder: caption-contrastive LoRA tuning of an LLM (supervised SimCSE); the CRA pairs and,
+on request, CRA measured in the stage."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ BOOTSTRAP_RESAMPLES = 1000
 MAX_NEGATIVE_DRAWS = 100
 Group = list[tuple[str, str]]  # one image's captions as (kind, text), data.caption_list order
 CRA_SKIPPED = "CRA skipped: no eval set has two short captions per image"
+CRA_IN_EVALUATE = (
+    "CRA is measured in evaluate, from the caption-embedding caches of the tuned and the raw LLM (TuneConfig.cra "
+    "is off: stage 1 spends no LLM passes on it)"
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class TuneConfig:
     device: str = "auto"  # cuda if available, else cpu (llm2clip.devices)
     dtype: str = "auto"  # autocast dtype; auto = bf16 on GPU / CPUs with native bf16, else fp32. Pooling and loss: fp32
     merge: bool = False  # also save the base model with the adapter merged in
+    # CRA in this stage: the raw LLM causal and with the mask removed, then the tuned LLM (three passes over the
+    # pairs). Off: the pipeline's evaluate computes it from the caption caches it embeds anyway (the raw-LLM row
+    # and the tuned one), which saves those passes; on: for a tuned LLM used without the pipeline's caches.
+    cra: bool = False
     cra_max_captions: int = 5000  # CRA pool size cap: the paper's COCO 5K protocol
     max_tokens: int = 1024  # padded tokens per forward chunk (length-sorted)
     log_every: int = 5
@@ -82,6 +91,9 @@ class CraPairs:
     queries: list[str]
     pool: list[str]
     source: str  # the eval set they come from
+    # per pair (sample key, query row, pool row): where the two captions sit among the sample's cached embeddings
+    # (rows in data.caption_list order), so CRA can be read from the caption-embedding cache
+    rows: tuple[tuple[str, int, int], ...] = ()
 
 
 def cra_pairs(dataset_dir: str, limit: int) -> CraPairs | None:
@@ -93,10 +105,17 @@ def cra_pairs(dataset_dir: str, limit: int) -> CraPairs | None:
         if kinds[bench] != "short":
             continue
         split = storage.join(dataset_dir, data.split_path(bench))
-        pairs = [m["captions"]["short"][:2] for _, _, m in data.read_captions(split)
-                 if len(m["captions"].get("short", [])) >= 2][:limit]  # fmt: skip
+        pairs, rows = [], []
+        for _, key, meta in data.read_captions(split):
+            caps = data.caption_list(meta)
+            short = [i for i, (kind, _) in enumerate(caps) if kind == "short"][:2]
+            if len(short) == 2:
+                pairs.append((caps[short[0]][1], caps[short[1]][1]))
+                rows.append((key, short[0], short[1]))
+            if len(pairs) == limit:
+                break
         if len(pairs) >= 2:
-            return CraPairs([a for a, _ in pairs], [b for _, b in pairs], bench)
+            return CraPairs([a for a, _ in pairs], [b for _, b in pairs], bench, tuple(rows))
     return None
 
 
@@ -123,14 +142,15 @@ def cra_untuned(encoder: text_encoder.CaptionEncoder, pairs: CraPairs, draws: np
     return out
 
 
-def cra_metrics(before: dict | None, after: dict | None, pairs: CraPairs | None) -> dict:
+def cra_metrics(before: dict | None, after: dict | None, pairs: CraPairs | None, note: str = CRA_SKIPPED) -> dict:
     """Flat CRA fields of the stage metrics: cra_before (causal, untuned: the paper's raw LLM),
     cra_before_bidirectional (untuned, mask removed), cra_after (tuned, as configured), each with a `_ci95`
-    [lo, hi], the pool size and its source eval set; all None with a `cra_note` when CRA could not be measured."""
+    [lo, hi], the pool size and its source eval set; all None with `note` as `cra_note` when CRA was not measured
+    (no pairs, or TuneConfig.cra off)."""
     if pairs is None or before is None or after is None:
         values = dict.fromkeys(["cra_before", "cra_before_bidirectional", "cra_after"])
         return {**values, **{f"{k}_ci95": None for k in values}, "cra_pool_size": 0, "cra_source": None,
-                "cra_note": CRA_SKIPPED}  # fmt: skip
+                "cra_note": note}  # fmt: skip
     out = {}
     for name, m in (("cra_before", before["causal"]), ("cra_before_bidirectional", before["bidirectional"]),
                     ("cra_after", after)):  # fmt: skip
@@ -187,19 +207,21 @@ def loss_step(
 
 
 def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dict:
-    """Tune the LLM with LoRA on the train captions; write the adapter + manifest; return CRA and loss."""
+    """Tune the LLM with LoRA on the train captions; write the adapter + manifest; return the loss and, with
+    cfg.cra, CRA before and after tuning (else the cra_* fields are None and cra_note says where CRA is measured)."""
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
-    # ---- data: caption groups (>= 2 captions of the same image, with their kinds) and held-out CRA pairs
+    # ---- data: caption groups (>= 2 captions of the same image, with their kinds) and, with cfg.cra, CRA pairs
     train = storage.join(dataset_dir, data.split_path("train"))
     groups = [data.caption_list(m) for _, _, m in data.read_captions(train)]
     groups = [g for g in groups if len(g) >= 2]
     if len(groups) < cfg.batch_size:
         raise ValueError(f"batch_size={cfg.batch_size}: only {len(groups)} train images have 2+ captions")
-    pairs = cra_pairs(dataset_dir, cfg.cra_max_captions)
+    pairs = cra_pairs(dataset_dir, cfg.cra_max_captions) if cfg.cra else None
     draws = bootstrap_indices(len(pairs.queries), BOOTSTRAP_RESAMPLES, cfg.seed) if pairs else None
+    cra_note = CRA_SKIPPED if cfg.cra else CRA_IN_EVALUATE
 
     # ---- model
     device, dtype = devices.setup(cfg.device, cfg.dtype)
@@ -215,7 +237,7 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
             flush=True,
         )
     else:
-        print(CRA_SKIPPED, flush=True)
+        print(cra_note, flush=True)
     # Seed here, after loading: a first run that converts or builds the base model consumes random numbers,
     # and the LoRA init and dropout must not depend on whether the model was already in the local cache.
     torch.manual_seed(cfg.seed)
@@ -260,7 +282,7 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
             encoder.tokenizer.save_pretrained(merged_dir)
     seconds = time.time() - t0
     metrics = {
-        **cra_metrics(before, after, pairs),
+        **cra_metrics(before, after, pairs, cra_note),
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "trainable_params": sum(p.numel() for p in params),
