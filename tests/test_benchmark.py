@@ -1,12 +1,14 @@
-"""The caching benchmark end to end on a tiny random Llama: JSON structure, and that the official-recipe variant
-batches as LLM2Vec's `encode` does (character-length order, batch 32, each batch padded to its longest, fp32)."""
+"""The benchmarks end to end on tiny data and a tiny random Llama: the caching benchmark's JSON and that the
+official-recipe variant batches as LLM2Vec's `encode` does (character-length order, batch 32, each batch padded to
+its longest, fp32); the stage-2 and memory contract from real training runs; the 10x dataset's images; the CLI."""
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 
-from llm2clip import benchmark, text_encoder
+from llm2clip import benchmark, cli, data, text_encoder, train_clip
 
 N = 70  # three batches of the official recipe: 32, 32, 6
 
@@ -63,3 +65,73 @@ def test_caching_benchmark_json(result):
     assert (ours["max_tokens"], ours["max_batch"]) in settings
     assert result["sweep_best"] in {r["variant"] for r in result["sweep"]}
     assert isinstance(result["notes"], list)
+
+
+# ----------------------------------------------------------------------------------------------- stage 2, memory
+
+TINY_STAGE2 = benchmark.Stage2BenchConfig(
+    images=32, image_size=32, epochs=1, batch_size=16, workers=0, llm=text_encoder.TINY_LLAMA,
+    online_batch=4, online_rounds=2, online_steps=1,
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage2_result():
+    return benchmark.run_benchmarks(
+        text_encoder.TINY_LLAMA, 8, 2, 64, 8, parts=["stage2", "memory"], stage2=TINY_STAGE2
+    )
+
+
+def test_stage2_and_memory_contract(stage2_result):
+    """The keys automation reads, with positive numbers, from real training runs on tiny data."""
+    json.dumps(stage2_result)
+    stage2, memory = stage2_result["stage2"], stage2_result["memory"]
+    assert stage2["images_per_s"] > 0
+    assert 0 < stage2["data_wait_share"] <= 1
+    assert stage2["cached_vs_online_speedup"] > 0
+    online = stage2["cached_vs_online"]
+    assert online["speedup"]["min"] <= stage2["cached_vs_online_speedup"] <= online["speedup"]["max"]
+    assert len(online["step_seconds"]["cached"]) == len(online["step_seconds"]["online"]) == 2
+    assert stage2["training"]["images"] == 32 and stage2["training"]["metrics"]["steps"] == 2
+    assert memory["rss_mb_1x"] > 0 and memory["rss_mb_10x"] > 0
+    assert memory["ratio_10x_vs_1x"] == pytest.approx(memory["rss_mb_10x"] / memory["rss_mb_1x"])
+    assert memory["images_1x"] == 32 and memory["images_10x"] == 320
+    assert memory["runs"]["1x"]["steps"] == 2 and memory["runs"]["10x"]["steps"] == 20  # 1 epoch, batch 16 both
+    assert memory["command"][1:3] == ["-m", "llm2clip.train_clip"]
+    assert set(stage2_result) >= {"stage2", "memory", "machine"} and "caching" not in stage2_result
+
+
+def test_copied_dataset_has_the_images_copies_times(tiny_dataset, tmp_path):
+    """Brute force: every train record of the source appears exactly 10 times (new keys, same captions)."""
+    out = benchmark.copied_dataset(tiny_dataset, 10, str(tmp_path / "x10"), 64)
+    source = list(data.read_captions(f"{tiny_dataset}/train"))
+    copied = list(data.read_captions(f"{out}/train"))
+    assert len(copied) == 10 * len(source) == 10 * benchmark.train_images(tiny_dataset)
+    assert benchmark.train_images(out) == len(copied)
+    assert len({k for _, k, _ in copied}) == len(copied)
+
+    def captions(records: list) -> Counter:
+        return Counter(json.dumps(m["captions"], sort_keys=True) for _, _, m in records)
+
+    assert captions(copied) == Counter({k: 10 * v for k, v in captions(source).items()})
+
+
+def test_train_command_carries_every_field():
+    fields, missing = benchmark.train_fields(TINY_STAGE2, epochs=1)
+    assert missing == [] and fields["workers"] == 0 and fields["epochs"] == 1
+    cmd = benchmark.train_command("D", ["C1", "C2"], "O", fields)
+    assert cmd[cmd.index("--batch-size") + 1] == "16" and cmd.count("--caption-embeddings") == 2
+    args = train_clip.parser().parse_args(cmd[3:])  # what the entry point makes of it
+    assert (args.dataset, args.output, args.caption_embeddings) == ("D", "O", ["C1", "C2"])
+    assert (args.batch_size, args.epochs, args.workers, args.device) == (16, 1, 0, "cpu")
+
+
+def test_cli_refuses_cuda_without_a_gpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        cli.main(["benchmark", "--device", "cuda", "--output", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        cli.main(["benchmark", "--only", "gpu", "--output", str(tmp_path / "b.json")])
+    with pytest.raises(SystemExit, match="unknown part"):
+        cli.main(["benchmark", "--only", "stage3", "--output", str(tmp_path / "b.json")])
+    assert not (tmp_path / "b.json").exists()

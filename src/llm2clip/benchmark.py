@@ -1,5 +1,5 @@
-"""Benchmarks that report numbers (ratios measured in one run, variants interleaved): caption caching and shard
-streaming.
+"""Benchmarks that report numbers (ratios measured in one run, variants interleaved): caption caching, shard
+streaming, stage-2 training, stage-2 memory, and the GPU suite (llm2clip.gpu_benchmark).
 
 Caption caching compares, on the same model and the same caption mix:
 - `official_recipe`: what microsoft/LLM2CLIP `llm2clip/data/extract_embedding.py` does: the LLM loaded in bf16
@@ -14,22 +14,56 @@ Caption caching compares, on the same model and the same caption mix:
 Each round runs every variant once (A B C A B C ...), so load from other processes hits all alike; ratios are taken
 per round and reported as median and min-max over rounds.
 
-llm2clip benchmark --output runs/benchmark.json [--llm smollm2-135m-instruct] [--captions 256] [--repeats 3]
+Stage 2 (`stage2`, `memory`), on a synthetic set chained as the pipeline does (prepare -> a LoRA-tuned tiny Llama
+-> cache -> train):
+- `stage2.images_per_s`, `stage2.data_wait_share`: `train_clip.train_clip` itself (streaming DataLoader and all);
+- `stage2.cached_vs_online_speedup`: the paper's Table A4 claim (cached features 4.2x faster than running the LLM
+  online), as the median over interleaved rounds of (a step whose text embeddings come from running the frozen LLM
+  on the batch's captions) / (the same step on cached embeddings); same tower, batch, images and optimizer;
+- `memory.rss_mb_1x`, `memory.rss_mb_10x`: peak RSS of `python -m llm2clip.train_clip` in a fresh process on N and
+  on 10N images (the N images copied 10 times under new keys), same epochs, batch and workers; memory must not
+  grow with the data (target ratio <= 1.3).
+
+llm2clip benchmark --output runs/benchmark.json [--device cpu|cuda] [--only caching,streaming,stage2,memory,gpu]
+    [--llm smollm2-135m-instruct] [--captions 32] [--repeats 3] [--stage2-images 500] ...
+The defaults are sized for about 10 minutes on a quiet 2-core CPU (the caching mix is small because the official
+recipe's bf16 is emulated on CPUs without avx512_bf16); on a GPU node add `--device cuda` (GPU suite included).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib.util
+import json
 import os
 import random
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import webdataset as wds
+from open_clip.loss import ClipLoss
 
-from llm2clip import data, devices, storage, synthetic, text_encoder
+from llm2clip import (
+    artifacts,
+    clip_model,
+    data,
+    devices,
+    embedding_cache,
+    loading,
+    storage,
+    synthetic,
+    text_encoder,
+    train_clip,
+    tune,
+)
 from llm2clip.embedding_cache import CacheConfig
 
 OFFICIAL_BATCH = 32  # LLM2Vec.encode's default batch size, which extract_embedding.py keeps
@@ -297,6 +331,314 @@ def streaming_benchmark(num_images: int, image_size: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------------------------- stage 2
+
+PARTS = ("caching", "streaming", "stage2", "memory", "gpu")
+MEMORY_SCALE = 10  # the larger training set of the memory benchmark has this many times the images
+MEMORY_TARGET_RATIO = 1.3  # peak RSS at MEMORY_SCALE x the images over peak RSS at 1x: memory must not grow with data
+SHARD_SIZE = 100  # images per shard of the benchmark's datasets (the 10x set: 50 shards)
+
+
+@dataclass(frozen=True)
+class Stage2BenchConfig:
+    """Sizes of the stage-2 and memory benchmarks; the defaults take a few minutes on a 2-core CPU."""
+
+    images: int = 500  # the 1x training set (the memory benchmark also trains on MEMORY_SCALE x this)
+    image_size: int = 64
+    model: str = clip_model.DEFAULT_MODEL  # the vision tower (open_clip config name)
+    epochs: int = 2  # of the stage-2 run; the memory runs train 1 epoch
+    batch_size: int = 64
+    workers: int | None = None  # train_clip's DataLoader processes; None: train_clip's own default
+    llm: str = text_encoder.SMOLLM2  # the frozen LLM the online variant runs
+    online_batch: int = 32  # batch of the cached-vs-online steps
+    online_rounds: int = 3
+    online_steps: int = 2  # steps of each variant per round
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        check = artifacts.check
+        check(self.images >= 2 * self.batch_size, "images", self.images, f"needs >= 2 batches ({2 * self.batch_size})")
+        check(16 <= self.image_size <= 1024, "image_size", self.image_size, "must be in [16, 1024]")
+        check(self.epochs >= 1, "epochs", self.epochs, "must be >= 1")
+        check(self.batch_size >= 2, "batch_size", self.batch_size, "needs >= 2 for in-batch negatives")
+        check(self.workers is None or self.workers >= 0, "workers", self.workers, "must be >= 0 or None")
+        check(self.online_batch >= 2, "online_batch", self.online_batch, "needs >= 2 for in-batch negatives")
+        check(self.online_rounds >= 1, "online_rounds", self.online_rounds, "must be >= 1")
+        check(self.online_steps >= 1, "online_steps", self.online_steps, "must be >= 1")
+        check(self.device in ("cpu", "cuda"), "device", self.device, "must be 'cpu' or 'cuda'")
+
+
+def copied_dataset(dataset_dir: str, copies: int, out_dir: str, image_size: int) -> str:
+    """A prepared dataset whose train split is `copies` copies of `dataset_dir`'s (keys suffixed `-copyN`), so
+    `copies` times the images with the same captions. Written as a canonical-layout source and run through
+    prepare_data like any source; no eval sets (training does not read them)."""
+    source = out_dir + "-source"
+    shards = storage.list_files(storage.join(dataset_dir, "train"), ".tar")
+
+    def records() -> Iterator[dict]:
+        for c in range(copies):
+            for shard in shards:
+                for sample in wds.WebDataset(shard, shardshuffle=False, empty_check=False):
+                    yield {**sample, "__key__": f"{sample['__key__']}-copy{c}"}
+
+    data.write_split(records(), storage.join(source, "train"), SHARD_SIZE)
+    data.prepare_data(data.PrepareDataConfig(source=source, image_size=image_size, shard_size=SHARD_SIZE), out_dir)
+    return out_dir
+
+
+def train_images(dataset_dir: str) -> int:
+    return artifacts.read_manifest(dataset_dir, "prepare_data")["stats"]["train"]["kept"]
+
+
+def stage2_inputs(root: str, bench: Stage2BenchConfig, scales: Sequence[int]) -> dict[int, tuple[str, list[str]]]:
+    """{scale: (dataset dir, caption-embedding cache dirs)} under `root`, chained as the pipeline does. Scale 1: a
+    synthetic set of `bench.images` images; scale k: its train images copied k times (`copied_dataset`). One tiny
+    Llama, LoRA-tuned for two steps, embeds both: its content-addressed store embeds each distinct caption once, so
+    the copies cost no LLM passes (the embeddings' values do not matter here, only their width and count)."""
+    base = os.path.join(root, "data-1x")
+    cfg = data.PrepareDataConfig(num_train=bench.images, num_eval=8, image_size=bench.image_size,
+                                 shard_size=SHARD_SIZE)  # fmt: skip
+    data.prepare_data(cfg, base)
+    lora = os.path.join(root, "text_lora")
+    tune_cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, warmup_steps=0,
+                               device="cpu")  # fmt: skip
+    tune.tune_caption_encoder(tune_cfg, base, lora)
+    cache_cfg = CacheConfig(store_root=os.path.join(root, "embedding-store"), device="cpu")
+    out = {}
+    for k in sorted(set(scales)):
+        dataset = base if k == 1 else copied_dataset(base, k, os.path.join(root, f"data-{k}x"), bench.image_size)
+        cache = os.path.join(root, f"caption_embeddings-{k}x")
+        embedding_cache.cache_caption_embeddings(cache_cfg, dataset, lora, cache)
+        out[k] = (dataset, [cache])
+    return out
+
+
+def train_fields(bench: Stage2BenchConfig, epochs: int) -> tuple[dict, list[str]]:
+    """TrainClipConfig fields for a benchmark run, and the names of those this train_clip does not have (a
+    train_clip from before the streaming rewrite has no `workers`)."""
+    wanted = {"model": bench.model, "epochs": epochs, "batch_size": bench.batch_size, "device": bench.device,
+              **({} if bench.workers is None else {"workers": bench.workers})}  # fmt: skip
+    known = {f.name for f in dataclasses.fields(train_clip.TrainClipConfig)}
+    return {k: v for k, v in wanted.items() if k in known}, sorted(set(wanted) - known)
+
+
+def stage2_training(dataset: str, caches: list[str], out_dir: str, bench: Stage2BenchConfig) -> dict:
+    """One `train_clip.train_clip` run in this process; its own images/s and data-wait share."""
+    fields, missing = train_fields(bench, bench.epochs)
+    notes = [f"this train_clip has no field(s) {missing}: not applied"] if missing else []
+    if bench.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    metrics = train_clip.train_clip(train_clip.TrainClipConfig(**fields), dataset, out_dir, caches)
+    compute = artifacts.read_manifest(out_dir, "train_clip").get("compute", {})
+    if "data_wait_share" not in metrics:
+        notes.append("this train_clip reports no data_wait_share (it predates the streaming DataLoader): None")
+    gpu_peak = metrics.get("gpu_peak_mb")
+    if gpu_peak is None and bench.device == "cuda":
+        gpu_peak = torch.cuda.max_memory_allocated() / 2**20
+    return {
+        "images_per_s": metrics["images_per_s"],
+        "data_wait_share": metrics.get("data_wait_share"),
+        "images": train_images(dataset),
+        "epochs": bench.epochs,
+        "batch_size": bench.batch_size,
+        "model": bench.model,
+        "image_size": bench.image_size,
+        "workers": compute.get("data_workers", bench.workers),
+        "compute": compute,
+        "gpu_peak_mb": gpu_peak,
+        "metrics": metrics,
+        "notes": notes,
+    }
+
+
+def cached_vs_online(bench: Stage2BenchConfig) -> dict:
+    """Seconds per stage-2 step with cached caption embeddings vs the same step with the embeddings made by running
+    the frozen LLM on the batch's captions first (tokenize + forward under no_grad, length-batched at the cache
+    stage's token budget). Same tower, images [B, 3, S, S], captions and optimizer; variants interleaved per round
+    (cached, online, cached, online, ...); the ratio online/cached is taken per round."""
+    # ---- setup: the LLM as the cache stage loads it, a stage-2 model as train_clip builds it (random init)
+    device, dtype = devices.setup(bench.device, "auto")
+    weights = getattr(torch, dtype) if device.type == "cuda" else torch.float32
+    encoder = text_encoder.load_caption_encoder(bench.llm, dtype=weights, device=device)
+    encoder.model.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    model = clip_model.LLM2CLIP(bench.model, None, encoder.dim).to(device).train()
+    preprocess = loading.preprocess_of(model)
+    size = loading.image_size_of(bench.model)
+    batch = bench.online_batch
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    captions = caption_mix(batch)
+    max_tokens, max_batch = embedding_cache.default_token_budget(device.type)
+    loss_fn = ClipLoss()
+    optimizer = torch.optim.AdamW(clip_model.param_groups(model, 1e-4, 0.05, 1.0))
+
+    @torch.no_grad()
+    def llm_embeddings() -> torch.Tensor:  # [B, D] fp32 on the device
+        with devices.autocast(device, dtype):
+            return text_encoder.embed_by_length(encoder, captions, max_tokens, max_batch)[0]
+
+    cached = llm_embeddings().to(torch.float16)  # as the cache stores them
+
+    def step(texts: torch.Tensor) -> None:
+        loss = train_clip.loss_step(model, loss_fn, images, texts, dtype, preprocess)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_clip.TrainClipConfig.grad_clip)
+        optimizer.step()
+        clip_model.clamp_logit_scale(model)
+        loss.item()  # waits for the device
+
+    variants: dict[str, Callable[[], None]] = {"cached": lambda: step(cached), "online": lambda: step(llm_embeddings())}
+
+    # ---- warm-up, then rounds: each variant `online_steps` steps per round
+    for fn in variants.values():
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(bench.online_rounds):
+        for name, fn in variants.items():
+            t0 = time.perf_counter()
+            for _ in range(bench.online_steps):
+                fn()
+            seconds[name].append((time.perf_counter() - t0) / bench.online_steps)
+        print(f"  round {r + 1}/{bench.online_rounds} step cached {seconds['cached'][-1]:.3f} s, online "
+              f"{seconds['online'][-1]:.3f} s", flush=True)  # fmt: skip
+    per_round = list(zip(seconds["cached"], seconds["online"], strict=True))
+    return {
+        "speedup": spread([o / c for c, o in per_round]),
+        "llm_share_of_online_step": spread([(o - c) / o for c, o in per_round]),
+        "llm": bench.llm,
+        "model": bench.model,
+        "image_size": size,
+        "batch": batch,
+        "caption_tokens_per_batch": sum(text_encoder.token_lengths(encoder, captions)),
+        "compute": devices.describe(device, dtype),
+        "rounds": bench.online_rounds,
+        "steps_per_round": bench.online_steps,
+        "step_seconds": seconds,
+        "note": "the ratio grows with the LLM's cost over the tower's: the paper's 4.2x pairs an 8B LLM with "
+        "EVA02-L/14-336 (see the GPU suite's derived ratio for ViT-L-14 and an 8B-shaped Llama)",
+    }
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+_TRAIN_IN_PROCESS = (  # for a train_clip without `python -m llm2clip.train_clip`: the same function, own process
+    "import json, sys; from llm2clip import train_clip as t; a = json.loads(sys.argv[1]); "
+    "t.train_clip(t.TrainClipConfig(**a['config']), a['dataset'], a['output'], a['caches'])"
+)
+
+
+def has_entry_point() -> bool:
+    """Whether `python -m llm2clip.train_clip` runs training (the streaming rewrite adds it)."""
+    origin = importlib.util.find_spec("llm2clip.train_clip").origin
+    return 'if __name__ == "__main__"' in Path(origin).read_text()
+
+
+def train_command(dataset: str, caches: list[str], out_dir: str, fields: dict) -> list[str]:
+    """`python -m llm2clip.train_clip --dataset D --output O --caption-embeddings C ... --kebab-field V ...`."""
+    if not has_entry_point():
+        spec = {"config": fields, "dataset": dataset, "output": out_dir, "caches": caches}
+        return [sys.executable, "-c", _TRAIN_IN_PROCESS, json.dumps(spec)]
+    cmd = [sys.executable, "-m", "llm2clip.train_clip", "--dataset", dataset, "--output", out_dir]
+    for c in caches:
+        cmd += ["--caption-embeddings", c]
+    for k, v in fields.items():
+        cmd += ["--" + k.replace("_", "-"), str(v)]
+    return cmd
+
+
+def tree_pss_mb(pid: int) -> float | None:
+    """Proportional set size (MB) of a process and all its descendants: pages shared between processes (forked
+    DataLoader workers) are split between them, so the sum is the memory the tree really holds. None without
+    /proc (not Linux)."""
+    total_kb, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total_kb += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):  # gone meanwhile, or no /proc
+            continue
+    return total_kb / 1024 if total_kb else None
+
+
+def peak_rss_of_training(cmd: list[str], log_path: str, sample_every_s: float = 0.2) -> dict:
+    """Run `cmd` to completion; its peak RSS from the kernel (wait4's ru_maxrss: the largest of the process and
+    its reaped children, i.e. the training process or one DataLoader worker) and the peak PSS of the whole process
+    tree, sampled every `sample_every_s` seconds."""
+    t0 = time.perf_counter()
+    peak_pss = 0.0
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak_pss = max(peak_pss, tree_pss_mb(proc.pid) or 0.0)
+            time.sleep(sample_every_s)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    if proc.returncode:
+        tail = Path(log_path).read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"stage-2 training failed (exit {proc.returncode}): {' '.join(cmd[:4])} ...\n{tail}")
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, "tree_pss_mb_peak_sampled": peak_pss or None,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def memory_benchmark(inputs: dict[int, tuple[str, list[str]]], root: str, bench: Stage2BenchConfig) -> dict:
+    """Peak RSS of stage-2 training (1 epoch, same batch and workers) in a fresh process on the 1x and the
+    MEMORY_SCALE x dataset."""
+    fields, missing = train_fields(bench, epochs=1)
+    notes = [f"this train_clip has no field(s) {missing}: not applied"] if missing else []
+    if not has_entry_point():
+        notes.append("this train_clip has no `python -m llm2clip.train_clip`: train_clip.train_clip ran in a "
+                     "fresh `python -c` process instead")  # fmt: skip
+    runs = {}
+    for k in (1, MEMORY_SCALE):
+        dataset, caches = inputs[k]
+        out_dir = os.path.join(root, f"memory-{k}x")
+        cmd = train_command(dataset, caches, out_dir, fields)
+        run = peak_rss_of_training(cmd, out_dir + ".log")
+        metrics = artifacts.read_manifest(out_dir, "train_clip")["metrics"]
+        run.update(images=train_images(dataset), steps=metrics.get("steps"),
+                   metrics={m: metrics.get(m) for m in ("peak_rss_mb", "workers_peak_rss_mb", "gpu_peak_mb",
+                                                        "images_per_s", "data_wait_share")})  # fmt: skip
+        runs[f"{k}x"] = run
+        print(f"  memory {k:>2}x: {run['images']} images, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+    small, large = runs["1x"], runs[f"{MEMORY_SCALE}x"]
+    ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
+    if small["metrics"]["peak_rss_mb"] is None:
+        notes.append("this train_clip reports no peak_rss_mb of its own: only the kernel's ru_maxrss is given")
+    out = {
+        "rss_mb_1x": small["peak_rss_mb"],
+        f"rss_mb_{MEMORY_SCALE}x": large["peak_rss_mb"],
+        f"ratio_{MEMORY_SCALE}x_vs_1x": ratio,
+        "target_ratio": MEMORY_TARGET_RATIO,
+        "meets_target": ratio <= MEMORY_TARGET_RATIO,
+        "images_1x": small["images"],
+        f"images_{MEMORY_SCALE}x": large["images"],
+        "measured_by": "wait4 ru_maxrss of a fresh training process (the largest single process: the trainer or "
+        "a DataLoader worker); tree_pss_mb_peak_sampled adds up the whole process tree",
+        "command": train_command("DATASET", ["CACHE"], "OUTPUT", fields),
+        "runs": runs,
+        "notes": notes,
+    }
+    if bench.device == "cuda":
+        out["gpu_peak_mb_1x"] = small["metrics"].get("gpu_peak_mb")
+        out[f"gpu_peak_mb_{MEMORY_SCALE}x"] = large["metrics"].get("gpu_peak_mb")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- all of it
+
+
+def default_parts(device: str) -> tuple[str, ...]:
+    """Everything that runs on `device`: the GPU suite only on cuda."""
+    return PARTS if device == "cuda" else tuple(p for p in PARTS if p != "gpu")
+
+
 def run_benchmarks(
     llm: str,
     captions: int,
@@ -307,12 +649,55 @@ def run_benchmarks(
     sweep_max_tokens: Sequence[int] = DEFAULT_SWEEP_MAX_TOKENS,
     sweep_max_batch: Sequence[int] = DEFAULT_SWEEP_MAX_BATCH,
     streaming: bool = True,
+    *,
+    parts: Sequence[str] | None = None,
+    stage2: Stage2BenchConfig | None = None,
+    gpu_smoke: bool = False,
+    gpu_time_limit_s: float = 280.0,
+    save: Callable[[dict], None] | None = None,
 ) -> dict:
-    print("caption caching:", flush=True)
-    caching = caching_benchmark(llm, captions, naive_captions, fixed_length, repeats, sweep_max_tokens, sweep_max_batch)
-    out = {"caching": caching, "machine": {"cpus": os.cpu_count(), "cpu": devices.cpu_name(),
-           "cuda": torch.cuda.is_available()}}  # fmt: skip
-    if streaming:
+    """The benchmarks named in `parts` (default: `default_parts` of the stage-2 device); `save` is called with the
+    results so far after each part, so a later failure keeps the earlier numbers."""
+    stage2 = stage2 or Stage2BenchConfig(llm=llm)
+    parts = [p for p in (parts or default_parts(stage2.device)) if streaming or p != "streaming"]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise ValueError(f"parts={unknown}: unknown (known: {PARTS})")
+    out: dict = {"parts": parts, "device": stage2.device,
+                 "machine": {"cpus": os.cpu_count(), "cpu": devices.cpu_name(), "cuda": torch.cuda.is_available(),
+                             "load_average_1min": os.getloadavg()[0]}}  # fmt: skip
+
+    def done(name: str, result: dict) -> None:
+        out[name] = result
+        if save is not None:
+            save(out)
+
+    if "gpu" in parts:  # first: the scarce device time goes to the suite that needs it
+        from llm2clip import gpu_benchmark
+
+        print("GPU suite:", flush=True)
+        done("gpu", gpu_benchmark.run_gpu_suite(stage2.device, smoke=gpu_smoke, time_limit_s=gpu_time_limit_s))
+    if "caching" in parts:
+        print("caption caching:", flush=True)
+        done("caching", caching_benchmark(llm, captions, naive_captions, fixed_length, repeats, sweep_max_tokens,
+                                          sweep_max_batch))  # fmt: skip
+    if "streaming" in parts:
         print("shard streaming:", flush=True)
-        out["streaming"] = streaming_benchmark(stream_images, 64)
+        done("streaming", streaming_benchmark(stream_images, 64))
+    if "stage2" in parts or "memory" in parts:
+        with tempfile.TemporaryDirectory(prefix="llm2clip-bench-") as root:
+            print("stage-2 inputs (prepare, tune a tiny Llama, cache):", flush=True)
+            inputs = stage2_inputs(root, stage2, [1, MEMORY_SCALE] if "memory" in parts else [1])
+            if "stage2" in parts:
+                print("stage-2 training:", flush=True)
+                training = stage2_training(*inputs[1], os.path.join(root, "stage2"), stage2)
+                print("stage-2 step, cached vs online LLM:", flush=True)
+                online = cached_vs_online(stage2)
+                done("stage2", {"images_per_s": training["images_per_s"],
+                                "data_wait_share": training["data_wait_share"],
+                                "cached_vs_online_speedup": online["speedup"]["median"],
+                                "training": training, "cached_vs_online": online})  # fmt: skip
+            if "memory" in parts:
+                print("stage-2 memory:", flush=True)
+                done("memory", memory_benchmark(inputs, root, stage2))
     return out

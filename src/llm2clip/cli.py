@@ -224,25 +224,44 @@ def main(argv: list[str] | None = None) -> int:
     )
     comp = sub.add_parser("compile", help="write the compiled pipeline YAML", description="Compile the pipeline.")
     comp.add_argument("--output", type=Path, default=None, help="where to write (default: pipelines/llm2clip.yaml)")
-    bench = sub.add_parser("benchmark", help="measure caching and streaming throughput, write JSON",
+    bench = sub.add_parser("benchmark", help="measure caching, streaming, stage-2 speed and memory; write JSON",
                            description="Caption caching (ours vs the official LLM2CLIP recipe, its batching in our "
-                           "dtype, naive padding, and a token-budget sweep; interleaved rounds, per-round ratios) and "
-                           "shard streaming (S3 vs local).")  # fmt: skip
+                           "dtype, naive padding, and a token-budget sweep; interleaved rounds, per-round ratios), "
+                           "shard streaming (S3 vs local), stage-2 training (images/s, data-wait share, cached vs "
+                           "online LLM), stage-2 peak memory on 1x and 10x the images, and on cuda the GPU suite "
+                           "(llm2clip.gpu_benchmark).")  # fmt: skip
     bench.add_argument("--output", type=Path, default=Path("runs/benchmark.json"), help="JSON file to write")
+    bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of stage 2 and the GPU suite")
+    bench.add_argument("--only", default=None, metavar="PARTS",
+                       help="comma-separated subset of caching,streaming,stage2,memory,gpu (default: all but gpu; "
+                       "on cuda all)")  # fmt: skip
     bench.add_argument("--llm", default="smollm2-135m-instruct", help="caption encoder (default: the embedded LLM)")
-    bench.add_argument("--captions", type=int, default=256, help="captions of the mix every caching variant embeds")
-    bench.add_argument("--naive-captions", type=int, default=32, help="captions for naive padding (a prefix)")
+    bench.add_argument("--captions", type=int, default=32, help="captions of the mix every caching variant embeds")
+    bench.add_argument("--naive-captions", type=int, default=2, help="captions for naive padding (a prefix)")
     bench.add_argument("--fixed-length", type=int, default=512, help="padding length of the naive variant")
     bench.add_argument("--repeats", type=int, default=3, help="interleaved rounds (every variant once per round)")
-    bench.add_argument("--sweep-max-tokens", default="512,1024,2048,4096,8192", help="token budgets to sweep (comma)")
+    bench.add_argument("--sweep-max-tokens", default="1024,2048,8192", help="token budgets to sweep (comma)")
     bench.add_argument("--sweep-max-batch", default="256", help="max captions per batch to sweep (comma-separated)")
     bench.add_argument("--stream-images", type=int, default=1000, help="images for the streaming benchmark")
-    bench.add_argument("--no-streaming", action="store_true", help="caching benchmark only")
+    bench.add_argument("--no-streaming", action="store_true", help="leave out the streaming benchmark")
+    bench.add_argument("--stage2-images", type=int, default=500, help="training images of stage 2 (memory: also 10x)")
+    bench.add_argument("--stage2-image-size", type=int, default=64, help="side of the synthetic training images")
+    bench.add_argument("--stage2-model", default=None, help="vision tower (open_clip config; default: train_clip's)")
+    bench.add_argument("--stage2-epochs", type=int, default=2, help="epochs of the stage-2 throughput run")
+    bench.add_argument("--batch-size", type=int, default=64, help="stage-2 batch (training and memory runs)")
+    bench.add_argument("--workers", type=int, default=None, help="stage-2 DataLoader workers (default: train_clip's)")
+    bench.add_argument("--online-batch", type=int, default=32, help="batch of the cached-vs-online steps")
+    bench.add_argument("--online-rounds", type=int, default=3, help="interleaved cached/online rounds")
+    bench.add_argument("--online-steps", type=int, default=2, help="steps of each variant per round")
+    bench.add_argument("--gpu-smoke", action="store_true", help="the GPU suite on tiny shapes (runs on a CPU)")
+    bench.add_argument("--gpu-time-limit", type=float, default=280.0, help="seconds for the whole GPU suite")
     args = parser.parse_args(argv)
 
     if args.command == "benchmark":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from llm2clip.benchmark import run_benchmarks
+        import torch
+
+        from llm2clip.benchmark import PARTS, Stage2BenchConfig, default_parts, run_benchmarks
 
         try:
             sweep_tokens = [int(x) for x in args.sweep_max_tokens.split(",")]
@@ -252,10 +271,35 @@ def main(argv: list[str] | None = None) -> int:
         sizes = [args.captions, args.naive_captions, args.fixed_length, args.stream_images, args.repeats]
         if min(sizes + sweep_tokens + sweep_batch) < 1:
             raise SystemExit("benchmark sizes must be >= 1")
-        result = run_benchmarks(args.llm, args.captions, args.naive_captions, args.fixed_length, args.stream_images,
-                                args.repeats, sweep_tokens, sweep_batch, streaming=not args.no_streaming)  # fmt: skip
+        parts = args.only.split(",") if args.only else list(default_parts(args.device))
+        if set(parts) - set(PARTS):
+            raise SystemExit(f"--only {args.only}: unknown part(s) {sorted(set(parts) - set(PARTS))} (known: "
+                             f"{','.join(PARTS)})")  # fmt: skip
+        if args.device == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(
+                "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); run "
+                "on a GPU node, or --device cpu (the GPU suite on tiny shapes: --only gpu --gpu-smoke)"
+            )
+        if "gpu" in parts and args.device == "cpu" and not args.gpu_smoke:
+            raise SystemExit("the GPU suite (--only gpu) needs --device cuda, or --gpu-smoke for tiny shapes on a CPU")
+        try:
+            stage2 = Stage2BenchConfig(
+                images=args.stage2_images, image_size=args.stage2_image_size, epochs=args.stage2_epochs,
+                batch_size=args.batch_size, workers=args.workers, llm=args.llm, online_batch=args.online_batch,
+                online_rounds=args.online_rounds, online_steps=args.online_steps, device=args.device,
+                **({"model": args.stage2_model} if args.stage2_model else {}),
+            )  # fmt: skip
+        except ValueError as e:
+            raise SystemExit(f"bad benchmark setting: {e}") from None
         args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2))
+
+        def save(result: dict) -> None:  # after every part: a later failure keeps the earlier numbers
+            args.output.write_text(json.dumps(result, indent=2))
+
+        run_benchmarks(args.llm, args.captions, args.naive_captions, args.fixed_length, args.stream_images,
+                       args.repeats, sweep_tokens, sweep_batch, streaming=not args.no_streaming, parts=parts,
+                       stage2=stage2, gpu_smoke=args.gpu_smoke, gpu_time_limit_s=args.gpu_time_limit,
+                       save=save)  # fmt: skip
         print(f"wrote {args.output}")
         return 0
 
