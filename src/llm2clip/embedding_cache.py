@@ -5,24 +5,36 @@ pooling, max length, attention, dtypes) plus the caption text, so a caption alre
 is never embedded again, across runs and tasks. The store under `<root>/<encoder key>/`:
     packs/<uuid>.safetensors    {caption sha256: [D]}     written first
     packs/<uuid>.keys.json      the pack's caption hashes  written last: a pack without it does not exist
-Each task writes its own packs (parallel tasks never touch each other's files) every `pack_size` new captions,
-so a task killed midway resumes from its last pack.
+Each task writes its own packs (parallel tasks never touch each other's files): one every `pack_size` new
+embeddings and one with the rest at the end of each shard, so a task killed midway loses at most one pack.
+
+A task streams its shard group: read one shard's captions, look them up, embed the misses, write the shard's
+file, free, next shard; memory holds one shard, whatever the group's size. The groups are balanced by the tokens
+the LLM will run over (`shard_groups`), not by shard count. A restarted task skips every shard whose file exists:
+files are written atomically (`storage.open_write`), so one that exists is complete.
 
 Layout of one stage output (one shard group), what training reads:
-    <split path>/<shard>.safetensors   {sample key: [n_captions, D] fp16}, rows in data.caption_list order
-    manifest.json                      model + adapter fingerprints, pooling, max length, dim, dtype, counts
+    <split path>/<shard>.safetensors   {sample key: [n_captions, D] fp16}, rows in data.caption_list order;
+                                       its metadata names the store key of the encoder that wrote it
+    manifest.json                      written last: model + adapter fingerprints, pooling, max length, dim, dtype,
+                                       counts, and per shard its samples, captions and tokens
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import json
 import os
+import resource
+import struct
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load, save
@@ -30,6 +42,7 @@ from safetensors.torch import load, save
 from llm2clip import artifacts, data, devices, storage, text_encoder
 
 ATTENTION = ("as_tuned", "causal", "bidirectional")
+T = TypeVar("T")
 
 
 def default_token_budget(device: str = "auto") -> tuple[int, int]:
@@ -43,7 +56,8 @@ def default_token_budget(device: str = "auto") -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Which adapter to apply, which shards this task owns, and how captions are batched."""
+    """Which adapter to apply, which shards this task owns (group `group_index` of `num_groups` token-balanced
+    groups, see `shard_groups`), and how captions are batched."""
 
     use_adapter: bool = True  # False: embed with the raw (not tuned) base LLM, for the raw-LLM baseline
     # "as_tuned": the attention stage 1 tuned with; "causal": the LLM as it is (the paper's raw-LLM baseline);
@@ -57,7 +71,9 @@ class CacheConfig:
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # compute dtype; auto = bf16 on GPU / CPUs with native bf16, else fp32 (recorded in the key)
     store_dtype: str = "float16"
-    pack_size: int = 2048  # new embeddings per pack written to the content-addressed store
+    # new embeddings per pack written to the content-addressed store (and one smaller pack per shard for the rest):
+    # the most a killed task loses
+    pack_size: int = 2048
     store_root: str | None = None  # default: $LLM2CLIP_STORE/embedding-cache, else the local model cache
 
     def __post_init__(self) -> None:
@@ -164,69 +180,126 @@ class EmbeddingStore:
         return out
 
 
+# ----------------------------------------------------------------------------------------------- shard groups
+
+
+def shard_token_costs(dataset_dir: str, identity: dict) -> list[tuple[tuple[str, str], int]]:
+    """((split path, shard file), tokens) for every shard of `all_shards`: the tokens the encoder runs over, as
+    `text_encoder.token_lengths` counts them (instruction and special tokens included, each caption capped at
+    max_length). Only the base model's tokenizer is loaded, never its weights. Reads every shard's captions (the
+    tar is streamed, images are not decoded), one shard at a time."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder.resolve_model_dir(identity["base_model"]))
+    out = []
+    for split_path, shard in all_shards(dataset_dir):
+        texts = [
+            identity["instruction"] + text
+            for _, _, meta in data.read_captions_of_shard(storage.join(dataset_dir, split_path, shard))
+            for _, text in data.caption_list(meta)
+        ]
+        ids = tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+        out.append(((split_path, shard), sum(min(len(x), identity["max_length"]) for x in ids)))
+    return out
+
+
+def shard_groups(shard_costs: Sequence[tuple[T, int]], num_groups: int) -> list[list[T]]:
+    """Partition shards into `num_groups` groups of near-equal total cost, deterministically (every task computes
+    the same groups): greedy longest-processing-time, the costliest shard first, each to the least-loaded group,
+    ties to the earlier shard and the lower group. The costliest group is at most 4/3 of the best possible
+    (Graham, 1969). Each group keeps its shards in input order; with more groups than shards some stay empty."""
+    order = sorted(range(len(shard_costs)), key=lambda i: (-shard_costs[i][1], i))
+    loads = [(0, g) for g in range(num_groups)]  # a heap of (total cost, group index)
+    members: list[list[int]] = [[] for _ in range(num_groups)]
+    for i in order:
+        cost, g = heapq.heappop(loads)
+        members[g].append(i)
+        heapq.heappush(loads, (cost + shard_costs[i][1], g))
+    return [[shard_costs[i][0] for i in sorted(m)] for m in members]
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
 def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str) -> dict:
-    """Embed every caption of this task's shard group; returns counts and throughput."""
+    """Embed every caption of this task's shard group, one shard at a time; returns counts and throughput.
+
+    Restarted with the same config, it skips the shards whose file exists (from another encoder: a ValueError)
+    and embeds only captions missing from the store. Metrics: `captions` of the whole group; `hits` (distinct
+    captions per shard found in the store) and `misses` (captions embedded) of the shards done in this run;
+    `skipped_shards` done by an earlier run; `peak_rss_mb` this process's peak resident memory."""
     t0 = time.time()
     identity = encoder_identity(text_lora_dir, cfg.use_adapter)
     if cfg.attention != "as_tuned":
         identity["bidirectional"] = cfg.attention == "bidirectional"
-    mine = all_shards(dataset_dir)[cfg.group_index :: cfg.num_groups]
-
-    # ---- captions of the owned shards, flattened
-    texts: list[str] = []
-    rows: dict[tuple[str, str], list[tuple[str, int]]] = defaultdict(list)  # shard -> [(key, n captions)]
-    for split_path, shard in mine:
-        path = storage.join(dataset_dir, split_path, shard)
-        for _, key, meta in data.read_captions_of_shard(path):
-            caps = [t for _, t in data.caption_list(meta)]
-            rows[(split_path, shard)].append((key, len(caps)))
-            texts += caps
-
-    # ---- look every caption up in the content-addressed store; embed only the misses, a pack at a time
     device, dtype = devices.setup(cfg.device, cfg.dtype)
+    store_dtype = getattr(torch, cfg.store_dtype)
     store = EmbeddingStore(cfg.store_root or default_store_root(), {**identity, "dtype": dtype,
                                                                     "store_dtype": cfg.store_dtype})  # fmt: skip
-    hashes = [caption_hash(t) for t in texts]
-    missing = sorted({h: t for h, t in zip(hashes, texts, strict=True) if h not in store.index}.items())
-    hits = len(set(hashes)) - len(missing)
-    print(f"{len(texts)} captions, {len(set(hashes))} distinct: {hits} cached, {len(missing)} to embed", flush=True)
-    padded_tokens, t_embed, dim = 0, time.time(), None
-    if missing:
-        print(f"device {device}, compute dtype {dtype}", flush=True)
-        encoder = base_encoder(identity, device, dtype)
-        if cfg.use_adapter:
-            with storage.local_dir(storage.join(text_lora_dir, "adapter")) as adapter_dir:
-                text_encoder.load_lora(encoder, adapter_dir)
+
+    # ---- this task's shards: every task computes the same token-balanced partition
+    costs = shard_token_costs(dataset_dir, identity)
+    tokens = dict(costs)
+    mine = shard_groups(costs, cfg.num_groups)[cfg.group_index]
+    print(f"group {cfg.group_index}/{cfg.num_groups}: {len(mine)} of {len(costs)} shards, "
+          f"{sum(tokens[s] for s in mine)} of {sum(tokens.values())} tokens", flush=True)  # fmt: skip
+
+    # ---- one shard at a time: look its captions up, embed the misses a pack at a time, write its file
+    encoder = None  # loaded at the first miss: a rerun over a full store never loads the LLM
+    shards: dict[str, dict] = {}
+    hits = misses = padded_tokens = skipped = 0
+    embed_seconds, dim = 0.0, None
+    for n, (split_path, shard) in enumerate(mine, 1):
+        out_file = storage.join(out_dir, split_path, shard.replace(".tar", ".safetensors"))
+        done = _finished_shard(out_file, store.key)
+        if done is not None:
+            dim, skipped = done.pop("dim") or dim, skipped + 1
+            shards[f"{split_path}/{shard}"] = {**done, "tokens": tokens[(split_path, shard)]}
+            continue
+        captions = [
+            (key, [text for _, text in data.caption_list(meta)])
+            for _, key, meta in data.read_captions_of_shard(storage.join(dataset_dir, split_path, shard))
+        ]
+        texts = {caption_hash(t): t for _, caps in captions for t in caps}
+        missing = sorted(h for h in texts if h not in store.index)
+        vectors = store.get(set(texts) - set(missing))
+        hits, misses = hits + len(vectors), misses + len(missing)
+        print(f"shard {n}/{len(mine)} {split_path}/{shard}: {len(texts)} distinct captions, "
+              f"{len(vectors)} cached, {len(missing)} to embed", flush=True)  # fmt: skip
+        if missing and encoder is None:
+            print(f"device {device}, compute dtype {dtype}", flush=True)
+            encoder = _load_encoder(identity, cfg.use_adapter, text_lora_dir, device, dtype)
+        t_embed = time.time()
         for start in range(0, len(missing), cfg.pack_size):
             chunk = missing[start : start + cfg.pack_size]
-            emb, padded = text_encoder.encode_all(encoder, [t for _, t in chunk], dtype, cfg.max_tokens,
+            emb, padded = text_encoder.encode_all(encoder, [texts[h] for h in chunk], dtype, cfg.max_tokens,
                                                   cfg.max_batch)  # fmt: skip
-            store.add({h: v.to(getattr(torch, cfg.store_dtype)) for (h, _), v in zip(chunk, emb, strict=True)})
+            new = {h: v.clone() for h, v in zip(chunk, emb.to(store_dtype), strict=True)}
+            store.add(new)
+            vectors.update(new)
             padded_tokens += padded
-    embed_seconds = time.time() - t_embed
-    vectors = store.get(set(hashes))
-    emb = torch.stack([vectors[h] for h in hashes]) if hashes else torch.empty(0)
-    dim = int(emb.shape[-1]) if hashes else None
+        embed_seconds += time.time() - t_embed
+        tensors = {key: torch.stack([vectors[caption_hash(t)] for t in caps]) for key, caps in captions}
+        storage.write_bytes(out_file, _serialize(tensors, encoder=store.key))
+        n_captions = sum(len(caps) for _, caps in captions)
+        shards[f"{split_path}/{shard}"] = {"samples": len(captions), "captions": n_captions,
+                                           "tokens": tokens[(split_path, shard)]}  # fmt: skip
+        dim = int(next(iter(tensors.values())).shape[-1]) if tensors else dim
+        del captions, texts, vectors, tensors  # the next shard starts from nothing
 
-    # ---- write one safetensors file per shard
-    offset = 0
-    for (split_path, shard), keyed in rows.items():
-        tensors = {}
-        for key, n in keyed:
-            tensors[key] = emb[offset : offset + n].clone()
-            offset += n
-        with storage.open_write(storage.join(out_dir, split_path, shard.replace(".tar", ".safetensors"))) as f:
-            f.write(_serialize(tensors))
+    # ---- the manifest, written last: its presence marks the group as complete
     seconds = time.time() - t0
     metrics = {
-        "captions": len(texts),
+        "captions": sum(s["captions"] for s in shards.values()),
         "hits": hits,
-        "misses": len(missing),
+        "misses": misses,
         "shards": len(mine),
+        "skipped_shards": skipped,
         "padded_tokens": padded_tokens,
         "embed_seconds": embed_seconds,
-        "embedded_per_s": len(missing) / max(embed_seconds, 1e-9),
+        "embedded_per_s": misses / max(embed_seconds, 1e-9),
         "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux reports KiB
     }
     artifacts.write_manifest(
         out_dir,
@@ -238,29 +311,104 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
         dim=dim,
         store=store.packs,
         dtype=cfg.store_dtype,
-        count=len(texts),
-        shards=[f"{p}/{s}" for p, s in mine],
+        count=metrics["captions"],
+        tokens=sum(s["tokens"] for s in shards.values()),
+        shards=shards,
         metrics=metrics,
         timings_s={"cache_caption_embeddings": seconds},
     )
     return metrics
 
 
-def _serialize(tensors: dict[str, torch.Tensor]) -> bytes:
-    return save(tensors, metadata={"format": "pt"})
+def _load_encoder(
+    identity: dict, use_adapter: bool, text_lora_dir: str, device: torch.device, dtype: str
+) -> text_encoder.CaptionEncoder:
+    encoder = base_encoder(identity, device, dtype)
+    if use_adapter:
+        with storage.local_dir(storage.join(text_lora_dir, "adapter")) as adapter_dir:
+            text_encoder.load_lora(encoder, adapter_dir)
+    return encoder
 
 
-def load_embeddings(cache_dirs: list[str], split: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """{sample key: [n_captions, D]} for one split across shard groups; the groups must share one encoder."""
-    identity, dim, out = None, None, {}
+def _serialize(tensors: dict[str, torch.Tensor], **metadata: str) -> bytes:
+    return save(tensors, metadata={"format": "pt", **metadata})
+
+
+def _header(uri: str) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, metadata), without reading its tensors."""
+    with storage.open_read(uri) as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(size))
+
+
+def _finished_shard(uri: str, store_key: str) -> dict | None:
+    """{samples, captions, dim} of a shard file an earlier run wrote, or None if there is none. The file was
+    written atomically, so it is complete; one written by another encoder is an error, never reused."""
+    if not storage.exists(uri):
+        return None
+    header = _header(uri)
+    written_by = header.pop("__metadata__", {}).get("encoder")
+    if written_by != store_key:
+        raise ValueError(
+            f"{uri} holds embeddings of another encoder (store key {written_by}, this run's is {store_key}): "
+            "write this run's cache to a fresh location"
+        )
+    shapes = [t["shape"] for t in header.values()]
+    return {"samples": len(shapes), "captions": sum(s[0] for s in shapes), "dim": shapes[0][1] if shapes else None}
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+
+def cache_info(cache_dirs: list[str]) -> dict:
+    """{"encoder", "dim", "count"} of shard-group caches that must share one encoder (else a ValueError)."""
+    identity, dim, count = None, None, 0
     for d in cache_dirs:
         manifest = artifacts.read_manifest(d, "cache_caption_embeddings")
         if identity is None:
             identity, dim = manifest["encoder"], manifest["dim"]
         elif manifest["encoder"] != identity or manifest["dim"] != dim:
             raise ValueError(f"cache {d} was made by another encoder than {cache_dirs[0]}: {manifest['encoder']}")
-        for f in storage.listdir(storage.join(d, data.split_path(split)), ".safetensors"):
-            out.update(load(storage.read_bytes(f)))
+        count += manifest["count"]
     if identity is None:
         raise ValueError("no caption-embedding cache given")
-    return out, {"encoder": identity, "dim": dim}
+    return {"encoder": identity, "dim": dim, "count": count}
+
+
+def load_embeddings(cache_dirs: list[str], split: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """{sample key: [n_captions, D]} for one split across shard groups, all in memory; the groups must share one
+    encoder. For data larger than memory read shard by shard (`shard_embeddings`)."""
+    info = cache_info(cache_dirs)
+    out = {}
+    for d in cache_dirs:
+        for f in storage.listdir(storage.join(d, data.split_path(split)), ".safetensors"):
+            out.update(load(storage.read_bytes(f)))
+    return out, {"encoder": info["encoder"], "dim": info["dim"]}
+
+
+def shard_embeddings(cache_dirs: list[str], split_path: str, shard_name: str) -> dict[str, torch.Tensor]:
+    """{sample key: [n_captions, D]} of one data shard ("shard-000000.tar" or its stem) of the split stored under
+    `split_path` ("train", "eval/<name>"), from whichever shard group holds it. Does not compare the groups'
+    encoders: check that once with `cache_info`."""
+    name = shard_name.removesuffix(".tar").removesuffix(".safetensors") + ".safetensors"
+    for d in cache_dirs:
+        uri = storage.join(d, split_path, name)
+        if storage.exists(uri):
+            return load(storage.read_bytes(uri))
+    raise FileNotFoundError(f"shard {split_path}/{shard_name} has no cached embeddings in any of {cache_dirs}")
+
+
+def embedding_mean(cache_dirs: list[str], split: str) -> tuple[torch.Tensor, int]:
+    """(mean caption embedding, float32 [D]; number of captions) of one split, every caption row counted once,
+    reading one shard file at a time (summed in float64)."""
+    cache_info(cache_dirs)
+    total, count = None, 0
+    for d in cache_dirs:
+        for f in storage.listdir(storage.join(d, data.split_path(split)), ".safetensors"):
+            rows = list(load(storage.read_bytes(f)).values())
+            if rows:
+                part = torch.cat(rows).double().sum(0)
+                total, count = part if total is None else total + part, count + sum(len(r) for r in rows)
+    if total is None:
+        raise ValueError(f"no cached caption embeddings of split {split!r} in {cache_dirs}")
+    return (total / count).float(), count

@@ -1,0 +1,212 @@
+"""The streaming cache stage: token-balanced shard groups, one shard in memory at a time, resume at the first shard
+without output, atomic shard files, and the per-shard readers stage 2 uses."""
+
+import random
+
+import pytest
+import torch
+
+from llm2clip import artifacts, data, embedding_cache, storage, text_encoder, tune
+from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings, shard_groups
+
+# ----------------------------------------------------------------------------------------------- shard groups
+
+
+def test_token_balanced_groups_beat_round_robin_on_skewed_shards():
+    # a few shards of long captions among many of short ones, in an order round-robin handles badly
+    costs = [(f"shard-{i:06d}.tar", 9000 if i % 4 == 0 else 1000) for i in range(16)]
+    balanced = shard_groups(costs, 4)
+    round_robin = [[s for s, _ in costs[g::4]] for g in range(4)]
+    cost = dict(costs)
+
+    def spread(groups):
+        totals = [sum(cost[s] for s in g) for g in groups]
+        return max(totals) - min(totals)
+
+    assert spread(round_robin) == 32000
+    assert spread(balanced) == 0  # 4 x (9000 + 3 x 1000)
+
+
+def test_every_shard_is_in_exactly_one_group_and_every_task_agrees():
+    rng = random.Random(0)
+    for n_shards, num_groups in ((1, 1), (7, 3), (50, 8), (3, 5)):
+        costs = [((f"split{i % 2}", f"shard-{i:06d}.tar"), rng.choice([0, 1, 10, 1000])) for i in range(n_shards)]
+        groups = shard_groups(costs, num_groups)
+        assert len(groups) == num_groups
+        assert sorted(s for g in groups for s in g) == sorted(s for s, _ in costs)
+        assert groups == shard_groups(list(costs), num_groups)  # deterministic: another task gets the same
+        order = [s for s, _ in costs]
+        assert all(g == sorted(g, key=order.index) for g in groups)  # a group keeps the dataset order
+        # greedy longest-first: no group exceeds the mean by more than the largest single shard
+        totals = [sum(c for s, c in costs if s in g) for g in groups]
+        assert max(totals) <= sum(totals) / num_groups + max(c for _, c in costs)
+
+
+# ----------------------------------------------------------------------------------------------- the stage
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_dataset, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("lora"))
+    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1)
+    tune.tune_caption_encoder(cfg, tiny_dataset, out)
+    return out
+
+
+def run(dataset, lora, out, root, **kw):
+    return cache_caption_embeddings(CacheConfig(store_root=str(root), **kw), dataset, lora, str(out))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dataset, lora, tmp_path_factory):
+    """One uninterrupted run over every shard with one embedding call per shard (pack_size above any shard)."""
+    root = tmp_path_factory.mktemp("reference")
+    metrics = run(tiny_dataset, lora, root / "out", root / "store", pack_size=1000)
+    return {"out": str(root / "out"), "metrics": metrics}
+
+
+def shard_files(out: str) -> dict[str, dict[str, torch.Tensor]]:
+    """{split path/shard file: {key: [n, D]}} of one stage output, read back file by file."""
+    found = storage.list_files(out, ".safetensors", recursive=True)
+    return {f[len(out) + 1 :]: embedding_cache.load(storage.read_bytes(f)) for f in found}
+
+
+def assert_same_outputs(out: str, expected: str) -> None:
+    got, want = shard_files(out), shard_files(expected)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].keys() == want[name].keys()
+        assert all(torch.equal(got[name][k], want[name][k]) for k in want[name]), name
+    assert artifacts.read_manifest(out)["shards"] == artifacts.read_manifest(expected)["shards"]
+
+
+def test_groups_split_the_dataset_by_tokens(tiny_dataset, lora, tmp_path):
+    outs = [tmp_path / f"g{i}" for i in range(2)]
+    for i, out in enumerate(outs):
+        run(tiny_dataset, lora, out, tmp_path / "store", group_index=i, num_groups=2)
+    manifests = [artifacts.read_manifest(str(o)) for o in outs]
+    identity = embedding_cache.encoder_identity(lora, use_adapter=True)
+    costs = {f"{p}/{s}": c for (p, s), c in embedding_cache.shard_token_costs(tiny_dataset, identity)}
+    assert sorted(s for m in manifests for s in m["shards"]) == sorted(costs)  # each shard in one group
+    for m in manifests:
+        assert m["tokens"] == sum(costs[s] for s in m["shards"]) == sum(x["tokens"] for x in m["shards"].values())
+    assert abs(manifests[0]["tokens"] - manifests[1]["tokens"]) <= max(costs.values())
+
+
+def test_killed_task_resumes_at_the_first_shard_without_output(tiny_dataset, lora, reference, tmp_path, monkeypatch):
+    real_encode = text_encoder.encode_all
+    calls: list[int] = []
+
+    def encode_then_die(encoder, captions, *args):
+        calls.append(len(captions))
+        if len(calls) == 3:
+            raise KeyboardInterrupt("pod killed")
+        return real_encode(encoder, captions, *args)
+
+    monkeypatch.setattr(text_encoder, "encode_all", encode_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=1000)
+    assert len(shard_files(str(tmp_path / "x"))) == 2 and not (tmp_path / "x" / "manifest.json").exists()
+    stored = sum(len(storage.read_json(str(f))["keys"]) for f in (tmp_path / "store").rglob("*.keys.json"))
+
+    calls.clear()
+    monkeypatch.setattr(text_encoder, "encode_all", lambda *a: calls.append(len(a[1])) or real_encode(*a))
+    resumed = run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=1000)
+    assert resumed["skipped_shards"] == 2 and len(calls) == resumed["shards"] - 2  # one call per shard left
+    assert resumed["misses"] == reference["metrics"]["misses"] - stored == sum(calls)
+    assert resumed["captions"] == reference["metrics"]["captions"]
+    # streaming: an embedding call never holds more than one shard's captions
+    per_shard = artifacts.read_manifest(str(tmp_path / "x"))["shards"]
+    assert max(calls) <= max(s["captions"] for s in per_shard.values())
+    assert_same_outputs(str(tmp_path / "x"), reference["out"])
+
+
+def test_a_lost_shard_file_is_rebuilt_from_the_store_without_the_llm(
+    tiny_dataset, lora, reference, tmp_path, monkeypatch
+):
+    run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=1000)
+    lost = tmp_path / "x" / "train" / "shard-000001.safetensors"
+    n_captions = sum(len(v) for v in embedding_cache.load(lost.read_bytes()).values())
+    lost.unlink()
+
+    def no_llm(*_):
+        raise AssertionError("the LLM was loaded although every caption is in the store")
+
+    monkeypatch.setattr(embedding_cache, "base_encoder", no_llm)
+    again = run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=1000)
+    assert again["misses"] == 0 and 0 < again["hits"] <= n_captions
+    assert again["skipped_shards"] == again["shards"] - 1
+    assert_same_outputs(str(tmp_path / "x"), reference["out"])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_shard_file_torn_mid_write_never_looks_complete(tiny_dataset, lora, tmp_path, monkeypatch, where, request):
+    base = storage.join(request.getfixturevalue("s3_env"), "run") if where == "s3" else str(tmp_path)
+    out, root = storage.join(base, "x"), storage.join(base, "store")
+    real_write = storage.write_bytes
+
+    def torn_write(uri, payload):
+        if uri.endswith("shard-000001.safetensors"):
+            with storage.open_write(uri) as f:
+                f.write(payload[: len(payload) // 2])
+                raise KeyboardInterrupt("pod killed mid-write")
+        real_write(uri, payload)
+
+    monkeypatch.setattr(storage, "write_bytes", torn_write)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dataset, lora, out, root)
+    monkeypatch.setattr(storage, "write_bytes", real_write)
+    torn = storage.join(out, "train", "shard-000001.safetensors")
+    assert not storage.exists(torn)
+    assert [f for f in storage.list_files(out, recursive=True) if "shard-000001" in f] == []
+    resumed = run(tiny_dataset, lora, out, root)
+    assert resumed["skipped_shards"] == 3  # the shards before the torn one; it and the last are done now
+    samples = data.read_captions_of_shard(storage.join(tiny_dataset, "train", "shard-000001.tar"))
+    assert embedding_cache.load(storage.read_bytes(torn)).keys() == {key for _, key, _ in samples}
+
+
+def test_outputs_of_another_encoder_are_never_resumed(tiny_dataset, lora, tmp_path):
+    run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store")
+    with pytest.raises(ValueError, match="another encoder"):
+        run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", use_adapter=False)
+
+
+# ----------------------------------------------------------------------------------------------- readers
+
+
+def test_shard_readers_agree_with_the_whole_split(tiny_dataset, lora, tmp_path):
+    caches = [str(tmp_path / f"g{i}") for i in range(2)]
+    for i, out in enumerate(caches):
+        run(tiny_dataset, lora, out, tmp_path / "store", group_index=i, num_groups=2)
+    for split in ("train", "synthetic_long"):
+        whole, _ = embedding_cache.load_embeddings(caches, split)
+        by_shard = {}
+        for split_path, shard in embedding_cache.all_shards(tiny_dataset):
+            if split_path == data.split_path(split):
+                one = embedding_cache.shard_embeddings(caches, split_path, shard)
+                stem = embedding_cache.shard_embeddings(caches, split_path, shard.removesuffix(".tar"))
+                assert one.keys() == stem.keys() and not one.keys() & by_shard.keys()
+                by_shard.update(one)
+        assert by_shard.keys() == whole.keys() and all(torch.equal(by_shard[k], whole[k]) for k in whole)
+
+        mean, count = embedding_cache.embedding_mean(caches, split)
+        rows = torch.cat([whole[k] for k in whole]).float()  # brute force: every caption row in memory
+        assert count == len(rows) and mean.dtype == torch.float32 and mean.shape == (rows.shape[1],)
+        torch.testing.assert_close(mean, rows.mean(0), atol=1e-6, rtol=1e-5)
+    with pytest.raises(FileNotFoundError, match="train/shard-000099"):
+        embedding_cache.shard_embeddings(caches, "train", "shard-000099.tar")
+
+
+def test_metrics_report_peak_memory(reference):
+    m = reference["metrics"]
+    assert {
+        "captions",
+        "hits",
+        "misses",
+        "shards",
+        "padded_tokens",
+        "embed_seconds",
+        "embedded_per_s",
+        "seconds",
+    } <= set(m)
+    assert m["peak_rss_mb"] > 0
