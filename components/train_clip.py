@@ -19,12 +19,13 @@ def train_clip(
     center_text: bool,
     device: str,
     dtype: str,
+    nproc: int = 1,
     enabled: bool = True,
 ):
     """Checkpoint + manifest. Reads only the cache: the LLM is not loaded. enabled=False (an ablation not asked
     for) trains nothing and writes a manifest that says so, which evaluate leaves out."""
     from llm2clip.artifacts import output_location, point, resolve, write_manifest
-    from llm2clip.train_clip import TrainClipConfig, train_clip
+    from llm2clip.train_clip import TrainClipConfig, launch
 
     cfg = TrainClipConfig(
         text_source="llm",
@@ -43,6 +44,6 @@ def train_clip(
         write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
         point(vision_model.path, out)
         return
-    result = train_clip(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings])
+    result = launch(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], nproc)
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "llm", "location": out, **result})

@@ -17,10 +17,11 @@ def train_clip_baseline(
     seed: int,
     device: str,
     dtype: str,
+    nproc: int = 1,
 ):
     """Checkpoint + manifest of the CLIP baseline; it needs no LLM and no cache, so it runs beside stage 1."""
     from llm2clip.artifacts import output_location, point, resolve
-    from llm2clip.train_clip import TrainClipConfig, train_clip
+    from llm2clip.train_clip import TrainClipConfig, launch
 
     cfg = TrainClipConfig(
         text_source="clip",
@@ -34,6 +35,6 @@ def train_clip_baseline(
         dtype=dtype,
     )
     out = output_location(vision_model.path, vision_model.uri)
-    result = train_clip(cfg, resolve(dataset.path), out)
+    result = launch(cfg, resolve(dataset.path), out, None, nproc)
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "clip", "location": out, **result})

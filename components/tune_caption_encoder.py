@@ -20,7 +20,7 @@ def tune_caption_encoder(
     device: str,
     dtype: str,
 ):
-    """LoRA adapter + manifest; logs CRA before and after tuning."""
+    """LoRA adapter + manifest; logs the loss (CRA is measured in evaluate, from the caption caches)."""
     import json
 
     from llm2clip.artifacts import output_location, point, resolve

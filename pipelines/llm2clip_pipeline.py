@@ -45,6 +45,7 @@ def llm2clip_pipeline(
     train_epochs: int = 15,
     train_batch_size: int = 64,
     train_lr: float = 0.0,
+    train_nproc: int = 1,
     center_text: bool = True,
     ablations: bool = False,
     zero_shot: list = ["synthetic"],  # noqa: B006 (a KFP parameter default, never mutated)
@@ -70,6 +71,8 @@ def llm2clip_pipeline(
     train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines; train_lr 0
         takes the recipe's learning rate (1e-3 for a random tower; with `pretrained`, the official recipe: 1e-5,
         layer decay 0.85, no warm-up).
+    train_nproc: stage-2 processes per training task (torchrun --nproc_per_node: the GPUs of the pod); the
+        batch is global, split over them.
     center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
         paper, see the README); applies to both LLM-taught models.
     ablations: also train both LLM-taught models without centring and report them beside the others.
@@ -108,6 +111,7 @@ def llm2clip_pipeline(
         epochs=train_epochs,
         batch_size=train_batch_size,
         lr=train_lr,
+        nproc=train_nproc,
         seed=seed,
         device=device,
         dtype=dtype,

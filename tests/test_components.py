@@ -7,7 +7,7 @@ import pytest
 from kfp import dsl
 from llm2clip.pipelines.llm2clip_pipeline import COMPILED, compile_pipeline
 
-from llm2clip import components
+from llm2clip import components, tune
 
 
 def art(cls, path: Path):
@@ -110,9 +110,9 @@ def test_prepare_data_component(flow):
     assert (Path(flow["dataset"].path) / "manifest.json").exists()
 
 
-def test_tune_component_logs_cra(flow):
-    assert {"cra_before", "cra_after"} <= set(flow["metrics"].metadata)
-    assert json.loads(Path(flow["metrics"].path).read_text())["cra_after"] == flow["metrics"].metadata["cra_after"]
+def test_tune_component_logs_its_loss(flow):
+    assert "loss_last" in flow["metrics"].metadata
+    assert json.loads(Path(flow["metrics"].path).read_text())["cra_note"] == tune.CRA_IN_EVALUATE
     assert flow["lora"].metadata["base_model"] == "tiny-random-llama"
 
 

@@ -60,8 +60,10 @@ def chain(tiny_dataset, tmp_path_factory):
     return {"dirs": out, "tuned": tuned, "summary": summary, "caches": caches, "data": tiny_dataset}
 
 
-def test_tuning_reports_cra_and_writes_adapter(chain):
-    assert 0.0 <= chain["tuned"]["cra_before"] <= 1.0 and 0.0 <= chain["tuned"]["cra_after"] <= 1.0
+def test_tuning_writes_adapter_and_leaves_cra_to_evaluate(chain):
+    assert chain["tuned"]["cra_before"] is None and chain["tuned"]["cra_note"] == tune.CRA_IN_EVALUATE
+    cra = chain["summary"]["cra"]
+    assert 0.0 <= cra["before"] <= 1.0 and 0.0 <= cra["after"] <= 1.0 and cra["pool_size"] >= 2
     assert chain["tuned"]["loss_last"] < chain["tuned"]["loss_first"]
     manifest = artifacts.read_manifest(chain["dirs"]["lora"], "tune_caption_encoder")
     assert manifest["pooling"].startswith("mean") and manifest["config"]["lora_r"] == 4

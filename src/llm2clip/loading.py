@@ -118,12 +118,14 @@ class ImagePreprocess:
             self.size, scale=self.train_scale, ratio=TRAIN_RATIO, interpolation=self._mode, antialias=True
         )
 
-    def crop_boxes(self, shapes: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+    def crop_boxes(
+        self, shapes: list[tuple[int, int]], generator: torch.Generator | None = None
+    ) -> list[tuple[int, int, int, int]]:
         """(top, left, height, width) of a random resized crop of each image [H, W], exactly as torchvision's
         RandomResizedCrop.get_params (up to 10 tries of area fraction ~ U(scale) and log aspect ~ U(log ratio),
         the first that fits; else the centre crop at the clamped ratio), with all draws taken from torch's
-        global RNG in one call instead of dozens of tiny tensor ops per image."""
-        u = torch.rand(len(shapes), 10, 4).tolist()
+        global RNG (or `generator`) in one call instead of dozens of tiny tensor ops per image."""
+        u = torch.rand(len(shapes), 10, 4, generator=generator).tolist()
         lo, hi = math.log(TRAIN_RATIO[0]), math.log(TRAIN_RATIO[1])
         boxes = []
         for (height, width), tries in zip(shapes, u, strict=True):
@@ -145,9 +147,9 @@ class ImagePreprocess:
                 boxes.append(((height - h) // 2, (width - w) // 2, h, w))
         return boxes
 
-    def augment_batch(self, images: list[torch.Tensor]) -> torch.Tensor:
+    def augment_batch(self, images: list[torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 images [3, H_i, W_i] -> uint8 [B, 3, h, w], a fresh random resized crop of each."""
-        boxes = self.crop_boxes([tuple(img.shape[-2:]) for img in images])
+        boxes = self.crop_boxes([tuple(img.shape[-2:]) for img in images], generator)
         return torch.stack(
             [
                 TF.resized_crop(img, *box, list(self.size), interpolation=self._mode, antialias=True)

@@ -1,10 +1,28 @@
 """Stage 2, train_clip: a CLIP vision tower against cached LLM caption embeddings (or, for the baseline, a
-standard CLIP with its own text tower on the same images, captions and budget)."""
+standard CLIP with its own text tower on the same images, captions and budget).
+
+One entry point for a component and a user alike, on one process or many:
+    python -m llm2clip.train_clip --dataset D --caption-embeddings C --output O [--epochs 10 ...]
+    torchrun --standalone --nproc_per_node 8 -m llm2clip.train_clip --dataset D --caption-embeddings C --output O
+Data streams from the shards (llm2clip.streaming) in DataLoader workers; under torchrun every rank reads its own
+shards, the model is wrapped in DistributedDataParallel and the contrastive loss gathers the features of all
+ranks (open_clip ClipLoss with local_loss and gather_with_grad), so N processes with a global batch B train as one
+process with batch B would. Rank 0 writes the outputs and the checkpoints; a restarted run resumes from the
+latest checkpoint in `<output>/checkpoints/` (model, optimizer, step, losses; the data position follows from the
+step, see llm2clip.streaming).
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import io
+import json
 import math
-import random
+import os
+import resource
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -13,7 +31,7 @@ import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import load, save
 
-from llm2clip import artifacts, clip_model, devices, loading, storage
+from llm2clip import artifacts, clip_model, data, devices, distributed, embedding_cache, loading, storage, streaming
 from llm2clip.loading import ImagePreprocess
 
 TEXT_SOURCES = ("llm", "clip")
@@ -52,6 +70,9 @@ class TrainClipConfig:
     long_caption_prob: float = 0.5  # chance to train on the long caption of an image instead of a short one
     device: str = "auto"  # cuda if available, else cpu
     dtype: str = "auto"  # autocast; auto = bf16 on GPU / CPUs with native bf16, else fp32 (llm2clip.devices)
+    workers: int = -1  # DataLoader processes per rank decoding and augmenting; -1 = auto (default_workers)
+    shuffle_buffer: int = 1000  # samples per reading slot (memory: this many encoded images + their embeddings)
+    checkpoint_every: int = 500  # steps between checkpoints (0 = none); a restarted run resumes from the latest
     log_every: int = 20
     seed: int = 0
 
@@ -83,6 +104,9 @@ class TrainClipConfig:
         check(0 <= self.long_caption_prob <= 1, "long_caption_prob", self.long_caption_prob, "must be in [0, 1]")
         check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
         check(self.dtype in devices.DTYPES, "dtype", self.dtype, f"must be one of {devices.DTYPES}")
+        check(self.workers >= -1, "workers", self.workers, "must be >= 0, or -1 for auto")
+        check(self.shuffle_buffer >= 1, "shuffle_buffer", self.shuffle_buffer, "must be >= 1")
+        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "must be >= 0 (0 = none)")
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -94,6 +118,20 @@ def build_model(cfg: TrainClipConfig, llm_dim: int | None) -> torch.nn.Module:
     return clip_model.create_clip_baseline(cfg.model, cfg.pretrained, cfg.embed_dim)
 
 
+class ContrastiveStep(torch.nn.Module):
+    """uint8 images [B, 3, H, W] and texts -> (image features, text features, logit scale), both L2-normalised.
+    One forward for both towers, so DistributedDataParallel sees every parameter used in one call."""
+
+    def __init__(self, model: torch.nn.Module, preprocess: ImagePreprocess) -> None:
+        super().__init__()
+        self.model, self.preprocess = model, preprocess
+
+    def forward(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image_features = self.model.encode_image(self.preprocess.normalize(images), normalize=True)
+        text_features = self.model.encode_text(texts, normalize=True)
+        return image_features, text_features, self.model.logit_scale.exp()
+
+
 def loss_step(
     model,
     loss_fn: ClipLoss,
@@ -103,20 +141,87 @@ def loss_step(
     preprocess: ImagePreprocess,
 ) -> torch.Tensor:
     """images uint8 [B, 3, H, W], texts [B, ...], both on the model's device -> symmetric InfoNCE (fp32).
-    Normalisation (the tower's mean/std) happens here, on the device."""
+    Normalisation (the tower's mean/std) happens here, on the device. `model` is a stage-2 model, or a
+    ContrastiveStep (possibly DDP-wrapped) around one."""
+    step = model if isinstance(model, ContrastiveStep | torch.nn.parallel.DistributedDataParallel) else None
     with devices.autocast(images.device, dtype):
-        image_features = model.encode_image(preprocess.normalize(images), normalize=True)
-        text_features = model.encode_text(texts, normalize=True)
-    return loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
+        if step is None:
+            step = ContrastiveStep(model, preprocess)
+        image_features, text_features, scale = step(images, texts)
+    return loss_fn(image_features.float(), text_features.float(), scale.float())
+
+
+def default_workers(device: torch.device, world: distributed.World) -> int:
+    """DataLoader processes per rank for workers=-1. GPU: up to 8 per GPU, within the CPUs the node's ranks share.
+    CPU: none below 8 cores, where decoding 64-224 px images in the training process costs less than the cores a
+    worker would take from the matmuls (README "Benchmarks"); else a quarter of a rank's cores, up to 4."""
+    cpus = os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    if device.type == "cuda":
+        return max(1, min(8, cpus // max(1, local) - 1))
+    per_rank = cpus // max(1, local)
+    return 0 if per_rank < 8 else min(4, per_rank // 4)
+
+
+def caption_mean(cache_dirs: list[str]) -> torch.Tensor:
+    """The mean LLM embedding of every training caption (for centring), streamed shard by shard."""
+    mean, _ = embedding_cache.embedding_mean(cache_dirs, "train")
+    return mean
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def _checkpoint_dir(out_dir: str) -> str:
+    return storage.join(out_dir, "checkpoints")
+
+
+def _resumable(cfg: TrainClipConfig) -> dict:
+    """The config fields a checkpoint must agree on to be resumed (not logging or loader settings)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "log_every", "checkpoint_every")}
+
+
+def save_checkpoint(out_dir: str, state: dict, keep: int = 2) -> None:
+    """Write `step-N.pt` (atomically: temp file + rename locally, one PUT on S3), then point `latest.json` at it,
+    then delete all but the `keep` newest. A kill at any moment leaves `latest.json` naming a complete file."""
+    ckpt = _checkpoint_dir(out_dir)
+    name = f"step-{state['step']:08d}.pt"
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes(storage.join(ckpt, name), buffer.getvalue())
+    storage.write_json(storage.join(ckpt, "latest.json"), {"step": state["step"], "file": name})
+    for old in sorted(storage.list_files(ckpt, ".pt"))[:-keep]:
+        storage.delete(old)
+
+
+def load_checkpoint(out_dir: str, cfg: TrainClipConfig) -> dict | None:
+    """The latest checkpoint of this output, or None; refused when it was made with another config."""
+    latest = storage.join(_checkpoint_dir(out_dir), "latest.json")
+    if not storage.exists(latest):
+        return None
+    name = storage.read_json(latest)["file"]
+    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(_checkpoint_dir(out_dir), name))),
+                       map_location="cpu", weights_only=False)  # fmt: skip
+    if state["config"] != _resumable(cfg):
+        changed = sorted(k for k in state["config"] if state["config"][k] != _resumable(cfg).get(k))
+        raise ValueError(f"{out_dir}: its checkpoint {name} was made with another config (fields {changed}); "
+                         "use a new output or delete the checkpoints/ folder to start over")  # fmt: skip
+    return state
+
+
+# ----------------------------------------------------------------------------------------------- training loop
 
 
 def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None = None) -> dict:
-    """Train stage 2 and save `model.safetensors` + manifest. The LLM is never loaded: text comes from the cache."""
+    """Train stage 2 and save `model.safetensors` + manifest (rank 0). The LLM is never loaded: text comes from
+    the cache. Under torchrun, every rank calls this; `cfg.batch_size` is the global batch."""
     t0 = time.time()
+    world, device = distributed.init(cfg.device)
+    _, dtype = devices.setup(device.type, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    device, dtype = devices.setup(cfg.device, cfg.dtype)
-    print(f"device {device}, compute dtype {dtype}", flush=True)
+    if cfg.batch_size % world.size:
+        raise ValueError(f"batch_size={cfg.batch_size} (the global batch) must divide by the {world.size} ranks")
+    local_batch = cfg.batch_size // world.size
 
     # ---- model (the adapter's input width from the cache's manifest), then the data with its tower's preprocessing
     cache_info, llm_dim = None, None
@@ -128,25 +233,32 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
         llm_dim = cache_manifest["dim"]
     model = build_model(cfg, llm_dim)
     preprocess = loading.preprocess_of(model)
-    # whole images (a fresh random crop each step), uint8 on the CPU
-    keys, metas, images = loading.load_images(storage.join(dataset_dir, "train"), preprocess, train=True)
-    if cfg.text_source == "llm":
-        table = loading.llm_text_table(cache_dirs, "train", keys, metas)
-    else:
-        table = loading.clip_text_table(cfg.model, metas)
-    n = len(keys)
+    n = sum(streaming.split_sizes(storage.join(dataset_dir, data.split_path("train"))).values())
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size={cfg.batch_size} is larger than the {n} training images")
     total_steps = cfg.epochs * steps_per_epoch
-
-    # ---- loss, optimizer
     if cfg.text_source == "llm" and cfg.center_text:
-        model.text_mean.copy_(table.texts.float().mean(0))
+        model.text_mean.copy_(caption_mean(cache_dirs))
+
+    # ---- loss, optimizer, and the state to resume from
     model.to(device)
-    loss_fn = ClipLoss()
+    loss_fn = ClipLoss(local_loss=world.size > 1, gather_with_grad=world.size > 1, rank=world.rank,
+                       world_size=world.size)  # fmt: skip
     optimizer = torch.optim.AdamW(clip_model.param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
+    state = load_checkpoint(out_dir, cfg) if cfg.checkpoint_every else None
+    start, losses = 0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start, losses = state["step"], state["losses"]
+        print(f"resuming from the checkpoint at step {start}/{total_steps}", flush=True)
+    step_module = ContrastiveStep(model, preprocess)
+    if world.size > 1:
+        ids = [device] if device.type == "cuda" else None
+        step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
 
     def set_lr(step: int) -> None:  # linear warm-up then cosine to zero
         if step < cfg.warmup_steps:
@@ -156,63 +268,84 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
         for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr * f
 
-    # ---- train
-    losses, step = [], 0
-    model.train()
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(n).tolist()
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            rows = [table.sample(i, cfg.long_caption_prob, rng) for i in idx]
-            set_lr(step)
-            batch_images = preprocess.augment_batch([images[i] for i in idx])  # uint8, on the CPU
-            if device.type == "cuda":  # page-locked: the copy to the GPU is asynchronous
-                batch_images = batch_images.pin_memory()
-            batch_images = batch_images.to(device, non_blocking=True)
-            texts = table.texts[rows].to(device, non_blocking=True)
-            loss = loss_step(model, loss_fn, batch_images, texts, dtype, preprocess)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            clip_model.clamp_logit_scale(model)
-            losses.append(loss.item())
-            last = step == total_steps - 1
-            if step % cfg.log_every == 0 or last:
-                print(
-                    f"epoch {epoch} step {step:5d}/{total_steps} loss {loss.item():.4f} "
-                    f"scale {model.logit_scale.exp().item():.1f}",
-                    flush=True,
-                )
-            step += 1
+    # ---- the data: this rank's stream, resumed at the position of `start`
+    workers = cfg.workers if cfg.workers >= 0 else default_workers(device, world)
+    text = {"cache_dirs": cache_dirs} if cfg.text_source == "llm" else {"clip_model": cfg.model}
+    stream = streaming.TrainStream(dataset_dir, "train", preprocess, **text, rank=world.rank, world=world.size,
+                                   seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
+                                   long_caption_prob=cfg.long_caption_prob,
+                                   start_batch=start, batch_size=local_batch)  # fmt: skip
+    batches = iter(streaming.loader(stream, local_batch, workers, pin_memory=device.type == "cuda"))
+    print(f"rank {world.rank}/{world.size}: device {device}, compute dtype {dtype}, {workers} data workers, "
+          f"local batch {local_batch}, steps {start}..{total_steps}", flush=True)  # fmt: skip
 
-    # ---- save
+    # ---- train
+    waited, t_loop = 0.0, time.perf_counter()
+    step_module.train()
+    for step in range(start, total_steps):
+        t_wait = time.perf_counter()
+        images, texts = next(batches)
+        waited += time.perf_counter() - t_wait
+        images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
+        set_lr(step)
+        loss = loss_step(step_module, loss_fn, images, texts, dtype, preprocess)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        clip_model.clamp_logit_scale(model)
+        losses.append(world.mean(loss.item()))  # with local_loss each rank holds its rows' share: the mean is B's
+        done = step + 1
+        if step % cfg.log_every == 0 or done == total_steps:
+            print(f"epoch {step // steps_per_epoch} step {step:5d}/{total_steps} loss {losses[-1]:.4f} "
+                  f"scale {model.logit_scale.exp().item():.1f}", flush=True)  # fmt: skip
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
+            if world.main:
+                save_checkpoint(out_dir, {"step": done, "model": model.state_dict(), "losses": losses,
+                                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                                          "config": _resumable(cfg)})  # fmt: skip
+            world.barrier()
+    loop_seconds = time.perf_counter() - t_loop
+    del batches  # stops the DataLoader workers
+
+    # ---- save (rank 0)
     seconds = time.time() - t0
-    weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
-    storage.write_bytes(storage.join(out_dir, "model.safetensors"), weights)
+    trained = total_steps - start
     metrics = {
         "loss_first": losses[0],
         "loss_last": losses[-1],
         "steps": total_steps,
+        "resumed_at_step": start,
         "images": n,
-        "images_per_s": total_steps * cfg.batch_size / seconds,
+        "images_per_s": trained * cfg.batch_size / max(loop_seconds, 1e-9),
+        "data_wait_share": world.mean(waited / max(loop_seconds, 1e-9)),
         "seconds": seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
     }
-    artifacts.write_manifest(
-        out_dir,
-        "train_clip",
-        cfg,
-        {"dataset": dataset_dir, "caption_embeddings": cache_dirs or []},
-        llm_dim=llm_dim,
-        cache=cache_info,
-        compute=devices.describe(device, dtype),
-        recipe=cfg.recipe,
-        preprocess=preprocess.to_dict(),
-        metrics=metrics,
-        losses=losses[:: max(1, len(losses) // 200)],
-        timings_s={"train_clip": seconds},
-        parameters=sum(p.numel() for p in model.parameters()),
-    )
+    if device.type == "cuda":
+        metrics["gpu_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    if world.main:
+        weights = save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+        storage.write_bytes(storage.join(out_dir, "model.safetensors"), weights)
+        artifacts.write_manifest(
+            out_dir,
+            "train_clip",
+            cfg,
+            {"dataset": dataset_dir, "caption_embeddings": cache_dirs or []},
+            llm_dim=llm_dim,
+            cache=cache_info,
+            compute={**devices.describe(device, dtype), "world_size": world.size, "data_workers": workers},
+            recipe=cfg.recipe,
+            preprocess=preprocess.to_dict(),
+            metrics=metrics,
+            losses=losses[:: max(1, len(losses) // 200)],
+            timings_s={"train_clip": seconds},
+            parameters=sum(p.numel() for p in model.parameters()),
+        )
+        for f in storage.list_files(_checkpoint_dir(out_dir)):  # the model is out: the checkpoints are spent
+            storage.delete(f)
+    world.barrier()
     return metrics
 
 
@@ -227,3 +360,82 @@ def load_trained(model_dir: str) -> tuple[torch.nn.Module, dict]:
     if "preprocess" in manifest:  # older manifests: the tower's default preprocessing
         loading.set_preprocess(model, ImagePreprocess.from_dict(manifest["preprocess"]))
     return model.eval(), manifest
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def launch(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None = None,
+           nproc: int = 1) -> dict:  # fmt: skip
+    """Train in this process (nproc 1) or as `torchrun --standalone --nproc_per_node nproc` processes on this
+    node (the component's path on a multi-GPU pod); returns the metrics rank 0 recorded."""
+    if nproc <= 1:
+        return train_clip(cfg, dataset_dir, out_dir, cache_dirs)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "llm2clip.train_clip", "--config", json.dumps(dataclasses.asdict(cfg)),
+           "--dataset", dataset_dir, "--output", out_dir]  # fmt: skip
+    for d in cache_dirs or []:
+        cmd += ["--caption-embeddings", d]
+    subprocess.run(cmd, check=True)
+    return artifacts.read_manifest(out_dir, "train_clip")["metrics"]
+
+
+def _flag_type(field: dataclasses.Field):
+    default = field.default
+    if isinstance(default, bool):
+        return None
+    if field.name in ("lr", "layer_decay"):
+        return float
+    if field.name in ("warmup_steps", "embed_dim"):
+        return int
+    return type(default) if default is not None else str
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m llm2clip.train_clip",
+        description="Stage 2 of LLM2CLIP: train a CLIP vision tower against cached LLM caption embeddings "
+        "(--text-source clip: the standard CLIP baseline). Run it as it is on one process, or under "
+        "`torchrun --standalone --nproc_per_node N -m llm2clip.train_clip ...` on N (GPUs: NCCL, CPUs: gloo); "
+        "--batch-size is the global batch. A rerun with the same --output resumes from its latest checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, help="prepared dataset (local path or s3://), from prepare_data")
+    p.add_argument("--output", required=True, help="where model.safetensors, manifest.json and checkpoints go")
+    p.add_argument("--caption-embeddings", action="append", default=[], metavar="DIR",
+                   help="a caption-embedding cache output (repeat for every shard group)")  # fmt: skip
+    p.add_argument("--config", help="TrainClipConfig as JSON (inline or a file); flags given as well override it")
+    for field in dataclasses.fields(TrainClipConfig):
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(field.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {field.default})")
+        else:
+            p.add_argument(flag, type=_flag_type(field), default=None, help=f"(default {field.default})")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    settings = {}
+    if args.config:
+        text = args.config
+        settings = json.loads(text if text.lstrip().startswith("{") else open(text).read())
+    names = {f.name for f in dataclasses.fields(TrainClipConfig)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise SystemExit(f"--config: unknown TrainClipConfig fields {unknown}")
+    settings.update({k: v for k, v in vars(args).items() if k in names and v is not None})
+    try:
+        cfg = TrainClipConfig(**settings)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    try:
+        metrics = train_clip(cfg, args.dataset, args.output, args.caption_embeddings or None)
+    finally:
+        distributed.shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(metrics, indent=1), flush=True)
+
+
+if __name__ == "__main__":
+    main()
