@@ -3,6 +3,7 @@ official-recipe variant batches as LLM2Vec's `encode` does (character-length ord
 its longest, fp32); the stage-2 and memory contract from real training runs; the 10x dataset's images; the CLI."""
 
 import json
+import sys
 from collections import Counter
 
 import pytest
@@ -135,3 +136,14 @@ def test_cli_refuses_cuda_without_a_gpu(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="unknown part"):
         cli.main(["benchmark", "--only", "stage3", "--output", str(tmp_path / "b.json")])
     assert not (tmp_path / "b.json").exists()
+
+
+def test_peak_rss_is_the_commands_own(tmp_path):
+    """A child forked from a large process starts with that process's peak RSS on Linux; the measurement must not.
+    Here this process holds ~400 MB and the command ~100 MB (brute force: bytearrays written in full)."""
+    held = bytearray(400 * 2**20)
+    held[::4096] = b"x" * len(held[::4096])
+    cmd = [sys.executable, "-c", "x = bytearray(100 * 2**20); x[::4096] = b'y' * len(x[::4096])"]
+    run = benchmark.peak_rss_of_training(cmd, str(tmp_path / "log"))
+    assert 100 <= run["peak_rss_mb"] < 250
+    del held

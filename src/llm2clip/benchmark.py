@@ -565,25 +565,34 @@ def tree_pss_mb(pid: int) -> float | None:
     return total_kb / 1024 if total_kb else None
 
 
+# Runs a command as its child and writes the child's rusage to a file. Linux carries a process's peak RSS across
+# exec from the memory it was forked with, so a command started straight from this (large) process would report at
+# least this process's RSS as its own peak; started from this small launcher, it starts from the launcher's ~10 MB.
+_LAUNCHER = (
+    "import json, os, subprocess, sys; p = subprocess.Popen(sys.argv[2:]); _, status, usage = os.wait4(p.pid, 0); "
+    "code = os.waitstatus_to_exitcode(status); "
+    "open(sys.argv[1], 'w').write(json.dumps({'exit': code, 'maxrss_kb': usage.ru_maxrss})); sys.exit(code)"
+)
+
+
 def peak_rss_of_training(cmd: list[str], log_path: str, sample_every_s: float = 0.2) -> dict:
-    """Run `cmd` to completion; its peak RSS from the kernel (wait4's ru_maxrss: the largest of the process and
-    its reaped children, i.e. the training process or one DataLoader worker) and the peak PSS of the whole process
-    tree, sampled every `sample_every_s` seconds."""
+    """Run `cmd` to completion in a fresh process tree; its peak RSS from the kernel (wait4's ru_maxrss: the
+    largest of the process and its reaped children, i.e. the training process or one DataLoader worker) and the
+    peak PSS of the whole tree, sampled every `sample_every_s` seconds."""
     t0 = time.perf_counter()
     peak_pss = 0.0
+    usage_path = log_path + ".rusage.json"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
+        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, usage_path, *cmd], stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        while proc.poll() is None:
             peak_pss = max(peak_pss, tree_pss_mb(proc.pid) or 0.0)
             time.sleep(sample_every_s)
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     if proc.returncode:
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise RuntimeError(f"stage-2 training failed (exit {proc.returncode}): {' '.join(cmd[:4])} ...\n{tail}")
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, "tree_pss_mb_peak_sampled": peak_pss or None,
+    usage = json.loads(Path(usage_path).read_text())
+    return {"peak_rss_mb": usage["maxrss_kb"] / 1024, "tree_pss_mb_peak_sampled": peak_pss or None,
             "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
