@@ -22,9 +22,15 @@ def train_clip(
     nproc: int = 1,
     enabled: bool = True,
 ):
-    """Checkpoint + manifest. Reads only the cache: the LLM is not loaded. enabled=False (an ablation not asked
-    for) trains nothing and writes a manifest that says so, which evaluate leaves out."""
+    """Model + manifest from the cache (no LLM); enabled=False writes a "skipped" manifest evaluate leaves out."""
     from llm2clip.artifacts import output_location, point, resolve, write_manifest
+
+    out = output_location(vision_model.path, vision_model.uri)
+    if not enabled:  # before importing the ML stack (~6 s of a task's start on 2 cores)
+        cfg = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
+        write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
+        point(vision_model.path, out)
+        return
     from llm2clip.train_clip import TrainClipConfig, launch
 
     cfg = TrainClipConfig(
@@ -39,11 +45,6 @@ def train_clip(
         device=device,
         dtype=dtype,
     )
-    out = output_location(vision_model.path, vision_model.uri)
-    if not enabled:
-        write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
-        point(vision_model.path, out)
-        return
     result = launch(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], nproc)
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "llm", "location": out, **result})
