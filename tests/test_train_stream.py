@@ -200,14 +200,17 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_da
         assert torch.allclose(wa[k], wb[k], rtol=0, atol=2e-4), k
 
 
-def test_torchrun_two_ranks_on_the_real_stream(tiny_dataset, cache, tmp_path):
-    """The real data path under torchrun: each rank streams its own shards; rank 0 alone writes the outputs."""
+def test_torchrun_two_ranks_on_the_real_stream(tiny_dataset, cache, tmp_path, capfd, monkeypatch):
+    """The component's path with nproc=2 (`launch`: torchrun --standalone --nproc_per_node 2 -m
+    llm2clip.train_clip --config JSON ...) on the real data path: each rank streams its own shards, rank 0 alone
+    writes the outputs."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = str(tmp_path / "out")
-    r = _torchrun(2, "-m", "llm2clip.train_clip", "--dataset", tiny_dataset, "--caption-embeddings", cache,
-                  "--output", out, "--epochs", "1", "--batch-size", "8", "--workers", "1")  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    cfg = train_clip.TrainClipConfig(epochs=1, batch_size=8, workers=1)
+    metrics = train_clip.launch(cfg, tiny_dataset, out, [cache], nproc=2)
+    printed = capfd.readouterr().out
     manifest = artifacts.read_manifest(out, "train_clip")
-    assert manifest["compute"]["world_size"] == 2 and manifest["metrics"]["steps"] == 6
-    assert "rank 1/2" in r.stdout and "rank 0/2" in r.stdout
+    assert manifest["compute"]["world_size"] == 2 and metrics["steps"] == 6 == manifest["metrics"]["steps"]
+    assert "rank 1/2" in printed and "rank 0/2" in printed
     model, _ = train_clip.load_trained(out)
     assert model.adapter is not None
