@@ -33,8 +33,6 @@ recipe's bf16 is emulated on CPUs without avx512_bf16); on a GPU node add `--dev
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import importlib.util
 import json
 import os
 import random
@@ -413,41 +411,31 @@ def stage2_inputs(root: str, bench: Stage2BenchConfig, scales: Sequence[int]) ->
     return out
 
 
-def train_fields(bench: Stage2BenchConfig, epochs: int) -> tuple[dict, list[str]]:
-    """TrainClipConfig fields for a benchmark run, and the names of those this train_clip does not have (a
-    train_clip from before the streaming rewrite has no `workers`)."""
-    wanted = {"model": bench.model, "epochs": epochs, "batch_size": bench.batch_size, "device": bench.device,
-              **({} if bench.workers is None else {"workers": bench.workers})}  # fmt: skip
-    known = {f.name for f in dataclasses.fields(train_clip.TrainClipConfig)}
-    return {k: v for k, v in wanted.items() if k in known}, sorted(set(wanted) - known)
+def train_fields(bench: Stage2BenchConfig, epochs: int) -> dict:
+    """TrainClipConfig fields for a benchmark run."""
+    return {"model": bench.model, "epochs": epochs, "batch_size": bench.batch_size, "device": bench.device,
+            **({} if bench.workers is None else {"workers": bench.workers})}  # fmt: skip
 
 
 def stage2_training(dataset: str, caches: list[str], out_dir: str, bench: Stage2BenchConfig) -> dict:
     """One `train_clip.train_clip` run in this process; its own images/s and data-wait share."""
-    fields, missing = train_fields(bench, bench.epochs)
-    notes = [f"this train_clip has no field(s) {missing}: not applied"] if missing else []
+    fields = train_fields(bench, bench.epochs)
     if bench.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     metrics = train_clip.train_clip(train_clip.TrainClipConfig(**fields), dataset, out_dir, caches)
-    compute = artifacts.read_manifest(out_dir, "train_clip").get("compute", {})
-    if "data_wait_share" not in metrics:
-        notes.append("this train_clip reports no data_wait_share (it predates the streaming DataLoader): None")
-    gpu_peak = metrics.get("gpu_peak_mb")
-    if gpu_peak is None and bench.device == "cuda":
-        gpu_peak = torch.cuda.max_memory_allocated() / 2**20
+    compute = artifacts.read_manifest(out_dir, "train_clip")["compute"]
     return {
         "images_per_s": metrics["images_per_s"],
-        "data_wait_share": metrics.get("data_wait_share"),
+        "data_wait_share": metrics["data_wait_share"],
         "images": train_images(dataset),
         "epochs": bench.epochs,
         "batch_size": bench.batch_size,
         "model": bench.model,
         "image_size": bench.image_size,
-        "workers": compute.get("data_workers", bench.workers),
+        "workers": compute["data_workers"],
         "compute": compute,
-        "gpu_peak_mb": gpu_peak,
+        "gpu_peak_mb": metrics.get("gpu_peak_mb"),
         "metrics": metrics,
-        "notes": notes,
     }
 
 
@@ -522,23 +510,9 @@ def cached_vs_online(bench: Stage2BenchConfig) -> dict:
 
 # ----------------------------------------------------------------------------------------------- memory
 
-_TRAIN_IN_PROCESS = (  # for a train_clip without `python -m llm2clip.train_clip`: the same function, own process
-    "import json, sys; from llm2clip import train_clip as t; a = json.loads(sys.argv[1]); "
-    "t.train_clip(t.TrainClipConfig(**a['config']), a['dataset'], a['output'], a['caches'])"
-)
-
-
-def has_entry_point() -> bool:
-    """Whether `python -m llm2clip.train_clip` runs training (the streaming rewrite adds it)."""
-    origin = importlib.util.find_spec("llm2clip.train_clip").origin
-    return 'if __name__ == "__main__"' in Path(origin).read_text()
-
 
 def train_command(dataset: str, caches: list[str], out_dir: str, fields: dict) -> list[str]:
     """`python -m llm2clip.train_clip --dataset D --output O --caption-embeddings C ... --kebab-field V ...`."""
-    if not has_entry_point():
-        spec = {"config": fields, "dataset": dataset, "output": out_dir, "caches": caches}
-        return [sys.executable, "-c", _TRAIN_IN_PROCESS, json.dumps(spec)]
     cmd = [sys.executable, "-m", "llm2clip.train_clip", "--dataset", dataset, "--output", out_dir]
     for c in caches:
         cmd += ["--caption-embeddings", c]
@@ -599,11 +573,7 @@ def peak_rss_of_training(cmd: list[str], log_path: str, sample_every_s: float = 
 def memory_benchmark(inputs: dict[int, tuple[str, list[str]]], root: str, bench: Stage2BenchConfig) -> dict:
     """Peak RSS of stage-2 training (1 epoch, same batch and workers) in a fresh process on the 1x and the
     MEMORY_SCALE x dataset."""
-    fields, missing = train_fields(bench, epochs=1)
-    notes = [f"this train_clip has no field(s) {missing}: not applied"] if missing else []
-    if not has_entry_point():
-        notes.append("this train_clip has no `python -m llm2clip.train_clip`: train_clip.train_clip ran in a "
-                     "fresh `python -c` process instead")  # fmt: skip
+    fields = train_fields(bench, epochs=1)
     runs = {}
     for k in (1, MEMORY_SCALE):
         dataset, caches = inputs[k]
@@ -618,8 +588,6 @@ def memory_benchmark(inputs: dict[int, tuple[str, list[str]]], root: str, bench:
         print(f"  memory {k:>2}x: {run['images']} images, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
     small, large = runs["1x"], runs[f"{MEMORY_SCALE}x"]
     ratio = large["peak_rss_mb"] / small["peak_rss_mb"]
-    if small["metrics"]["peak_rss_mb"] is None:
-        notes.append("this train_clip reports no peak_rss_mb of its own: only the kernel's ru_maxrss is given")
     out = {
         "rss_mb_1x": small["peak_rss_mb"],
         f"rss_mb_{MEMORY_SCALE}x": large["peak_rss_mb"],
@@ -632,7 +600,6 @@ def memory_benchmark(inputs: dict[int, tuple[str, list[str]]], root: str, bench:
         "a DataLoader worker); tree_pss_mb_peak_sampled adds up the whole process tree",
         "command": train_command("DATASET", ["CACHE"], "OUTPUT", fields),
         "runs": runs,
-        "notes": notes,
     }
     if bench.device == "cuda":
         out["gpu_peak_mb_1x"] = small["metrics"].get("gpu_peak_mb")
