@@ -258,7 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--online-steps", type=int, default=2, help="steps of each variant per round")
     bench.add_argument("--gpu-smoke", action="store_true", help="the GPU suite on tiny shapes (runs on a CPU)")
     bench.add_argument("--gpu-time-limit", type=float, default=280.0, help="seconds for the whole GPU suite")
+    from llm2clip import bucket, submit  # their own subcommands: `llm2clip storage ...`, `llm2clip submit ...`
+
+    bucket.add_parser(sub)
+    submit.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "storage":
+        return bucket.run(args)
+    if args.command == "submit":
+        return submit.run(args)
 
     if args.command == "benchmark":
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
