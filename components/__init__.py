@@ -3,6 +3,7 @@
 from llm2clip.components.cache_caption_embeddings import cache_caption_embeddings
 from llm2clip.components.evaluate import evaluate
 from llm2clip.components.image import IMAGE
+from llm2clip.components.locate_store import locate_store
 from llm2clip.components.prepare_data import prepare_data
 from llm2clip.components.train_clip import train_clip
 from llm2clip.components.train_clip_baseline import train_clip_baseline
@@ -12,6 +13,7 @@ __all__ = [
     "IMAGE",
     "cache_caption_embeddings",
     "evaluate",
+    "locate_store",
     "prepare_data",
     "train_clip",
     "train_clip_baseline",

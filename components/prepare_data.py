@@ -15,8 +15,10 @@ def prepare_data(
     image_size: int,
     seed: int,
     cache_groups: int,
+    store: str = "",
 ) -> list:
-    """Validated train + eval shards, stats and rejects. Returns the shard groups the cache fans out over."""
+    """Validated train + eval shards, stats and rejects. Returns the shard groups the cache fans out over.
+    `store` (LLM2CLIP_STORE, from locate_store) is an input only so that it enters the cache key."""
     from llm2clip.artifacts import output_location, point
     from llm2clip.data import PrepareDataConfig, prepare_data
 

@@ -2,171 +2,284 @@
 
 Data moves between tasks only as artifacts. Two LLM-text models are trained (tuned LLM and, as a baseline, the raw
 LLM) plus a standard CLIP baseline on the same data and budget; `evaluate` compares them in one report.
+
+The compiled pipeline (`llm2clip compile`) also says where each task runs on Kubernetes: images, GPUs, node
+selector and tolerations, resources, timeouts, retries, credentials and the store (`on_pod`, `on_gpu`).
+`llm2clip run --local` runs the same DAG without them: kfp.local would apply the environment (HOME on /tmp) and
+the retries to processes on this machine, and it ignores the rest.
 """
 
 from pathlib import Path
 
-from kfp import compiler, dsl
+from kfp import compiler, dsl, kubernetes
+from kfp.dsl.pipeline_channel import PipelineChannel
 from llm2clip.components import (
-    IMAGE,
     cache_caption_embeddings,
     evaluate,
+    locate_store,
     prepare_data,
     train_clip,
     train_clip_baseline,
     tune_caption_encoder,
 )
+from llm2clip.components import image as images
 
 PIPELINE_NAME = "llm2clip"
 COMPILED = Path(__file__).parent / "llm2clip.yaml"
+CPU_IMAGE = getattr(images, "IMAGE_CPU", images.IMAGE)  # the CPU build where images/ makes one
+GPU_IMAGE = getattr(images, "IMAGE_GPU", images.IMAGE)
+
+# ---- names shared with manifests/ (listed in manifests/names.json; tests check both sides agree)
+S3_SECRET = "llm2clip-s3"  # a literal: a Secret name from a pipeline parameter fails inside ParallelFor
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+CONFIG_MAP = "llm2clip-config"
+CONFIG_MAP_KEYS = ("MINIO_ENDPOINT", "MINIO_SECURE", "LLM2CLIP_STORE")
+POD_LABEL = ("app.kubernetes.io/part-of", "llm2clip")  # what the metrics PodMonitor selects
+
+# ---- pod settings fixed at compile time
+# The image's root filesystem is read-only: every cache and config directory goes to /tmp.
+WRITABLE_ENV = {"HOME": "/tmp", "HF_HOME": "/tmp/huggingface", "MPLCONFIGDIR": "/tmp/matplotlib"}
+GPU_RESOURCE = "nvidia.com/gpu"
+SHM_SIZE = "16Gi"  # /dev/shm for DataLoader workers; memory-backed, so it counts toward gpu_task_memory
+# How many cache tasks of one fan-out run at once (each holds `gpus` GPUs); KFP needs it at compile time.
+CACHE_PARALLELISM = 4
+# A retry resumes: stage 2 from the latest checkpoint in its output location, the cache at its first shard
+# without output, stage 1 from the start (it is short). KFP reruns a task's pod with the same output URIs.
+GPU_RETRY = dict(num_retries=2, backoff_duration="120s", backoff_factor=2.0, backoff_max_duration="3600s")
+# (cpu request, cpu limit, memory request, memory limit, timeout in hours) of the CPU tasks; the timeout bounds one
+# attempt, so a hung task ends instead of holding its node.
+CPU_TASKS = {
+    "locate_store": ("250m", "1", "512Mi", "1Gi", 0.25),
+    "prepare_data": ("2", "4", "8Gi", "16Gi", 24),
+    "evaluate": ("4", "8", "16Gi", "32Gi", 12),
+}
+GPU_TIMEOUT_H = {"tune_caption_encoder": 24, "cache_caption_embeddings": 48, "train_clip": 72}
 
 
-@dsl.pipeline(
-    name=PIPELINE_NAME,
-    description="LLM2CLIP: tune an LLM as caption encoder, cache its embeddings, train a CLIP vision encoder "
-    "against them, and compare with a raw-LLM and a standard CLIP baseline.",
-)
-def llm2clip_pipeline(
-    source: str = "synthetic",
-    source_options: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
-    num_train: int = 600,
-    num_eval: int = 100,
-    image_size: int = 64,
-    seed: int = 0,
-    llm: str = "smollm2-135m-instruct",
-    bidirectional: bool = True,
-    tune_steps: int = 16,
-    tune_batch_size: int = 8,
-    tune_lr: float = 5e-4,
-    lora_r: int = 16,
-    cache_groups: int = 2,
-    vision_model: str = "llm2clip-vit-tiny",
-    pretrained: str = "",
-    train_epochs: int = 15,
-    train_batch_size: int = 64,
-    train_lr: float = 0.0,
-    train_nproc: int = 1,
-    center_text: bool = True,
-    ablations: bool = False,
-    zero_shot: list = ["synthetic"],  # noqa: B006 (a KFP parameter default, never mutated)
-    device: str = "auto",
-    dtype: str = "auto",
-    image: str = IMAGE,
-) -> dsl.Artifact:
-    """Parameters:
-    source: "synthetic" (built-in generator), a directory / s3:// prefix of canonical shards (train/,
-        eval/<benchmark>/), img2dataset tars or a caption table (see source_options).
-    source_options: how to read a real source, e.g. {"source_format": "img2dataset", "short_field":
-        "json.short_caption", "long_field": "json.long_caption", "eval_sources": ["coco=karpathy:s3://b/
-        dataset_coco.json:s3://b/coco"]}; a caption table (CSV, TSV, JSONL, Parquet) names its columns with
-        "image_column", "key_column" and the *_field keys; eval_sources also add real eval sets to the synthetic
-        source. Keys are PrepareDataConfig fields.
-    num_train / num_eval / image_size / seed: size and seed of the synthetic data.
-    llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests) or a Hugging Face model path.
-    bidirectional: remove the causal mask in the LLM (LLM2Vec-style); False keeps it causal.
-    tune_steps / tune_batch_size / tune_lr / lora_r: stage 1 (caption-contrastive LoRA; alpha = 2 r).
-    cache_groups: how many parallel caching tasks the shards are split over.
-    vision_model / pretrained: open_clip model config and pretrained tag, or a checkpoint file (local or s3://);
-        "" = random init.
-    train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines; train_lr 0
-        takes the recipe's learning rate (1e-3 for a random tower; with `pretrained`, the official recipe: 1e-5,
-        layer decay 0.85, no warm-up).
-    train_nproc: stage-2 processes per training task (torchrun --nproc_per_node: the GPUs of the pod); the
-        batch is global, split over them.
-    center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
-        paper, see the README); applies to both LLM-taught models.
-    ablations: also train both LLM-taught models without centring and report them beside the others.
-    zero_shot: zero-shot classification sets: "synthetic" (colour x shape scenes) and/or "NAME=URI" (an image
-        folder per class, local or s3://, optional classnames.txt); [] for none.
-    device: "auto" (cuda if the task sees a GPU, else cpu), "cpu" or "cuda", for every model-running task.
-    dtype: compute dtype, "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32), "float32",
-        "bfloat16" or "float16"; every manifest records the one used.
-    image: the container image every task runs in.
-    Returns the evaluation artifact (summary.json, report.html, report.md).
-    """
-    data = prepare_data(
-        source=source,
-        source_options=source_options,
-        num_train=num_train,
-        num_eval=num_eval,
-        image_size=image_size,
-        seed=seed,
-        cache_groups=cache_groups,
+def passed_in(task: dsl.PipelineTask, *values) -> None:
+    """kfp 2.17 does not pass a resource's pipeline parameter into a ParallelFor (the task inside would reference
+    an input its loop lacks); registering the parameter with the task does."""
+    task.register_pipeline_channels([v for v in values if isinstance(v, PipelineChannel)])
+
+
+def on_pod(task: dsl.PipelineTask, image, cpu: tuple, memory: tuple, timeout_h: float) -> dsl.PipelineTask:
+    """What every task's pod gets: image, resources, timeout, writable HOME, S3 credentials, store, label."""
+    task.set_container_image(image)
+    task.set_cpu_request(cpu[0]).set_cpu_limit(cpu[1]).set_memory_request(memory[0]).set_memory_limit(memory[1])
+    passed_in(task, *cpu, *memory)
+    for key, value in WRITABLE_ENV.items():
+        task.set_env_variable(key, value)
+    kubernetes.use_secret_as_env(task, S3_SECRET, {k: k for k in S3_SECRET_KEYS})
+    kubernetes.use_config_map_as_env(task, CONFIG_MAP, {k: k for k in CONFIG_MAP_KEYS})
+    kubernetes.add_pod_label(task, *POD_LABEL)
+    kubernetes.set_image_pull_policy(task, "IfNotPresent")
+    kubernetes.set_timeout(task, int(timeout_h * 3600))
+    return task
+
+
+def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
+    """What a GPU step's pod adds: `gpus` GPUs, the GPU nodes' selector and tolerations, /dev/shm, retries."""
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
+    passed_in(task, gpus)
+    kubernetes.add_node_selector_json(task, node_selector)
+    kubernetes.add_toleration_json(task, tolerations)
+    kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=SHM_SIZE)
+    return task.set_retry(**GPU_RETRY)
+
+
+def build_pipeline(on_cluster: bool):
+    """The pipeline; `on_cluster` adds the pod settings (the compiled YAML), without them kfp.local runs it."""
+
+    @dsl.pipeline(
+        name=PIPELINE_NAME,
+        description="LLM2CLIP: tune an LLM as caption encoder, cache its embeddings, train a CLIP vision encoder "
+        "against them, and compare with a raw-LLM and a standard CLIP baseline.",
     )
-    tuned = tune_caption_encoder(
-        dataset=data.outputs["dataset"],
-        llm=llm,
-        bidirectional=bidirectional,
-        steps=tune_steps,
-        batch_size=tune_batch_size,
-        lr=tune_lr,
-        lora_r=lora_r,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-    )
-    train_args = dict(
-        model=vision_model,
-        pretrained=pretrained,
-        epochs=train_epochs,
-        batch_size=train_batch_size,
-        lr=train_lr,
-        nproc=train_nproc,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-    )
-    # LLM2CLIP embeds with the tuned LLM as it was tuned; the raw-LLM baseline with the frozen LLM as it is
-    # (causal, no adapter), as the paper's raw-LLM row. Both are then trained with exactly the same recipe.
-    trained, embeddings, ablated = {}, {}, {}
-    for name, use_adapter, attention in (("llm2clip", True, "as_tuned"), ("llm2clip_raw_llm", False, "causal")):
-        with dsl.ParallelFor(data.outputs["Output"], parallelism=0) as group:
-            cache = cache_caption_embeddings(
+    def llm2clip_pipeline(
+        source: str = "synthetic",
+        source_options: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
+        num_train: int = 600,
+        num_eval: int = 100,
+        image_size: int = 64,
+        seed: int = 0,
+        llm: str = "smollm2-135m-instruct",
+        bidirectional: bool = True,
+        tune_steps: int = 16,
+        tune_batch_size: int = 8,
+        tune_lr: float = 5e-4,
+        lora_r: int = 16,
+        cache_groups: int = 2,
+        vision_model: str = "llm2clip-vit-tiny",
+        pretrained: str = "",
+        train_epochs: int = 15,
+        train_batch_size: int = 64,
+        train_lr: float = 0.0,
+        train_nproc: int = 1,
+        center_text: bool = True,
+        ablations: bool = False,
+        zero_shot: list = ["synthetic"],  # noqa: B006 (a KFP parameter default, never mutated)
+        device: str = "auto",
+        dtype: str = "auto",
+        cpu_image: str = CPU_IMAGE,
+        gpu_image: str = GPU_IMAGE,
+        gpus: int = 1,
+        gpu_node_selector: dict = {},  # noqa: B006 (a KFP parameter default, never mutated)
+        gpu_tolerations: list = [],  # noqa: B006 (a KFP parameter default, never mutated)
+        gpu_task_cpu: str = "8",
+        gpu_task_memory: str = "64Gi",
+    ) -> dsl.Artifact:
+        """Parameters:
+        source: "synthetic" (built-in generator), a directory / s3:// prefix of canonical shards (train/,
+            eval/<benchmark>/), img2dataset tars or a caption table (see source_options).
+        source_options: how to read a real source, e.g. {"source_format": "img2dataset", "short_field":
+            "json.short_caption", "long_field": "json.long_caption", "eval_sources": ["coco=karpathy:s3://b/
+            dataset_coco.json:s3://b/coco"]}; a caption table (CSV, TSV, JSONL, Parquet) names its columns with
+            "image_column", "key_column" and the *_field keys; eval_sources also add real eval sets to the
+            synthetic source. Keys are PrepareDataConfig fields.
+        num_train / num_eval / image_size / seed: size and seed of the synthetic data.
+        llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests) or a Hugging Face model path.
+        bidirectional: remove the causal mask in the LLM (LLM2Vec-style); False keeps it causal.
+        tune_steps / tune_batch_size / tune_lr / lora_r: stage 1 (caption-contrastive LoRA; alpha = 2 r).
+        cache_groups: how many parallel caching tasks the shards are split over (at most 4 run at once).
+        vision_model / pretrained: open_clip model config and pretrained tag, or a checkpoint file (local or
+            s3://); "" = random init.
+        train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines; train_lr
+            0 takes the recipe's learning rate (1e-3 for a random tower; with `pretrained`, the official recipe:
+            1e-5, layer decay 0.85, no warm-up).
+        train_nproc: stage-2 processes per training task (torchrun --nproc_per_node); the batch is global, split
+            over them. On GPU nodes set it to `gpus` (one process per GPU of the pod: more fail, fewer leave
+            GPUs idle); with gpus 0 they are CPU processes (gloo).
+        center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
+            paper, see the README); applies to both LLM-taught models.
+        ablations: also train both LLM-taught models without centring and report them beside the others.
+        zero_shot: zero-shot classification sets: "synthetic" (colour x shape scenes) and/or "NAME=URI" (an image
+            folder per class, local or s3://, optional classnames.txt); [] for none.
+        device: "auto" (cuda if the task sees a GPU, else cpu), "cpu" or "cuda", for every model-running task.
+        dtype: compute dtype, "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32), "float32",
+            "bfloat16" or "float16"; every manifest records the one used.
+        On a cluster only (kfp.local ignores them):
+        cpu_image / gpu_image: the images of the CPU tasks (locate_store, prepare_data, evaluate) and of the GPU
+            steps (stage 1, both cache fan-outs, every stage-2 training).
+        gpus: GPUs each GPU step requests (nvidia.com/gpu); only stage 2 uses more than one (train_nproc); 0
+            runs the GPU steps on CPU nodes (with gpu_node_selector {} and gpu_tolerations []).
+        gpu_node_selector / gpu_tolerations: the GPU steps' nodeSelector (JSON object) and tolerations (JSON list),
+            e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] for GPU nodes with that
+            taint where the ExtendedResourceToleration admission plugin does not add it.
+        gpu_task_cpu / gpu_task_memory: CPU and memory request = limit of a GPU step (Kubernetes quantities;
+            memory includes the 16Gi /dev/shm).
+        Returns the evaluation artifact (summary.json, report.html, report.md).
+        """
+
+        def cpu_task(task: dsl.PipelineTask, name: str) -> dsl.PipelineTask:
+            task.set_display_name(name)
+            if on_cluster:
+                cpu_req, cpu_lim, mem_req, mem_lim, timeout_h = CPU_TASKS[name]
+                on_pod(task, cpu_image, (cpu_req, cpu_lim), (mem_req, mem_lim), timeout_h)
+            return task
+
+        def gpu_task(task: dsl.PipelineTask, name: str, display_name: str) -> dsl.PipelineTask:
+            task.set_display_name(display_name)
+            if on_cluster:
+                on_pod(task, gpu_image, (gpu_task_cpu,) * 2, (gpu_task_memory,) * 2, GPU_TIMEOUT_H[name])
+                on_gpu(task, gpus, gpu_node_selector, gpu_tolerations)
+            return task
+
+        # The store (LLM2CLIP_STORE) enters prepare_data's cache key, read by a task that is never cached; every
+        # later task takes prepare_data's dataset, so a run against another store misses the cache throughout.
+        store = cpu_task(locate_store(), "locate_store").set_caching_options(enable_caching=False)
+        data = prepare_data(
+            source=source,
+            source_options=source_options,
+            num_train=num_train,
+            num_eval=num_eval,
+            image_size=image_size,
+            seed=seed,
+            cache_groups=cache_groups,
+            store=store.output,
+        )
+        cpu_task(data, "prepare_data")
+        tuned = tune_caption_encoder(
+            dataset=data.outputs["dataset"],
+            llm=llm,
+            bidirectional=bidirectional,
+            steps=tune_steps,
+            batch_size=tune_batch_size,
+            lr=tune_lr,
+            lora_r=lora_r,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        gpu_task(tuned, "tune_caption_encoder", "tune_caption_encoder")
+        train_args = dict(
+            model=vision_model,
+            pretrained=pretrained,
+            epochs=train_epochs,
+            batch_size=train_batch_size,
+            lr=train_lr,
+            nproc=train_nproc,
+            seed=seed,
+            device=device,
+            dtype=dtype,
+        )
+        # LLM2CLIP embeds with the tuned LLM as it was tuned; the raw-LLM baseline with the frozen LLM as it is
+        # (causal, no adapter), as the paper's raw-LLM row. Both are then trained with exactly the same recipe.
+        trained, embeddings, ablated = {}, {}, {}
+        for name, use_adapter, attention in (("llm2clip", True, "as_tuned"), ("llm2clip_raw_llm", False, "causal")):
+            with dsl.ParallelFor(data.outputs["Output"], parallelism=CACHE_PARALLELISM) as group:
+                cache = cache_caption_embeddings(
+                    dataset=data.outputs["dataset"],
+                    text_lora=tuned.outputs["text_lora"],
+                    group=group,
+                    use_adapter=use_adapter,
+                    attention=attention,
+                    device=device,
+                    dtype=dtype,
+                )
+                gpu_task(cache, "cache_caption_embeddings", f"cache_caption_embeddings ({name})")
+            embeddings[name] = cache.outputs["caption_embeddings"]
+            trained[name] = train_clip(
                 dataset=data.outputs["dataset"],
-                text_lora=tuned.outputs["text_lora"],
-                group=group,
-                use_adapter=use_adapter,
-                attention=attention,
-                device=device,
-                dtype=dtype,
+                caption_embeddings=dsl.Collected(embeddings[name]),
+                center_text=center_text,
+                **train_args,
             )
-            cache.set_display_name(f"cache_caption_embeddings ({name})").set_container_image(image)
-        embeddings[name] = cache.outputs["caption_embeddings"]
-        trained[name] = train_clip(
+            gpu_task(trained[name], "train_clip", f"train_clip ({name})")
+            # the centring ablation: trains only when `ablations` asks for it, else writes a "skipped" manifest
+            ablated[name] = train_clip(
+                dataset=data.outputs["dataset"],
+                caption_embeddings=dsl.Collected(embeddings[name]),
+                center_text=False,
+                enabled=ablations,
+                **train_args,
+            )
+            gpu_task(ablated[name], "train_clip", f"train_clip ({name}, no centring)")
+        baseline = train_clip_baseline(dataset=data.outputs["dataset"], **train_args)
+        gpu_task(baseline, "train_clip", "train_clip_baseline")
+        result = evaluate(
             dataset=data.outputs["dataset"],
-            caption_embeddings=dsl.Collected(embeddings[name]),
-            center_text=center_text,
-            **train_args,
+            text_lora=tuned.outputs["text_lora"],
+            llm2clip_model=trained["llm2clip"].outputs["vision_model"],
+            raw_llm_model=trained["llm2clip_raw_llm"].outputs["vision_model"],
+            clip_model=baseline.outputs["vision_model"],
+            llm2clip_no_centring_model=ablated["llm2clip"].outputs["vision_model"],
+            raw_llm_no_centring_model=ablated["llm2clip_raw_llm"].outputs["vision_model"],
+            tuned_embeddings=dsl.Collected(embeddings["llm2clip"]),
+            raw_embeddings=dsl.Collected(embeddings["llm2clip_raw_llm"]),
+            device=device,
+            zero_shot=zero_shot,
         )
-        trained[name].set_display_name(f"train_clip ({name})")
-        # the centring ablation: trains only when `ablations` asks for it, else writes a "skipped" manifest
-        ablated[name] = train_clip(
-            dataset=data.outputs["dataset"],
-            caption_embeddings=dsl.Collected(embeddings[name]),
-            center_text=False,
-            enabled=ablations,
-            **train_args,
-        )
-        ablated[name].set_display_name(f"train_clip ({name}, no centring)").set_container_image(image)
-    baseline = train_clip_baseline(dataset=data.outputs["dataset"], **train_args)
-    result = evaluate(
-        dataset=data.outputs["dataset"],
-        text_lora=tuned.outputs["text_lora"],
-        llm2clip_model=trained["llm2clip"].outputs["vision_model"],
-        raw_llm_model=trained["llm2clip_raw_llm"].outputs["vision_model"],
-        clip_model=baseline.outputs["vision_model"],
-        llm2clip_no_centring_model=ablated["llm2clip"].outputs["vision_model"],
-        raw_llm_no_centring_model=ablated["llm2clip_raw_llm"].outputs["vision_model"],
-        tuned_embeddings=dsl.Collected(embeddings["llm2clip"]),
-        raw_embeddings=dsl.Collected(embeddings["llm2clip_raw_llm"]),
-        device=device,
-        zero_shot=zero_shot,
-    )
-    for task in (data, tuned, trained["llm2clip"], trained["llm2clip_raw_llm"], baseline, result):
-        task.set_container_image(image)
-    return result.outputs["evaluation"]
+        cpu_task(result, "evaluate")
+        return result.outputs["evaluation"]
+
+    return llm2clip_pipeline
+
+
+# What `llm2clip run --local` runs (kfp.local) and what defines the parameters; compile_pipeline compiles the
+# same DAG with the pod settings.
+llm2clip_pipeline = build_pipeline(on_cluster=False)
 
 
 def compile_pipeline(path: str | Path = COMPILED) -> Path:
-    compiler.Compiler().compile(llm2clip_pipeline, str(path))
+    compiler.Compiler().compile(build_pipeline(on_cluster=True), str(path))
     return Path(path)
