@@ -225,3 +225,13 @@ def test_the_local_pipeline_has_the_same_parameters_and_no_pod_settings():
     dags = [c["dag"] for c in [spec["root"], *spec["components"].values()] if "dag" in c]
     tasks = [task for dag in dags for task in dag["tasks"].values()]
     assert tasks and not [t for t in tasks if "retryPolicy" in t]
+
+
+def test_a_cache_hit_whose_objects_were_deleted_says_to_rerun_without_cache(tmp_path):
+    from llm2clip import artifacts
+
+    art = tmp_path / "artifact"
+    art.mkdir()
+    (art / artifacts.LOCATION).write_text(json.dumps({"uri": str(tmp_path / "gone")}))
+    with pytest.raises(FileNotFoundError, match="without cache"):
+        artifacts.resolve(str(art))

@@ -79,7 +79,16 @@ def output_location(artifact_path: str, artifact_uri: str) -> str:
 def resolve(artifact_path: str) -> str:
     """The location of an artifact's content: what its location.json points to, else the artifact itself."""
     pointer = Path(artifact_path) / LOCATION
-    return json.loads(pointer.read_text())["uri"] if pointer.exists() else artifact_path
+    if not pointer.exists():
+        return artifact_path
+    uri = json.loads(pointer.read_text())["uri"]
+    if not storage.exists(storage.join(uri, MANIFEST)):
+        raise FileNotFoundError(
+            f"input artifact {artifact_path} points to {uri}, which holds no {MANIFEST}: its objects were deleted "
+            "after the run that wrote them, and KFP's cache reused that run's output. Rerun the pipeline without "
+            "cache (`llm2clip submit --no-cache`, or enable_caching=False when creating the run)"
+        )
+    return uri
 
 
 def point(artifact_path: str, location: str) -> None:

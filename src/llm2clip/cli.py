@@ -180,7 +180,7 @@ def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
     )
     print(f"running the llm2clip pipeline locally (profile {profile}) into {output}", flush=True)
     t0 = time.time()
-    result = llm2clip_pipeline(**{k: v for k, v in params.items() if k != "image"})
+    result = llm2clip_pipeline(**params)
     wall = time.time() - t0
     evaluation = Path(result.output.path)
     for name in ("report.html", "report.md", "retrieval_r1.png"):
