@@ -1,3 +1,13 @@
-"""The one container image every component runs in (override per run with the pipeline's `image` parameter)."""
+"""The container images components run in (images/Dockerfile builds them; images/README.md says how).
 
-IMAGE = "ghcr.io/llm2clip-kfp/llm2clip:0.1.0"
+Tags follow the package version. `IMAGE`, every component's default base image, is the CUDA build: it also runs
+on CPU nodes. A run should pin the exact image through the pipeline's `image` parameter, by its immutable
+`<version>-<git sha>` tag or, better, its digest.
+"""
+
+VERSION = "0.1.0"  # pyproject's [project].version; tests/test_images.py checks they are equal
+REPOSITORY = "ghcr.io/llm2clip-kfp/llm2clip"
+
+IMAGE_GPU = f"{REPOSITORY}:{VERSION}"  # VARIANT=cuda: torch with its CUDA wheels
+IMAGE_CPU = f"{REPOSITORY}-cpu:{VERSION}"  # VARIANT=cpu: torch's CPU build, several GB smaller
+IMAGE = IMAGE_GPU

