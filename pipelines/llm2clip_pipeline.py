@@ -26,8 +26,8 @@ from llm2clip.components import image as images
 
 PIPELINE_NAME = "llm2clip"
 COMPILED = Path(__file__).parent / "llm2clip.yaml"
-CPU_IMAGE = getattr(images, "IMAGE_CPU", images.IMAGE)  # the CPU build where images/ makes one
-GPU_IMAGE = getattr(images, "IMAGE_GPU", images.IMAGE)
+CPU_IMAGE = images.IMAGE_CPU  # images/Dockerfile, VARIANT=cpu
+GPU_IMAGE = images.IMAGE_GPU  # VARIANT=cuda
 
 # ---- names shared with manifests/ (listed in manifests/names.json; tests check both sides agree)
 S3_SECRET = "llm2clip-s3"  # a literal: a Secret name from a pipeline parameter fails inside ParallelFor
