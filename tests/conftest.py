@@ -56,3 +56,14 @@ def s3_env(moto_server, monkeypatch):
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     make_bucket(bucket)
     return f"s3://{bucket}/prefix"
+
+
+@pytest.fixture(scope="module")
+def lora(tiny_dataset, tmp_path_factory) -> str:
+    """A LoRA adapter tuned for 2 steps on the tiny Llama (the caching tests' stage-1 output)."""
+    from llm2clip import text_encoder, tune
+
+    out = str(tmp_path_factory.mktemp("lora"))
+    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1)
+    tune.tune_caption_encoder(cfg, tiny_dataset, out)
+    return out

@@ -5,9 +5,10 @@ import random
 
 import pytest
 import torch
+from cache_helpers import run
 
-from llm2clip import artifacts, data, embedding_cache, storage, text_encoder, tune
-from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings, shard_groups
+from llm2clip import artifacts, data, embedding_cache, storage, text_encoder
+from llm2clip.embedding_cache import shard_groups
 
 # ----------------------------------------------------------------------------------------------- shard groups
 
@@ -43,18 +44,6 @@ def test_every_shard_is_in_exactly_one_group_and_every_task_agrees():
 
 
 # ----------------------------------------------------------------------------------------------- the stage
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("lora"))
-    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1)
-    tune.tune_caption_encoder(cfg, tiny_dataset, out)
-    return out
-
-
-def run(dataset, lora, out, root, **kw):
-    return cache_caption_embeddings(CacheConfig(store_root=str(root), **kw), dataset, lora, str(out))
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,9 @@ in a later shard of the same run is a hit there: hits + misses is the same for e
 
 import pytest
 import torch
+from cache_helpers import run
 
-from llm2clip import artifacts, embedding_cache, storage, text_encoder, tune
-from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings
-
-
-@pytest.fixture(scope="module")
-def lora(tiny_dataset, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("lora"))
-    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1)
-    tune.tune_caption_encoder(cfg, tiny_dataset, out)
-    return out
-
-
-def run(dataset, lora, out, root, **kw):
-    return cache_caption_embeddings(CacheConfig(store_root=str(root), **kw), dataset, lora, str(out))
+from llm2clip import artifacts, embedding_cache, storage
 
 
 def test_rerun_embeds_nothing_and_gives_the_same_vectors(tiny_dataset, lora, tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def cache(tiny_dataset, tmp_path_factory) -> str:
 
 def _keys(stream: streaming.TrainStream, slot: int, slots: int, epoch: int) -> list[str]:
     units = streaming.slot_units(stream.sizes, slots, slot, stream.seed, epoch)
-    return [s["__key__"] for s in stream._shuffled(units, __import__("random").Random(0))]
+    return [s["__key__"] for s in stream._shuffled(units, random.Random(0))]
 
 
 # ----------------------------------------------------------------------------------------------- the stream
