@@ -215,3 +215,8 @@ def test_torchrun_two_ranks_on_the_real_stream(tiny_dataset, cache, tmp_path, ca
     assert "rank 1/2" in printed and "rank 0/2" in printed
     model, _ = train_clip.load_trained(out)
     assert model.adapter is not None
+
+
+def test_a_folder_that_is_not_a_prepared_dataset_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not a split written by prepare_data"):
+        streaming.split_sizes(str(tmp_path / "train"))

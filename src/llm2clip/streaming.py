@@ -52,6 +52,9 @@ class Unit:
 
 def split_sizes(split_dir: str) -> dict[str, int]:
     """{shard URI: samples} of a prepared split, from its sizes.json (written with the shards)."""
+    if not storage.exists(storage.join(split_dir, "sizes.json")):
+        raise FileNotFoundError(f"{split_dir}: no sizes.json, so not a split written by prepare_data "
+                                "(--dataset must be prepare_data's output)")  # fmt: skip
     sizes = storage.read_json(storage.join(split_dir, "sizes.json"))
     return {storage.join(split_dir, name): int(n) for name, n in sorted(sizes.items()) if n > 0}
 
