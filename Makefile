@@ -6,7 +6,11 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run run-tiny test lint compile clean
+# The tests start Debian's Prometheus and Pushgateway on 127.0.0.1 themselves; this installs them where missing.
+SERVERS := /usr/bin/prometheus /usr/bin/prometheus-pushgateway
+SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install servers run run-tiny test lint compile clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,7 +28,13 @@ run: $(STAMP)
 run-tiny: $(STAMP)
 	$(BIN)/llm2clip run --local --profile tiny --output runs/tiny
 
-test: $(STAMP)
+$(SERVERS):
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus prometheus-pushgateway
+
+servers: $(SERVERS)
+
+test: $(STAMP) $(SERVERS)
 	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 

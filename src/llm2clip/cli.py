@@ -114,6 +114,11 @@ def validate_parameters(params: dict[str, object]) -> None:
         devices.resolve_device(params["device"])  # "cuda" on a machine without a GPU fails here, not in a task
         if params["cache_groups"] < 1:
             raise ValueError(f"cache_groups={params['cache_groups']!r}: must be >= 1")
+        if params["train_nodes"] != 1:  # a TrainJob needs Kubeflow Trainer; locally stage 2 is one process tree
+            raise ValueError(
+                f"train_nodes={params['train_nodes']!r}: only 1 runs locally; more nodes run on a cluster through "
+                "a Kubeflow Trainer TrainJob (llm2clip submit --set train_nodes=N)"
+            )
         preflight.check_run(params)  # models, object-store settings, paths, field names, batch vs split sizes
     except ValueError as e:
         raise SystemExit(f"bad pipeline parameter: {e}") from None
