@@ -7,6 +7,7 @@ from llm2clip.components.locate_store import locate_store
 from llm2clip.components.prepare_data import prepare_data
 from llm2clip.components.train_clip import train_clip
 from llm2clip.components.train_clip_baseline import train_clip_baseline
+from llm2clip.components.train_clip_trainjob import train_clip_trainjob
 from llm2clip.components.tune_caption_encoder import tune_caption_encoder
 
 __all__ = [
@@ -17,5 +18,6 @@ __all__ = [
     "prepare_data",
     "train_clip",
     "train_clip_baseline",
+    "train_clip_trainjob",
     "tune_caption_encoder",
 ]

@@ -1,0 +1,570 @@
+"""Stage 2 on several nodes: a Kubeflow Trainer v2.3 TrainJob built as data, then created, followed and removed.
+
+`build_trainjob` is pure: TrainClipConfig fields + input/output locations + placement -> the TrainJob object
+(trainer.kubeflow.org/v1alpha1, field names of Trainer v2.3.0). `run_trainjob` drives it through the Kubernetes
+API: create (or adopt the one a previous attempt created), poll `status.conditions` until Complete or Failed,
+stream the node-0 trainer's log to our stdout meanwhile, delete it once it completed. `train_on_nodes` is the
+launcher component's one call.
+
+How the nodes find each other: the TrainJob references our namespaced TrainingRuntime `llm2clip-torch` (torch ML
+policy); Trainer's torch plugin injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK (the pod's Job completion
+index), PET_MASTER_ADDR (`<trainjob>-node-0-0.<trainjob>`, node 0's stable hostname) and PET_MASTER_PORT (29500)
+into the `node` container. torchrun reads every `--flag` it is not given from `PET_<FLAG>`, so the trainer command
+is plain `python -m torch.distributed.run --module llm2clip.train_clip ...`: no --standalone (that would make each
+node a world of its own), no --nnodes/--node-rank/--master-* (a flag on the command line would win over the
+environment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+from llm2clip import artifacts, storage
+
+if TYPE_CHECKING:
+    from kubernetes.client import ApiClient
+
+    from llm2clip.train_clip import TrainClipConfig
+
+GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+API_VERSION = f"{GROUP}/{VERSION}"
+RUNTIME = "llm2clip-torch"  # namespaced TrainingRuntime (manifests/), torch ML policy
+NODE = "node"  # Trainer's torch convention: the trainer's replicated job and its container are both "node"
+PART_OF = ("app.kubernetes.io/part-of", "llm2clip")  # on every llm2clip pod: the metrics PodMonitor selects it
+COMPONENT = ("app.kubernetes.io/component", "train-clip")
+OUTPUT_ANNOTATION = "llm2clip/output"  # the stage-2 output location this TrainJob writes (its name is its hash)
+SPEC_ANNOTATION = "llm2clip/spec-sha256"  # what an adopting launcher compares: same request, same hash
+PATCH_MANAGER = "llm2clip/launcher"  # runtimePatches owner (Trainer requires a domain-prefixed path)
+NAME_PREFIX = "llm2clip-"
+GPU_RESOURCE = "nvidia.com/gpu"
+TIMEOUT_S = 72 * 3600  # the pipeline's stage-2 task timeout; also the TrainJob's activeDeadlineSeconds
+# Environment of the trainer container: what every pipeline pod gets (pipelines/llm2clip_pipeline.py on_pod; the
+# names are listed in manifests/names.json, and tests check all three agree). Secrets by reference only: a value
+# written into the TrainJob would be readable by anyone who can read TrainJobs.
+WRITABLE_ENV = {"HOME": "/tmp", "HF_HOME": "/tmp/huggingface", "MPLCONFIGDIR": "/tmp/matplotlib"}
+CONFIG_MAP = "llm2clip-config"
+CONFIG_MAP_KEYS = ("MINIO_ENDPOINT", "MINIO_SECURE", "LLM2CLIP_STORE", "LLM2CLIP_METRICS_PORT", "LLM2CLIP_PUSHGATEWAY")
+S3_SECRET = "llm2clip-s3"
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SHM_VOLUME = "dshm"
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+# The labels JobSet (and the Job controller, Kubernetes >= 1.28) put on every trainer pod; node 0 is the pod of
+# completion index 0 of the trainer's only Job (job-index 0).
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # = the TrainJob's name
+REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
+JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+
+_QUANTITY = re.compile(r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE]\+?[0-9]+))?$")
+_DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
+
+
+class TrainJobFailed(RuntimeError):
+    """The TrainJob's Failed condition became True; the TrainJob is left in place for inspection."""
+
+
+# ----------------------------------------------------------------------------------------------- placement
+
+
+@dataclass(frozen=True)
+class NodePlacement:
+    """Where and how stage 2 runs: `nodes` pods of `nproc` torchrun processes each. Every node asks for `gpus`
+    GPUs (nvidia.com/gpu; 0 = CPU nodes, gloo), `cpu` and `memory` (Kubernetes quantities, request = limit), and
+    lands where `node_selector` and `tolerations` allow. `image` is the trainer image (the project's CUDA image,
+    pinned by tag or digest). `shm_size` sizes a memory-backed /dev/shm for DataLoader workers (None: none)."""
+
+    nodes: int
+    nproc: int
+    image: str
+    gpus: int = 0
+    cpu: str = "8"
+    memory: str = "64Gi"
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: Sequence[Mapping[str, Any]] = ()
+    shm_size: str | None = "16Gi"
+
+    def __post_init__(self) -> None:
+        check = artifacts.check
+        for name in ("nodes", "nproc", "gpus"):  # KFP hands ints over as ints; a float or bool is a caller's bug
+            value = getattr(self, name)
+            check(isinstance(value, int) and not isinstance(value, bool), name, value, "must be an integer")
+        check(self.nodes >= 1, "nodes", self.nodes, "must be >= 1")
+        check(self.nproc >= 1, "nproc", self.nproc, "must be >= 1 (torchrun processes per node)")
+        check(self.gpus >= 0, "gpus", self.gpus, "must be >= 0 (GPUs per node; 0 = CPU nodes)")
+        check(self.gpus == 0 or self.nproc <= self.gpus, "nproc", self.nproc,
+              f"must be <= gpus={self.gpus}: one process per GPU (NCCL cannot share a GPU between ranks)")  # fmt: skip
+        check(bool(self.image) and not re.search(r"\s", self.image), "image", self.image, "must be an image reference")
+        for name in ("cpu", "memory") + (("shm_size",) if self.shm_size is not None else ()):
+            value = getattr(self, name)
+            check(isinstance(value, str) and bool(_QUANTITY.match(value)) and _nonzero(value), name, value,
+                  "must be a positive Kubernetes quantity such as '8', '500m', '64Gi'")  # fmt: skip
+        check(isinstance(self.node_selector, Mapping), "node_selector", self.node_selector, "must be a JSON object")
+        for k, v in self.node_selector.items():
+            check(isinstance(k, str) and isinstance(v, str) and bool(k), "node_selector", {k: v},
+                  "keys and values must be strings (node label = value)")  # fmt: skip
+        check(isinstance(self.tolerations, Sequence) and not isinstance(self.tolerations, str), "tolerations",
+              self.tolerations, "must be a JSON list of tolerations")  # fmt: skip
+        object.__setattr__(self, "tolerations", tuple(_toleration(t, i) for i, t in enumerate(self.tolerations)))
+        object.__setattr__(self, "node_selector", dict(self.node_selector))
+
+
+def _nonzero(quantity: str) -> bool:
+    return any(c in "123456789" for c in re.split(r"[A-Za-z]", quantity, maxsplit=1)[0])
+
+
+def _toleration(t: object, i: int) -> dict:
+    """A toleration as Kubernetes takes it; tolerationSeconds back to an int (KFP turns JSON numbers into floats)."""
+    where = f"tolerations[{i}]"
+    artifacts.check(isinstance(t, Mapping), where, t, "must be an object")
+    unknown = sorted(set(t) - _TOLERATION_FIELDS)
+    artifacts.check(not unknown, where, t, f"has unknown fields {unknown} (allowed: {sorted(_TOLERATION_FIELDS)})")
+    out = dict(t)
+    artifacts.check(out.get("operator", "Equal") in ("Equal", "Exists"), f"{where}.operator", out.get("operator"),
+                    "must be Equal or Exists")  # fmt: skip
+    effect = out.get("effect", "")
+    artifacts.check(effect in _EFFECTS, f"{where}.effect", effect, f"must be one of {_EFFECTS}")
+    if "tolerationSeconds" in out:
+        seconds = out["tolerationSeconds"]
+        artifacts.check(isinstance(seconds, int | float) and seconds == int(seconds), f"{where}.tolerationSeconds",
+                        seconds, "must be a whole number of seconds")  # fmt: skip
+        out["tolerationSeconds"] = int(seconds)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- the TrainJob
+
+
+def trainjob_name(output: str) -> str:
+    """The TrainJob's name, a function of the stage-2 output location only: a KFP retry reruns the launcher with
+    the same output URI and so finds (and adopts) the TrainJob of its previous attempt instead of starting a
+    second one. `llm2clip-` + 16 hex digits: a DNS-1035 label of 25 characters, so that the pods' hostnames
+    (`<name>-node-0-<i>`) stay far below 63."""
+    return NAME_PREFIX + hashlib.sha256(output.encode()).hexdigest()[:16]
+
+
+def trainer_command() -> list[str]:
+    """torchrun, which takes nodes, processes per node, node rank and master from Trainer's PET_* variables."""
+    return ["python", "-m", "torch.distributed.run", "--module", "llm2clip.train_clip"]
+
+
+def trainer_args(config: Mapping[str, Any], dataset: str, output: str, caption_embeddings: Sequence[str]) -> list[str]:
+    """The arguments of `python -m llm2clip.train_clip` (its parser()): the whole TrainClipConfig as JSON."""
+    args = ["--config", json.dumps(dict(config), sort_keys=True), "--dataset", dataset, "--output", output]
+    for uri in caption_embeddings:
+        args += ["--caption-embeddings", uri]
+    return args
+
+
+def trainer_env() -> list[dict]:
+    """The trainer container's env: writable dirs by value, object-store settings and keys by reference."""
+    env = [{"name": k, "value": v} for k, v in WRITABLE_ENV.items()]
+    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})  # log lines reach the launcher as they are printed
+    # Optional: a key the ConfigMap lacks (no Pushgateway, say) is simply unset, as in the pipeline's pods.
+    env += [{"name": k, "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": k, "optional": True}}}
+            for k in CONFIG_MAP_KEYS]  # fmt: skip
+    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k}}} for k in S3_SECRET_KEYS]
+    return env
+
+
+def build_trainjob(
+    config: Mapping[str, Any],
+    dataset: str,
+    output: str,
+    caption_embeddings: Sequence[str],
+    placement: NodePlacement,
+    timeout_s: int = TIMEOUT_S,
+) -> dict:
+    """The TrainJob (a plain dict, as `kubectl apply` would take it) that trains stage 2 with `config` (the fields
+    of a TrainClipConfig) on `placement`. Every location must be in the object store (s3:// or minio://): the
+    nodes share no filesystem with the launcher. `timeout_s` (seconds) becomes activeDeadlineSeconds, so the
+    TrainJob ends even if no launcher follows it any more. Raises ValueError naming a bad argument."""
+    for name, uri in [("dataset", dataset), ("output", output)] + [
+        (f"caption_embeddings[{i}]", u) for i, u in enumerate(caption_embeddings)
+    ]:
+        artifacts.check(isinstance(uri, str) and storage.is_remote(uri), name, uri,
+                        "must be an s3:// or minio:// location: the trainer nodes cannot read the launcher's "
+                        "filesystem (set LLM2CLIP_STORE, as the llm2clip-config ConfigMap does)")  # fmt: skip
+    artifacts.check(len(caption_embeddings) >= 1, "caption_embeddings", list(caption_embeddings),
+                    "needs at least one cache output (stage 2 trains on cached caption embeddings)")  # fmt: skip
+    artifacts.check(isinstance(timeout_s, int) and timeout_s >= 1, "timeout_s", timeout_s, "must be >= 1 second")
+    artifacts.check(isinstance(placement, NodePlacement), "placement", placement, "must be a NodePlacement")
+    name = trainjob_name(output)
+    resources = {"cpu": placement.cpu, "memory": placement.memory}
+    if placement.gpus:
+        resources[GPU_RESOURCE] = str(placement.gpus)
+    pod_spec: dict[str, Any] = {}
+    if placement.node_selector:
+        pod_spec["nodeSelector"] = dict(placement.node_selector)
+    if placement.tolerations:
+        pod_spec["tolerations"] = [dict(t) for t in placement.tolerations]
+    if placement.shm_size:
+        pod_spec["volumes"] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": placement.shm_size}}]
+        pod_spec["containers"] = [{"name": NODE, "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]}]
+    pod_patch: dict[str, Any] = {"metadata": {"labels": dict([PART_OF, COMPONENT])}}
+    if pod_spec:
+        pod_patch["spec"] = pod_spec
+    spec = {
+        "runtimeRef": {"apiGroup": GROUP, "kind": "TrainingRuntime", "name": RUNTIME},
+        "trainer": {
+            "image": placement.image,
+            "command": trainer_command(),
+            "args": trainer_args(config, dataset, output, caption_embeddings),
+            "env": trainer_env(),
+            "numNodes": placement.nodes,
+            "numProcPerNode": placement.nproc,
+            "resourcesPerNode": {"requests": dict(resources), "limits": dict(resources)},
+        },
+        "runtimePatches": [
+            {
+                "manager": PATCH_MANAGER,
+                "trainingRuntimeSpec": {
+                    "template": {
+                        "spec": {
+                            "replicatedJobs": [{"name": NODE, "template": {"spec": {"template": pod_patch}}}],
+                        }
+                    }
+                },
+            }
+        ],
+        "activeDeadlineSeconds": timeout_s,
+    }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {
+            "name": name,
+            "labels": dict([PART_OF, COMPONENT]),
+            "annotations": {OUTPUT_ANNOTATION: output, SPEC_ANNOTATION: spec_digest(spec)},
+        },
+        "spec": spec,
+    }
+
+
+def spec_digest(spec: Mapping[str, Any]) -> str:
+    """sha256 of the spec as canonical JSON: equal for equal requests, whatever the key order."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------- the API side
+
+
+def load_client() -> ApiClient:
+    """An API client from the pod's service account (in the cluster), else from ~/.kube/config (a laptop)."""
+    from kubernetes import client, config
+
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    return client.ApiClient()
+
+
+def current_namespace() -> str:
+    """The namespace this pod runs in (its service-account namespace file), else kubeconfig's current context's."""
+    if SA_NAMESPACE_FILE.exists():
+        return SA_NAMESPACE_FILE.read_text().strip()
+    from kubernetes import config
+
+    try:
+        _, context = config.list_kube_config_contexts()
+    except config.ConfigException as e:
+        raise RuntimeError(f"no namespace: not in a pod ({SA_NAMESPACE_FILE} missing) and no kubeconfig ({e})") from e
+    return context.get("context", {}).get("namespace") or "default"
+
+
+def condition(trainjob: Mapping[str, Any], kind: str) -> dict | None:
+    """The status condition of type `kind` (Complete, Failed, Suspended) if it is True, else None."""
+    for c in (trainjob.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+def run_trainjob(
+    api: ApiClient,
+    namespace: str,
+    trainjob: Mapping[str, Any],
+    poll_s: float = 10.0,
+    timeout_s: float = TIMEOUT_S,
+    out: TextIO | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict:
+    """Create `trainjob` in `namespace` (or adopt the one already there under its name, if it was built from the
+    same request), poll it every `poll_s` seconds until its Complete or Failed condition, copy node 0's trainer log
+    to `out` (default stdout) meanwhile, delete it once Complete and return its last state.
+
+    Failed: raises TrainJobFailed with the condition's reason and message, and leaves the TrainJob for inspection
+    (a retried launcher replaces it: see `_create_or_adopt`). Not finished after `timeout_s` seconds: raises
+    TimeoutError and leaves it running (its activeDeadlineSeconds still ends it; a retried launcher adopts it).
+
+    No ownerReference to the launcher pod: KFP retries a failed task with a new pod, and a TrainJob owned by the
+    old pod would be garbage-collected under the new launcher that adopted it. Deleting on success, and the
+    deadline, keep TrainJobs from piling up instead.
+    """
+    from kubernetes import client
+
+    out = out or sys.stdout
+    objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    name = trainjob["metadata"]["name"]
+    _create_or_adopt(objects, namespace, trainjob, out, poll_s, clock)
+    stop = threading.Event()
+    follower = threading.Thread(target=_follow_node0_log, args=(core, namespace, name, out, stop, poll_s),
+                                name=f"log {name}", daemon=True)  # fmt: skip
+    follower.start()
+    deadline, suspended = clock() + timeout_s, False
+    try:
+        while True:
+            current = _get(objects, namespace, name)
+            if current is None:
+                raise RuntimeError(f"TrainJob {namespace}/{name} disappeared while running (deleted by someone else?)")
+            if condition(current, "Complete"):
+                break
+            if failed := condition(current, "Failed"):
+                raise TrainJobFailed(
+                    f"TrainJob {namespace}/{name} failed: {failed.get('reason', '?')}: {failed.get('message', '')} "
+                    f"(left for inspection: kubectl -n {namespace} describe trainjob {name}; "
+                    f"kubectl -n {namespace} logs -l {JOBSET_NAME_LABEL}={name})"
+                )
+            if bool(condition(current, "Suspended")) != suspended:  # e.g. queued by Kueue
+                suspended = not suspended
+                print(f"TrainJob {name}: {'suspended (queued?)' if suspended else 'resumed'}", file=out, flush=True)
+            if clock() >= deadline:
+                raise TimeoutError(
+                    f"TrainJob {namespace}/{name} not finished after {timeout_s:.0f} s; left running (a retried "
+                    f"launcher adopts it; to stop it: kubectl -n {namespace} delete trainjob {name})"
+                )
+            time.sleep(poll_s)
+    finally:
+        stop.set()
+        follower.join(timeout=max(30.0, 3 * poll_s))  # the log of a finished container ends by itself
+    _delete(objects, namespace, name)
+    print(f"TrainJob {name}: complete, deleted", file=out, flush=True)
+    return current
+
+
+def _get(objects, namespace: str, name: str) -> dict | None:
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return objects.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def _delete(objects, namespace: str, name: str, **kwargs: Any) -> None:
+    """Delete the TrainJob; already gone is fine."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, **kwargs)
+    except ApiException as e:
+        if e.status != 404:
+            raise
+
+
+def _create_or_adopt(objects, namespace: str, trainjob: Mapping[str, Any], out: TextIO, poll_s: float,
+                     clock: Callable[[], float]) -> None:  # fmt: skip
+    """Create; on 409 adopt the existing TrainJob if it carries our spec digest, else raise naming it. An existing
+    one that had Failed is the previous attempt of a retried task: replaced (deleted, then created again), so the
+    retry trains (resuming from the output's latest checkpoint) instead of reporting the old failure again."""
+    from kubernetes.client.exceptions import ApiException
+
+    name, want = trainjob["metadata"]["name"], trainjob["metadata"]["annotations"][SPEC_ANNOTATION]
+    for _ in range(2):
+        try:
+            objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dict(trainjob))
+            print(f"TrainJob {name}: created in {namespace}", file=out, flush=True)
+            return
+        except ApiException as e:
+            if e.status != 409:
+                raise
+        existing = _get(objects, namespace, name)
+        if existing is None:  # deleted between our POST and GET: try again
+            continue
+        have = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_ANNOTATION)
+        if have != want:
+            raise RuntimeError(
+                f"TrainJob {namespace}/{name} already exists and was not created for this request (its "
+                f"{SPEC_ANNOTATION} is {have!r}, this request's {want!r}); delete it "
+                f"(kubectl -n {namespace} delete trainjob {name}) or write to another output"
+            )
+        failed = condition(existing, "Failed")
+        if not failed:
+            print(f"TrainJob {name}: adopted (created by an earlier attempt)", file=out, flush=True)
+            return
+        print(f"TrainJob {name}: the earlier attempt failed ({failed.get('reason')}: {failed.get('message')}); "
+              "replacing it", file=out, flush=True)  # fmt: skip
+        _delete(objects, namespace, name, propagation_policy="Foreground")
+        gone_by = clock() + 600
+        while _get(objects, namespace, name) is not None:  # finalizers: the old pods go first
+            if clock() >= gone_by:
+                raise TimeoutError(f"TrainJob {namespace}/{name}: the failed one is still being deleted after 600 s")
+            time.sleep(poll_s)
+    raise RuntimeError(f"TrainJob {namespace}/{name}: could neither create nor adopt it")
+
+
+# ----------------------------------------------------------------------------------------------- node-0 log
+
+
+def node0_selector(name: str) -> str:
+    """Label selector of node 0's pod(s) of TrainJob `name` (several while a restarted one replaces an old one)."""
+    return f"{JOBSET_NAME_LABEL}={name},{REPLICATED_JOB_LABEL}={NODE},{JOB_INDEX_LABEL}=0,{COMPLETION_INDEX_LABEL}=0"
+
+
+def _follow_node0_log(core, namespace: str, name: str, out: TextIO, stop: threading.Event, poll_s: float) -> None:
+    """Copy node 0's trainer log to `out`, prefixed `node-0 | `, until `stop`. Each container (a pod's uid and the
+    container's restart count) is followed once from its start; a stream that ends while the same container still
+    runs (a dropped connection) resumes after the last line seen (log timestamps), so nothing prints twice."""
+    from kubernetes.client.exceptions import ApiException
+
+    done: set[tuple[str, int]] = set()
+    last: dict[tuple[str, int], str] = {}  # container -> timestamp of its last line printed
+    shown_state = None
+    while True:  # `stop` ends it only once nothing is left to read: the last lines of a finished run arrive too
+        try:
+            pods = core.list_namespaced_pod(namespace, label_selector=node0_selector(name)).items
+        except ApiException as e:
+            print(f"TrainJob {name}: cannot list its pods ({e.status} {e.reason})", file=out, flush=True)
+            pods = None
+        if pods is None or not pods:
+            if stop.wait(poll_s):
+                return
+            continue
+        pods = [p for p in pods if not p.metadata.deletion_timestamp] or pods
+        pod = max(pods, key=lambda p: p.metadata.creation_timestamp or datetime.min.replace(tzinfo=UTC))
+        status = _container_status(pod)
+        state = _describe(pod, status)
+        if state != shown_state:  # Pending, ContainerCreating, ImagePullBackOff... once each, as they change
+            print(f"TrainJob {name}: node 0 {state}", file=out, flush=True)
+            shown_state = state
+        started = status is not None and status.state is not None and (status.state.running or status.state.terminated)
+        key = (pod.metadata.uid, status.restart_count or 0) if started else None
+        if key is None or key in done:
+            if stop.wait(poll_s):
+                return
+            continue
+        try:
+            _stream(core, namespace, pod.metadata.name, key, last, out)
+        except ApiException as e:  # not started yet after all, or the pod went away: look again
+            if e.status not in (400, 404):
+                print(f"TrainJob {name}: reading node 0's log failed ({e.status} {e.reason})", file=out, flush=True)
+            if stop.wait(poll_s):
+                return
+            continue
+        except Exception as e:  # a dropped connection: the next round resumes after the last line
+            print(f"TrainJob {name}: node 0's log stream broke ({e!r}); resuming", file=out, flush=True)
+            if stop.wait(poll_s):
+                return
+            continue
+        now = _container_status(_read_pod(core, namespace, pod.metadata.name))
+        if now is None or now.state is None or now.state.terminated or (now.restart_count or 0) != key[1]:
+            done.add(key)  # that container is over: its whole log was read
+        elif stop.is_set():
+            return
+
+
+def _read_pod(core, namespace: str, pod: str):
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return core.read_namespaced_pod(pod, namespace)
+    except ApiException:
+        return None
+
+
+def _container_status(pod):
+    statuses = (pod.status.container_statuses or []) if pod is not None and pod.status else []
+    return next((s for s in statuses if s.name == NODE), None)
+
+
+def _describe(pod, status) -> str:
+    if pod is None:
+        return "has no pod yet"
+    waiting = status.state.waiting if status is not None and status.state else None
+    if waiting is not None:
+        return f"{pod.status.phase}: {waiting.reason or 'waiting'} {waiting.message or ''}".rstrip()
+    return f"{pod.status.phase} (pod {pod.metadata.name})"
+
+
+def _stream(core, namespace: str, pod: str, key: tuple[str, int], last: dict, out: TextIO) -> None:
+    """Follow one container's log to its end; lines at or before `last[key]` (timestamps) are skipped."""
+    since = None
+    if key in last:  # resume: ask for a little more than needed, drop what was printed
+        seen = _timestamp(last[key])
+        since = max(1, int((datetime.now(UTC) - seen).total_seconds()) + 5) if seen else None
+    response = core.read_namespaced_pod_log(pod, namespace, container=NODE, follow=True, timestamps=True,
+                                            since_seconds=since, _preload_content=False)  # fmt: skip
+    try:
+        pending = b""
+        for chunk in response.stream(4096):
+            pending += chunk
+            *lines, pending = pending.split(b"\n")
+            for raw in lines:
+                _emit(raw, key, last, out)
+        if pending:
+            _emit(pending, key, last, out)
+    finally:
+        response.release_conn()
+
+
+def _emit(raw: bytes, key: tuple[str, int], last: dict, out: TextIO) -> None:
+    stamp, _, text = raw.decode("utf-8", errors="replace").partition(" ")
+    moment = _timestamp(stamp)
+    if moment is None:  # no timestamp (should not happen with timestamps=true): print it as it is
+        print(f"node-0 | {raw.decode('utf-8', errors='replace')}", file=out, flush=True)
+        return
+    if key in last and _order(stamp) <= _order(last[key]):
+        return
+    last[key] = stamp
+    print(f"node-0 | {text}", file=out, flush=True)
+
+
+def _timestamp(stamp: str) -> datetime | None:
+    """An RFC 3339 timestamp as the kubelet writes it (up to nanoseconds, Z), to the second; None if it is not one."""
+    try:
+        return datetime.strptime(stamp.split(".")[0].rstrip("Z"), "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _order(stamp: str) -> tuple[str, int]:
+    """Sortable (seconds, nanoseconds) of a timestamp: RFC3339Nano drops trailing zeros, so strings do not sort."""
+    whole, _, frac = stamp.rstrip("Z").partition(".")
+    return whole, int((frac + "000000000")[:9])
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+
+
+def train_on_nodes(
+    cfg: TrainClipConfig,
+    dataset: str,
+    output: str,
+    caption_embeddings: Sequence[str],
+    placement: NodePlacement,
+    api: ApiClient | None = None,
+    namespace: str | None = None,
+    poll_s: float = 10.0,
+    timeout_s: int = TIMEOUT_S,
+    out: TextIO | None = None,
+) -> dict:
+    """Stage 2 as a TrainJob of `placement.nodes` nodes; returns the metrics its rank 0 recorded in the output's
+    manifest (as `train_clip.launch` does). `api`/`namespace` default to this pod's (or kubeconfig's)."""
+    trainjob = build_trainjob(dataclasses.asdict(cfg), dataset, output, caption_embeddings, placement, timeout_s)
+    run_trainjob(api or load_client(), namespace or current_namespace(), trainjob, poll_s, timeout_s, out)
+    return artifacts.read_manifest(output, "train_clip")["metrics"]
