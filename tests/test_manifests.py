@@ -89,10 +89,19 @@ def pod_template(obj: dict) -> dict | None:
     return None
 
 
+def pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    """(where, pod template) of every pod an object makes: a workload's one, each replicated job of a Trainer
+    runtime's JobSet."""
+    where = f"{obj['kind']}/{obj['metadata']['name']}"
+    if obj["kind"] == "TrainingRuntime":
+        return [(f"{where} job {job['name']}", job["template"]["spec"]["template"])
+                for job in obj["spec"]["template"]["spec"]["replicatedJobs"]]  # fmt: skip
+    template = pod_template(obj)
+    return [] if template is None else [(where, template)]
+
+
 def pods(rendered: dict[str, list[dict]]) -> list[tuple[str, str, dict]]:
-    found = [(overlay, f"{o['kind']}/{o['metadata']['name']}", pod_template(o)) for overlay, o in
-             overlay_objects(rendered)]  # fmt: skip
-    return [(overlay, where, t) for overlay, where, t in found if t is not None]
+    return [(overlay, where, t) for overlay, o in overlay_objects(rendered) for where, t in pod_templates(o)]
 
 
 def test_overlays_are_the_documented_ones():
@@ -180,7 +189,8 @@ def test_every_object_passes_its_schema(rendered):
             except Exception as e:
                 pytest.fail(f"{where} fails kubernetes-validate --strict {KUBERNETES_VERSION} (a custom resource "
                             f"needs its CRD in tests/fixtures/crds): {e}")  # fmt: skip
-    assert custom >= 2, "the PodMonitor of cpu and gpu was checked against its CRD"
+    kinds = {o["kind"] for _, o in overlay_objects(rendered) if (o["apiVersion"], o["kind"]) in crd_schemas()}
+    assert kinds == {"PodMonitor", "ServiceMonitor", "TrainingRuntime"} and custom >= 3 * len(OVERLAYS), kinds
 
 
 def test_the_validators_reject_unknown_fields(rendered):
@@ -200,6 +210,20 @@ def test_the_validators_reject_unknown_fields(rendered):
     monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "thirty seconds"
     with pytest.raises(jsonschema.ValidationError):
         validate_custom(monitor)
+    service_monitor = copy.deepcopy(find(rendered["gpu"], "ServiceMonitor", "llm2clip-pushgateway"))
+    service_monitor["spec"]["endpoints"][0]["honorLabel"] = True
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(service_monitor)
+    # Trainer v2.3.0's torch policy has no numProcPerNode (the TrainJob sets it), and the JobSet's pod template is
+    # checked down to the container.
+    runtime = copy.deepcopy(find(rendered["gpu"], "TrainingRuntime", NAMES["training_runtime"]))
+    runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = "auto"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(runtime)
+    runtime = copy.deepcopy(find(rendered["gpu"], "TrainingRuntime", NAMES["training_runtime"]))
+    trainer_node(runtime)["resource"] = {}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_custom(runtime)
 
 
 # ----------------------------------------------------------------------------------------------- policy
@@ -252,10 +276,13 @@ def test_images_are_pinned(rendered):
                 assert image.split("@")[0] in ours, f"{at}: {image} is none of components/image.py's {sorted(ours)}"
             elif name.endswith("minio/minio"):
                 assert re.fullmatch(r"RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", version), f"{at}: {image}"
+            elif name == "quay.io/prometheus/pushgateway":
+                assert re.fullmatch(r"v\d+\.\d+\.\d+", version), f"{at}: {image}"
             else:
                 pytest.fail(f"{at}: {image}: an image no rule here pins")
             assert c.get("imagePullPolicy", "IfNotPresent") == "IfNotPresent", at
     assert seen & registry and any(s.endswith("minio/minio") for s in seen)
+    assert "quay.io/prometheus/pushgateway" in seen
 
 
 def test_everything_carries_the_part_of_label(rendered):
@@ -285,10 +312,24 @@ def test_rbac_is_least_privilege(rendered):
         ns = binding["metadata"]["namespace"]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa, "namespace": ns}]
         runner = find(objs, "Role", sa)
-        assert {g for r in runner["rules"] for g in r["apiGroups"]} <= {"", "argoproj.io"}
+        assert runner["rules"] == RUNNER_RULES, f"{overlay}: the runner's Role changed"
         submitter = find(objs, "Role", NAMES["submitter_service_account"])
         for rule in submitter["rules"]:
             assert rule["apiGroups"] == ["pipelines.kubeflow.org"] and set(rule["verbs"]) <= {"get", "list", "create"}
+
+
+# Exactly what a KFP v2 step needs, plus what the multi-node launcher needs: its TrainJob (never updated or patched
+# in place) and node 0's log. No Secret other than KFP's artifact-store credentials.
+RUNNER_RULES = [
+    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"],
+     "verbs": ["get", "list", "watch"]},
+    {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mlpipeline-minio-artifact"], "verbs": ["get"]},
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
+     "verbs": ["create", "get", "list", "watch", "delete"]},
+    {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
+]  # fmt: skip
 
 
 def matches(selector: dict, labels: dict[str, str]) -> bool:
@@ -348,10 +389,11 @@ def test_only_pipeline_pods_the_bucket_job_and_prometheus_reach_minio(rendered, 
 def test_secret_and_configmap_are_what_the_pipeline_expects(rendered):
     from llm2clip import artifacts
 
-    sources = (ROOT / "src/llm2clip/storage.py").read_text() + (ROOT / "src/llm2clip/artifacts.py").read_text()
+    readers = ("storage.py", "artifacts.py", "monitoring.py")
+    sources = "".join((ROOT / "src/llm2clip" / name).read_text() for name in readers)
     assert artifacts.STORE_ENV in NAMES["configmap"]["keys"]
     for key in NAMES["configmap"]["keys"] + NAMES["secret"]["keys"]:
-        assert f'"{key}"' in sources, f"{key}: no longer read by llm2clip.storage or llm2clip.artifacts"
+        assert f'"{key}"' in sources, f"{key}: read by none of llm2clip's {readers}"
     for overlay in OVERLAYS:
         objs = rendered[overlay]
         secret = find(objs, "Secret", NAMES["secret"]["name"])
@@ -361,12 +403,11 @@ def test_secret_and_configmap_are_what_the_pipeline_expects(rendered):
         store = config["data"]["LLM2CLIP_STORE"]
         assert re.fullmatch(r"s3://[a-z0-9.-]{3,63}/\S+", store), f"{overlay}: {store}"
         assert config["data"]["MINIO_SECURE"] in ("true", "false")
-        for where in ("Job", "CronJob"):
-            for o in objs:
-                if o["kind"] == where:
-                    env_from = [e.get("configMapRef", e.get("secretRef"))["name"] for c in
-                                pod_template(o)["spec"]["containers"] for e in c.get("envFrom", [])]  # fmt: skip
-                    assert set(env_from) <= {NAMES["secret"]["name"], NAMES["configmap"]["name"]}
+        for o in objs:
+            for where, template in pod_templates(o):
+                env_from = [e.get("configMapRef", e.get("secretRef"))["name"] for c in template["spec"]["containers"]
+                            for e in c.get("envFrom", [])]  # fmt: skip
+                assert set(env_from) <= {NAMES["secret"]["name"], NAMES["configmap"]["name"]}, f"{overlay}: {where}"
 
 
 def test_cpu_and_minio_overlays_point_at_the_dedicated_minio(rendered):
@@ -449,7 +490,9 @@ def test_bucket_job_runs_our_cli_on_the_store(rendered):
 def test_kubeflow_profile_leaves_kubeflows_objects_alone(rendered):
     objs = rendered["kubeflow-profile"]
     ns = find(objs, "ServiceAccount", NAMES["service_account"])["metadata"]["namespace"]
-    assert not [o for o in objs if o["kind"] in ("StatefulSet", "PersistentVolumeClaim", "NetworkPolicy", "Job")]
+    assert not [o for o in objs if o["kind"] in ("StatefulSet", "PersistentVolumeClaim", "Job")]
+    policies = [o["metadata"]["name"] for o in objs if o["kind"] == "NetworkPolicy"]
+    assert policies == ["llm2clip-pushgateway-ingress"], "only our own Pushgateway's; none on Kubeflow's MinIO"
     store = find(objs, "ConfigMap", NAMES["configmap"]["name"])["data"]["LLM2CLIP_STORE"]
     assert store.startswith(f"s3://mlpipeline/private/{ns}/"), store
     for overlay, obj in overlay_objects(rendered):  # no overlay manages KFP's own objects
@@ -493,3 +536,134 @@ def test_every_manifest_says_how_to_apply_check_and_remove_it():
         assert head.startswith("#"), f"{path}: opens with a comment"
         for word in ("apply:", "check:", "remove:"):
             assert word in head, f"{path}: its opening comment says nothing after {word!r}"
+
+
+# ----------------------------------------------------------------------------------------------- multi-node trainer
+
+# Kubeflow Trainer v2.3.0 (pkg/constants): the trainer's replicated job and container, its ancestor label, and the
+# rendezvous port the torch plugin adds to the trainer container of every TrainJob.
+TRAINER_NODE = "node"
+ANCESTOR_LABEL = ("trainer.kubeflow.org/trainjob-ancestor-step", "trainer")
+TORCHRUN_PORT = 29500
+
+
+def trainer_job(runtime: dict) -> dict:
+    jobs = runtime["spec"]["template"]["spec"]["replicatedJobs"]
+    assert [j["name"] for j in jobs] == [TRAINER_NODE], "one replicated job, `node`, as Trainer's torch runtimes"
+    return jobs[0]
+
+
+def trainer_node(runtime: dict) -> dict:
+    """The trainer container of a TrainingRuntime (the one a TrainJob's image/command/args/resources replace)."""
+    containers = trainer_job(runtime)["template"]["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == [TRAINER_NODE]
+    return containers[0]
+
+
+def trainer_pod_labels(runtime: dict) -> dict[str, str]:
+    """The labels a trainer pod carries: the runtime's pod template labels (JobSet adds its own, which select
+    nothing of ours)."""
+    return {
+        **trainer_job(runtime)["template"]["spec"]["template"]["metadata"]["labels"],
+        "jobset.sigs.k8s.io/jobset-name": "x",
+    }
+
+
+def test_training_runtime_is_what_trainjobs_expect(rendered):
+    from llm2clip.pipelines import llm2clip_pipeline as pipeline
+
+    for overlay in OVERLAYS:
+        runtime = find(rendered[overlay], "TrainingRuntime", NAMES["training_runtime"])
+        assert runtime["apiVersion"] == "trainer.kubeflow.org/v1alpha1", overlay
+        policy = runtime["spec"]["mlPolicy"]
+        assert policy == {"numNodes": 1, "torch": {}}, f"{overlay}: numNodes and numProcPerNode come from the TrainJob"
+        job = trainer_job(runtime)
+        assert job["template"]["metadata"]["labels"][ANCESTOR_LABEL[0]] == ANCESTOR_LABEL[1], overlay
+        pod = job["template"]["spec"]["template"]
+        label = NAMES["pod_label"]
+        assert pod["metadata"]["labels"][label["key"]] == label["value"], f"{overlay}: the PodMonitor selects this"
+        assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}, overlay
+        spec = pod["spec"]
+        assert spec["automountServiceAccountToken"] is False and "serviceAccountName" not in spec, overlay
+        node = trainer_node(runtime)
+        assert node["ports"] == [{"name": "metrics", "containerPort": NAMES["metrics_port"]}], overlay
+        assert TORCHRUN_PORT not in [p["containerPort"] for p in node["ports"]], "the torch plugin adds it"
+        refs = [(e.get("configMapRef") or e.get("secretRef"))["name"] for e in node["envFrom"]]
+        assert sorted(refs) == sorted([NAMES["configmap"]["name"], NAMES["secret"]["name"]]), overlay
+        env = {e["name"]: e["value"] for e in node["env"]}
+        assert env == pipeline.WRITABLE_ENV, f"{overlay}: the pipeline's writable environment"
+        assert not {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR"} & set(env)
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        shm = [m for m in node["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+        assert shm and volumes[shm[0]["name"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": pipeline.SHM_SIZE}
+        image = node["image"]
+        assert image.rsplit(":", 1)[0] == "ghcr.io/llm2clip-kfp/llm2clip", f"{overlay}: the GPU image ({image})"
+
+
+# ----------------------------------------------------------------------------------------------- network
+
+
+def reachable(
+    policies: list[dict], dst: dict[str, str], src: dict[str, str], src_ns: dict[str, str], port: int
+) -> bool:
+    """Kubernetes' rule: a pod no NetworkPolicy selects takes every connection; a selected one only what some
+    policy selecting it admits."""
+    selecting = [
+        p for p in policies if matches(p["spec"]["podSelector"], dst) and "Ingress" in p["spec"]["policyTypes"]
+    ]
+    return not selecting or any(admitted(p, src, src_ns, port) for p in selecting)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_lets_trainers_rendezvous_push_and_be_scraped(rendered, overlay):
+    objs = rendered[overlay]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies), "egress stays open (S3, rendezvous, push)"
+    ns = {
+        "kubernetes.io/metadata.name": find(objs, "ServiceAccount", NAMES["service_account"])["metadata"]["namespace"]
+    }
+    monitoring = {"kubernetes.io/metadata.name": "monitoring"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    label = NAMES["pod_label"]
+    kfp_pod = {label["key"]: label["value"], "pipelines.kubeflow.org/v2_component": "true"}
+    trainer = trainer_pod_labels(find(objs, "TrainingRuntime", NAMES["training_runtime"]))
+    submitter = pod_template(find(objs, "CronJob", "llm2clip-submit"))["metadata"]["labels"]
+    gateway = pod_template(find(objs, "Deployment", "llm2clip-pushgateway"))["metadata"]["labels"]
+    gateway_port = NAMES["pushgateway"]["port"]
+    port = NAMES["metrics_port"]
+    # torchrun's rendezvous on node 0 and NCCL's ephemeral ports between the nodes; Prometheus on the metrics port
+    for dst in (trainer, kfp_pod):
+        assert reachable(policies, trainer, trainer, ns, TORCHRUN_PORT) and reachable(
+            policies, trainer, trainer, ns, 41234
+        )
+        assert reachable(policies, dst, prometheus, monitoring, port), f"{overlay}: Prometheus scrapes {dst}"
+    for src in (trainer, kfp_pod):
+        assert reachable(policies, gateway, src, ns, gateway_port), f"{overlay}: {src} pushes"
+    assert reachable(policies, gateway, prometheus, monitoring, gateway_port)
+    assert not reachable(policies, gateway, submitter, ns, gateway_port)
+    assert not reachable(policies, gateway, {"app": "something-else"}, ns, gateway_port)
+    assert not reachable(policies, gateway, kfp_pod, {"kubernetes.io/metadata.name": "elsewhere"}, gateway_port)
+    if overlay != "kubeflow-profile":  # there the store is Kubeflow's MinIO, with Kubeflow's policies
+        minio = pod_template(find(objs, "StatefulSet", "llm2clip-minio"))["metadata"]["labels"]
+        assert reachable(policies, minio, trainer, ns, 9000), f"{overlay}: trainer pods read and write the store"
+
+
+def test_training_runtime_and_the_launchers_trainjob_agree(rendered):
+    """What llm2clip.trainjob's TrainJob relies on in the runtime. Trainer merges the TrainJob's runtimePatches into
+    the runtime's JobSet by strategic merge (containers and volumes by name, mounts by path): the /dev/shm volume
+    must have the same name on both sides, or the pod would get two volumes on one mount path."""
+    from llm2clip import trainjob
+
+    runtime = find(rendered["gpu"], "TrainingRuntime", NAMES["training_runtime"])
+    assert trainjob.RUNTIME == runtime["metadata"]["name"] and trainjob.NODE == TRAINER_NODE
+    assert (
+        list(trainjob.CONFIG_MAP_KEYS) == NAMES["configmap"]["keys"]
+        and trainjob.CONFIG_MAP == NAMES["configmap"]["name"]
+    )
+    assert list(trainjob.S3_SECRET_KEYS) == NAMES["secret"]["keys"] and trainjob.S3_SECRET == NAMES["secret"]["name"]
+    assert dict(trainjob.WRITABLE_ENV) == {e["name"]: e["value"] for e in trainer_node(runtime)["env"]}
+    shm = [m["name"] for m in trainer_node(runtime)["volumeMounts"] if m["mountPath"] == "/dev/shm"]
+    assert shm == [trainjob.SHM_VOLUME]
+    labels = {**trainer_pod_labels(runtime), **dict([trainjob.PART_OF, trainjob.COMPONENT])}
+    monitor = find(rendered["gpu"], "PodMonitor", "llm2clip-pipeline")
+    assert matches(monitor["spec"]["selector"], labels), "the launcher's labels keep its pods scraped"
