@@ -9,10 +9,17 @@ import argparse
 import copy
 import functools
 import json
+import operator
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -667,3 +674,386 @@ def test_training_runtime_and_the_launchers_trainjob_agree(rendered):
     labels = {**trainer_pod_labels(runtime), **dict([trainjob.PART_OF, trainjob.COMPONENT])}
     monitor = find(rendered["gpu"], "PodMonitor", "llm2clip-pipeline")
     assert matches(monitor["spec"]["selector"], labels), "the launcher's labels keep its pods scraped"
+
+
+# ----------------------------------------------------------------------------------------------- monitoring
+
+
+def operator_relabel_configs(monitor: dict, endpoint: int = 0) -> list[dict]:
+    """The relabel_configs prometheus-operator v0.93.0 writes for one endpoint of a PodMonitor (promcfg.go
+    generatePodMonitorConfig, default settings): the running filter, the selector as keep/drop rules, the endpoint's
+    port filter, the namespace/container/pod/job labels, then the PodMonitor's own relabelings. Left out: scrape
+    classes, enforced namespace labels and the one-shard hashmod, which change nothing here."""
+
+    def sanitize(name: str) -> str:
+        return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+    ep = monitor["spec"]["podMetricsEndpoints"][endpoint]
+    selector = monitor["spec"]["selector"]
+    configs = [{"source_labels": ["job"], "target_label": "__tmp_prometheus_job_name"}]
+    if ep.get("filterRunning", True):
+        configs.append(
+            {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)"}
+        )
+    for key in sorted(selector.get("matchLabels", {})):
+        s = sanitize(key)
+        both = [f"__meta_kubernetes_pod_label_{s}", f"__meta_kubernetes_pod_labelpresent_{s}"]
+        configs.append({"action": "keep", "source_labels": both, "regex": f"({selector['matchLabels'][key]});true"})
+    for e in selector.get("matchExpressions", []):
+        s, values = sanitize(e["key"]), "|".join(e.get("values", []))
+        both = [f"__meta_kubernetes_pod_label_{s}", f"__meta_kubernetes_pod_labelpresent_{s}"]
+        present = [f"__meta_kubernetes_pod_labelpresent_{s}"]
+        configs.append({
+            "In": {"action": "keep", "source_labels": both, "regex": f"({values});true"},
+            "NotIn": {"action": "drop", "source_labels": both, "regex": f"({values});true"},
+            "Exists": {"action": "keep", "source_labels": present, "regex": "true"},
+            "DoesNotExist": {"action": "drop", "source_labels": present, "regex": "true"},
+        }[e["operator"]])  # fmt: skip
+    if ep.get("port"):
+        configs.append(
+            {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": ep["port"]}
+        )
+    elif ep.get("portNumber"):
+        configs.append({"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_number"],
+                        "regex": str(ep["portNumber"])})  # fmt: skip
+    configs += [
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        {"target_label": "job", "replacement": f"{monitor['metadata']['namespace']}/{monitor['metadata']['name']}"},
+    ]
+    if ep.get("port"):
+        configs.append({"target_label": "endpoint", "replacement": ep["port"]})
+    snake = {"sourceLabels": "source_labels", "targetLabel": "target_label"}
+    configs += [{snake.get(k, k): v for k, v in r.items()} for r in ep.get("relabelings", [])]
+    return configs
+
+
+def relabel(labels: dict[str, str], configs: list[dict]) -> dict[str, str] | None:
+    """Prometheus' relabelling (model/relabel): source values joined by `separator` (default ';'), the regex
+    anchored at both ends (default '(.*)'), `replacement` (default '$1') with $1/${1} expanded as Go's Expand does;
+    None where a keep/drop rule drops the target."""
+    labels = dict(labels)
+    for c in configs:
+        value = c.get("separator", ";").join(labels.get(s, "") for s in c.get("source_labels", []))
+        m = re.fullmatch(c.get("regex", "(.*)"), value)
+        action = c.get("action", "replace")
+        if action == "keep" and not m or action == "drop" and m:
+            return None
+        if action == "replace" and m:
+            out = expand(m, c.get("replacement", "$1"))
+            if out:
+                labels[c["target_label"]] = out
+            else:
+                labels.pop(c["target_label"], None)
+        elif action not in ("keep", "drop", "replace"):
+            raise ValueError(f"relabel action {action!r} is not modelled here")
+    return labels
+
+
+def expand(m: re.Match, template: str) -> str:
+    """Go's Regexp.Expand: $1 and ${1} become the group's text, a group that does not exist becomes ''."""
+    groups = [m.group(0), *m.groups()]
+
+    def group(name: str) -> str:
+        return (groups[int(name)] or "") if name.isdigit() and int(name) < len(groups) else ""
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda g: group(g.group(1) or g.group(2)), template)
+
+
+def discovered_targets(pod: dict) -> list[dict[str, str]]:
+    """The targets Prometheus' Kubernetes pod discovery makes of one pod (discovery/kubernetes/pod.go): one per
+    declared container port (address <ip>:<port>), one port-free target (address = the pod IP) per container that
+    declares none, each with the pod's meta labels. `pod`: name, namespace, ip, phase, labels, containers
+    [(name, [(port name, number)])]."""
+    base = {
+        "__meta_kubernetes_namespace": pod["namespace"],
+        "__meta_kubernetes_pod_name": pod["name"],
+        "__meta_kubernetes_pod_ip": pod["ip"],
+        "__meta_kubernetes_pod_phase": pod.get("phase", "Running"),
+    }
+    for key, value in pod["labels"].items():
+        s = re.sub(r"[^a-zA-Z0-9_]", "_", key)
+        base[f"__meta_kubernetes_pod_label_{s}"], base[f"__meta_kubernetes_pod_labelpresent_{s}"] = value, "true"
+    host = f"[{pod['ip']}]" if ":" in pod["ip"] else pod["ip"]
+    targets = []
+    for name, ports in pod["containers"]:
+        container = {**base, "__meta_kubernetes_pod_container_name": name}
+        if not ports:
+            targets.append({**container, "__address__": pod["ip"]})
+        for port_name, number in ports:
+            targets.append({**container, "__address__": f"{host}:{number}", "__meta_kubernetes_pod_container_port_name":
+                            port_name, "__meta_kubernetes_pod_container_port_number": str(number),
+                            "__meta_kubernetes_pod_container_port_protocol": "TCP"})  # fmt: skip
+    return targets
+
+
+def scraped(monitor: dict, pods: list[dict]) -> list[dict[str, str]]:
+    """The targets Prometheus keeps for a PodMonitor, with their final labels (meta labels gone, instance set)."""
+    job = f"podMonitor/{monitor['metadata']['namespace']}/{monitor['metadata']['name']}/0"
+    configs, out = operator_relabel_configs(monitor), []
+    for pod in pods:
+        for target in discovered_targets(pod):
+            labels = relabel({"job": job, "__metrics_path__": "/metrics", "__scheme__": "http", **target}, configs)
+            if labels is not None:
+                labels.setdefault("instance", labels["__address__"])
+                out.append({k: v for k, v in labels.items() if not k.startswith("__") or k == "__address__"})
+    return out
+
+
+def cluster_pods(rendered: dict[str, list[dict]], overlay: str, kfp_ip: str = "10.1.0.7") -> list[dict]:
+    """The pods of a running llm2clip namespace as Prometheus discovers them: a KFP step (Argo's `wait` and our
+    `main`, no declared ports, the launcher as init container), a Trainer node (the runtime's pod with the port
+    the torch plugin adds), a finished KFP step, the submitter, the bucket Job, MinIO and the Pushgateway."""
+    objs = rendered[overlay]
+    ns = find(objs, "ServiceAccount", NAMES["service_account"])["metadata"]["namespace"]
+    label = NAMES["pod_label"]
+    kfp = {
+        label["key"]: label["value"],
+        "pipelines.kubeflow.org/v2_component": "true",
+        "workflows.argoproj.io/workflow": "run",
+    }
+    runtime = find(objs, "TrainingRuntime", NAMES["training_runtime"])
+    trainer_ports = [(p["name"], p["containerPort"]) for p in trainer_node(runtime)["ports"]] + [("", TORCHRUN_PORT)]
+    pods = [
+        {"name": "run-train-clip", "ip": kfp_ip, "labels": kfp,
+         "containers": [("wait", []), ("main", []), ("kfp-launcher", [])]},
+        {"name": "trainjob-node-0-0", "ip": "10.1.0.8", "labels": trainer_pod_labels(runtime),
+         "containers": [(TRAINER_NODE, trainer_ports)]},
+        {"name": "run-tune", "ip": "10.1.0.9", "labels": kfp, "phase": "Succeeded",
+         "containers": [("wait", []), ("main", [])]},
+    ]  # fmt: skip
+    for kind, name in [("CronJob", "llm2clip-submit"), ("Job", "llm2clip-ensure-bucket"),
+                       ("StatefulSet", "llm2clip-minio"), ("Deployment", "llm2clip-pushgateway")]:  # fmt: skip
+        matching = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
+        for o in matching:
+            t = pod_template(o)
+            containers = [
+                (c["name"], [(p.get("name", ""), p["containerPort"]) for p in c.get("ports", [])])
+                for c in t["spec"]["containers"]
+            ]
+            ip, labels = f"10.1.1.{len(pods)}", t["metadata"]["labels"]
+            pods.append({"name": f"{name}-0", "ip": ip, "labels": labels, "containers": containers})
+    return [{**p, "namespace": ns} for p in pods]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_podmonitor_scrapes_each_running_step_once_on_the_metrics_port(rendered, overlay):
+    monitor = find(rendered[overlay], "PodMonitor", "llm2clip-pipeline")
+    pods = cluster_pods(rendered, overlay)
+    ns = pods[0]["namespace"]
+    port = NAMES["metrics_port"]
+    got = sorted((t["__address__"], t["pod"], t["container"]) for t in scraped(monitor, pods))
+    assert got == [
+        (f"10.1.0.7:{port}", "run-train-clip", "main"),
+        (f"10.1.0.8:{port}", "trainjob-node-0-0", TRAINER_NODE),
+    ], got
+    for t in scraped(monitor, pods):  # the labels the dashboard groups by
+        assert t["namespace"] == ns and t["job"] == f"{ns}/llm2clip-pipeline" and t["instance"] == t["__address__"]
+    # IPv6 pod IPs get brackets
+    v6 = cluster_pods(rendered, overlay, kfp_ip="fd00:10:1::7")
+    assert [t["__address__"] for t in scraped(monitor, v6) if t["pod"] == "run-train-clip"] == [
+        f"[fd00:10:1::7]:{port}"
+    ]
+    # MinIO has its own PodMonitor; the selectors do not overlap
+    minio_monitors = [
+        o for o in rendered[overlay] if o["kind"] == "PodMonitor" and o["metadata"]["name"] == "llm2clip-minio"
+    ]
+    for other in minio_monitors:
+        assert [t["pod"] for t in scraped(other, pods)] == ["llm2clip-minio-0"]
+
+
+def test_the_relabel_model_fails_on_a_wrong_rule(rendered):
+    """Not vacuous: the model sees a relabelling that forgets the port, and one that keeps Argo's container."""
+    monitor = copy.deepcopy(find(rendered["gpu"], "PodMonitor", "llm2clip-pipeline"))
+    pods = cluster_pods(rendered, "gpu")
+    rules = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+    rules[2]["replacement"] = "$1"
+    assert "10.1.0.7" in [t["__address__"] for t in scraped(monitor, pods)]
+    rules[0]["regex"] = "main|node|wait"
+    assert len([t for t in scraped(monitor, pods) if t["pod"] == "run-train-clip"]) == 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout_s: float = 30.0) -> tuple[int, str]:
+    """GET `url`, retrying connection errors until `timeout_s` seconds have passed (a server still starting)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def debian_server(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        pytest.skip(f"{name} is not installed (Debian package {name}; `make test` installs it)")
+    return exe
+
+
+def test_real_prometheus_relabels_the_discovered_pods_as_the_model_does(rendered, tmp_path):
+    """Debian's Prometheus, given the operator's relabel_configs for our PodMonitor and the discovered targets of
+    cluster_pods (as file_sd groups carrying the same __meta_kubernetes_* labels), keeps the same targets with the
+    same labels as the model above, and really scrapes the KFP step on <pod IP>:9464 (a loopback address here)."""
+    from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+    exe = debian_server("prometheus")
+    monitor = find(rendered["gpu"], "PodMonitor", "llm2clip-pipeline")
+    pod_ip = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(1, 254)}"
+    pods = cluster_pods(rendered, "gpu", kfp_ip=pod_ip)
+    registry = CollectorRegistry()
+    Gauge("llm2clip_relabel_probe", "set by this test", registry=registry).set(1)
+    server, thread = start_http_server(NAMES["metrics_port"], addr=pod_ip, registry=registry)
+    groups = [{"targets": [t["__address__"]], "labels": {k: v for k, v in t.items() if k != "__address__"}}
+              for pod in pods for t in discovered_targets(pod)]  # fmt: skip
+    (tmp_path / "targets.json").write_text(json.dumps(groups))
+    job = f"podMonitor/{monitor['metadata']['namespace']}/{monitor['metadata']['name']}/0"
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "scrape_configs": [{"job_name": job, "metrics_path": "/metrics",
+                            "file_sd_configs": [{"files": [str(tmp_path / "targets.json")], "refresh_interval": "1s"}],
+                            "relabel_configs": operator_relabel_configs(monitor)}],
+    }  # fmt: skip
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    argv = [exe, f"--config.file={tmp_path / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
+            f"--storage.tsdb.path={tmp_path / 'data'}"]  # fmt: skip
+    with open(tmp_path / "prometheus.log", "w") as log_file:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file)
+    try:
+        assert http_get(f"http://127.0.0.1:{port}/-/ready")[0] == 200
+        deadline, active, probe = time.monotonic() + 30, [], []
+        while time.monotonic() < deadline and not probe:
+            active = json.loads(http_get(f"http://127.0.0.1:{port}/api/v1/targets?state=active")[1])["data"]
+            active = active["activeTargets"]
+            query = urllib.parse.urlencode({"query": "llm2clip_relabel_probe"})
+            probe = json.loads(http_get(f"http://127.0.0.1:{port}/api/v1/query?{query}")[1])["data"]["result"]
+            time.sleep(0.5)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        server.shutdown()
+    log = (tmp_path / "prometheus.log").read_text()[-3000:]
+    model = [{k: v for k, v in t.items() if k != "__address__"} for t in scraped(monitor, pods)]
+    key = operator.itemgetter("instance")
+    assert sorted([t["labels"] for t in active], key=key) == sorted(model, key=key), log
+    assert [t["scrapeUrl"] for t in active if t["labels"]["pod"] == "run-train-clip"] == [
+        f"http://{pod_ip}:{NAMES['metrics_port']}/metrics"
+    ]
+    assert len(probe) == 1, f"Prometheus never scraped the step at {pod_ip}:{NAMES['metrics_port']}:\n{log}"
+    labels = probe[0]["metric"]
+    assert (labels["pod"], labels["container"], labels["namespace"]) == ("run-train-clip", "main", pods[0]["namespace"])
+
+
+def test_pushgateway_service_monitor_and_config_agree(rendered):
+    gateway = NAMES["pushgateway"]
+    assert find(rendered["base"], "ConfigMap", NAMES["configmap"]["name"])["data"]["LLM2CLIP_PUSHGATEWAY"] == ""
+    for overlay in OVERLAYS:
+        objs = rendered[overlay]
+        service = find(objs, "Service", gateway["service"])
+        deployment = find(objs, "Deployment", gateway["service"])
+        pod = pod_template(deployment)
+        (container,) = pod["spec"]["containers"]
+        (service_port,) = service["spec"]["ports"]
+        named = {p["name"]: p["containerPort"] for p in container["ports"]}
+        assert service_port["port"] == gateway["port"] == named[service_port["targetPort"]], overlay
+        assert matches({"matchLabels": service["spec"]["selector"]}, pod["metadata"]["labels"]), overlay
+        assert matches(deployment["spec"]["selector"], pod["metadata"]["labels"]), overlay
+        assert deployment["spec"]["replicas"] == 1, f"{overlay}: pushes must all land on one Pushgateway"
+        assert pod["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}, overlay
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert container[probe]["httpGet"]["port"] in named, f"{overlay}: {probe}"
+        monitor = find(objs, "ServiceMonitor", gateway["service"])
+        assert matches(monitor["spec"]["selector"], service["metadata"]["labels"]), overlay
+        (endpoint,) = monitor["spec"]["endpoints"]
+        assert endpoint["port"] == service_port["name"] and endpoint["honorLabels"] is True, overlay
+        config = find(objs, "ConfigMap", NAMES["configmap"]["name"])["data"]
+        assert config["LLM2CLIP_PUSHGATEWAY"] == f"{gateway['service']}:{gateway['port']}", overlay
+
+
+def test_pushgateway_deployment_runs_a_real_pushgateway(rendered, tmp_path):
+    """The Deployment's arguments and probe paths, given to Debian's prometheus-pushgateway (1.5.1; the image is
+    1.11, same flags): it starts, both probes answer 200, a push is kept, and it is still there after a restart
+    (the persistence file on the emptyDir)."""
+    from prometheus_client import CollectorRegistry, Gauge, push_to_gateway
+
+    exe = debian_server("prometheus-pushgateway")
+    pod = pod_template(find(rendered["gpu"], "Deployment", NAMES["pushgateway"]["service"]))
+    (container,) = pod["spec"]["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    port = free_port()
+    argv = [exe]
+    for arg in container["args"]:
+        flag, _, value = arg.partition("=")
+        if flag == "--web.listen-address":
+            assert value == f":{NAMES['pushgateway']['port']}"
+            value = f"127.0.0.1:{port}"
+        elif flag == "--persistence.file":
+            mount = next(m for m in mounts if value.startswith(m + "/"))
+            assert "emptyDir" in volumes[mounts[mount]], "the persistence file is on a writable volume"
+            value = str(tmp_path / value[len(mount) + 1 :])
+        argv.append(f"{flag}={value}")
+    base = f"http://127.0.0.1:{port}"
+
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert http_get(base + container[probe]["httpGet"]["path"])[0] == 200, probe
+        return proc
+
+    proc = start()
+    try:
+        registry = CollectorRegistry()
+        Gauge("llm2clip_run_steps", "pushed by this test", ["stage"], registry=registry).labels("train_clip").set(7)
+        push_to_gateway(f"127.0.0.1:{port}", job="llm2clip", registry=registry)
+        assert 'llm2clip_run_steps{instance="",job="llm2clip",stage="train_clip"} 7' in http_get(base + "/metrics")[1]
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        proc = start()
+        assert 'llm2clip_run_steps{instance="",job="llm2clip",stage="train_clip"} 7' in http_get(base + "/metrics")[1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_the_metrics_port_agrees_everywhere(rendered):
+    port = NAMES["metrics_port"]
+    for name in ["base", *OVERLAYS]:
+        assert find(rendered[name], "ConfigMap", NAMES["configmap"]["name"])["data"]["LLM2CLIP_METRICS_PORT"] == str(
+            port
+        )
+    for overlay in OVERLAYS:
+        runtime = find(rendered[overlay], "TrainingRuntime", NAMES["training_runtime"])
+        assert {p["name"]: p["containerPort"] for p in trainer_node(runtime)["ports"]} == {"metrics": port}
+        monitor = find(rendered[overlay], "PodMonitor", "llm2clip-pipeline")
+        rules = monitor["spec"]["podMetricsEndpoints"][0]["relabelings"]
+        addresses = [r["replacement"] for r in rules if r.get("targetLabel") == "__address__"]
+        assert addresses == [f"$1:{port}", f"[$1]:{port}"], overlay
+        assert any(r.get("regex") == f"|{port}" for r in rules), f"{overlay}: the declared-port filter"
+
+
+def test_grafana_dashboard_configmap(rendered):
+    source = MANIFESTS / "components/monitoring/grafana/llm2clip-dashboard.json"
+    for overlay in OVERLAYS:
+        cm = find(rendered[overlay], "ConfigMap", "llm2clip-grafana-dashboard")
+        assert cm["metadata"]["labels"]["grafana_dashboard"] == "1", overlay
+        assert list(cm["data"]) == [source.name], overlay
+        dashboard = json.loads(cm["data"][source.name])
+        assert dashboard == json.loads(source.read_text()), overlay
+        assert dashboard["uid"] and dashboard["title"], overlay
+        # `kubectl apply` stores the whole object in an annotation, and annotations are limited to 256 KiB
+        assert len(json.dumps(cm)) < 256 * 1024, f"{overlay}: the dashboard is too big for client-side apply"
+        exprs = re.findall(r'"expr":\s*"((?:[^"\\]|\\.)*)"', cm["data"][source.name])
+        assert any("llm2clip_" in e for e in exprs), f"{overlay}: the dashboard queries llm2clip's metrics"
