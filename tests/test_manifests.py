@@ -1,7 +1,10 @@
 """manifests/: every overlay renders with `kubectl kustomize`; built-in kinds pass kubernetes-validate --strict for a
 pinned Kubernetes version, custom resources their CRD's schema (a committed fixture) with unknown fields rejected;
-policy over the rendered YAML (security context, resources, pinned images, labels, least privilege); committed
-Secret values are placeholders; the names the pipeline relies on (manifests/names.json) are what is rendered."""
+policy over the rendered YAML (security context, resources, pinned images, labels, least privilege, network);
+committed Secret values are placeholders; the names the pipeline and the TrainJob launcher rely on
+(manifests/names.json) are what is rendered. Monitoring: the PodMonitor's relabelling, as prometheus-operator
+generates it, picks each running step at <pod IP>:9464, and Debian's Prometheus agrees; the Pushgateway's
+Deployment runs Debian's Pushgateway. Nothing is applied to a cluster."""
 
 from __future__ import annotations
 
