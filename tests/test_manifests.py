@@ -589,6 +589,9 @@ def test_training_runtime_is_what_trainjobs_expect(rendered):
         assert policy == {"numNodes": 1, "torch": {}}, f"{overlay}: numNodes and numProcPerNode come from the TrainJob"
         job = trainer_job(runtime)
         assert job["template"]["metadata"]["labels"][ANCESTOR_LABEL[0]] == ANCESTOR_LABEL[1], overlay
+        # Trainer's admission webhook (v2.3.0 pkg/webhooks/trainingruntime_webhook.go): an ancestor's replicated job
+        # has replicas 1 (the CRD's default) and the ancestor's container (`node` for the trainer); CEL: one policy.
+        assert job.get("replicas", 1) == 1, overlay
         pod = job["template"]["spec"]["template"]
         label = NAMES["pod_label"]
         assert pod["metadata"]["labels"][label["key"]] == label["value"], f"{overlay}: the PodMonitor selects this"
