@@ -39,7 +39,7 @@ from typing import TypeVar
 import torch
 from safetensors.torch import load, save
 
-from llm2clip import artifacts, data, devices, storage, text_encoder
+from llm2clip import artifacts, data, devices, monitoring, storage, text_encoder
 
 ATTENTION = ("as_tuned", "causal", "bidirectional")
 T = TypeVar("T")
@@ -227,7 +227,14 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
     Restarted with the same config, it skips the shards whose file exists (from another encoder: a ValueError)
     and embeds only captions missing from the store. Metrics: `captions` of the whole group; `hits` (distinct
     captions per shard found in the store) and `misses` (captions embedded) of the shards done in this run;
-    `skipped_shards` done by an earlier run; `peak_rss_mb` this process's peak resident memory."""
+    `skipped_shards` done by an earlier run; `peak_rss_mb` this process's peak resident memory. Observed through
+    llm2clip.monitoring: one step per shard embedded (its hits, misses, tokens, read time as data wait)."""
+    variant = f"group-{cfg.group_index}-of-{cfg.num_groups}"
+    with monitoring.stage("cache_caption_embeddings", variant, out_dir) as m:
+        return _cache(cfg, dataset_dir, text_lora_dir, out_dir, m)
+
+
+def _cache(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str, m: monitoring.StageMetrics) -> dict:
     t0 = time.time()
     identity = encoder_identity(text_lora_dir, cfg.use_adapter)
     if cfg.attention != "as_tuned":
@@ -256,11 +263,13 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
             dim, skipped = done.pop("dim") or dim, skipped + 1
             shards[f"{split_path}/{shard}"] = {**done, "tokens": tokens[(split_path, shard)]}
             continue
+        t_shard = time.perf_counter()
         captions = [
             (key, [text for _, text in data.caption_list(meta)])
             for _, key, meta in data.read_captions_of_shard(storage.join(dataset_dir, split_path, shard))
         ]
         texts = {caption_hash(t): t for _, caps in captions for t in caps}
+        t_read = time.perf_counter()
         missing = sorted(h for h in texts if h not in store.index)
         vectors = store.get(set(texts) - set(missing))
         hits, misses = hits + len(vectors), misses + len(missing)
@@ -269,7 +278,7 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
         if missing and encoder is None:
             print(f"device {device}, compute dtype {dtype}", flush=True)
             encoder = _load_encoder(identity, cfg.use_adapter, text_lora_dir, device, dtype)
-        t_embed = time.time()
+        t_embed, padded_before = time.time(), padded_tokens
         for start in range(0, len(missing), cfg.pack_size):
             chunk = missing[start : start + cfg.pack_size]
             emb, padded = text_encoder.encode_all(encoder, [texts[h] for h in chunk], dtype, cfg.max_tokens,
@@ -285,6 +294,8 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
         shards[f"{split_path}/{shard}"] = {"samples": len(captions), "captions": n_captions,
                                            "tokens": tokens[(split_path, shard)]}  # fmt: skip
         dim = int(next(iter(tensors.values())).shape[-1]) if tensors else dim
+        m.step(samples=len(missing), tokens=padded_tokens - padded_before, hits=len(texts) - len(missing),
+               misses=len(missing), step_s=time.perf_counter() - t_shard, wait_s=t_read - t_shard)  # fmt: skip
         del captions, texts, vectors, tensors  # the next shard starts from nothing
 
     # ---- the manifest, written last: its presence marks the group as complete

@@ -166,7 +166,9 @@ class StageMetrics:
 
     def push(self, status: str) -> bool:
         """Push the totals under this stage's grouping key (replacing its previous push); False, with a logged
-        warning, when the Pushgateway could not be reached."""
+        warning, when the Pushgateway could not be reached. `status` is one of RUN_STATUSES."""
+        if status not in RUN_STATUSES:
+            raise ValueError(f"status={status!r}: must be one of {RUN_STATUSES}")
         self.last_push = time.monotonic()
         self.totals["seconds"] = time.monotonic() - self.started
         registry = CollectorRegistry()

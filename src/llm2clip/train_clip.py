@@ -31,7 +31,18 @@ import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import load, save
 
-from llm2clip import artifacts, clip_model, data, devices, distributed, embedding_cache, loading, storage, streaming
+from llm2clip import (
+    artifacts,
+    clip_model,
+    data,
+    devices,
+    distributed,
+    embedding_cache,
+    loading,
+    monitoring,
+    storage,
+    streaming,
+)
 from llm2clip.loading import ImagePreprocess
 
 TEXT_SOURCES = ("llm", "clip")
@@ -215,9 +226,16 @@ def load_checkpoint(out_dir: str, cfg: TrainClipConfig) -> dict | None:
 
 def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None = None) -> dict:
     """Train stage 2 and save `model.safetensors` + manifest (rank 0). The LLM is never loaded: text comes from
-    the cache. Under torchrun, every rank calls this; `cfg.batch_size` is the global batch."""
+    the cache. Under torchrun, every rank calls this; `cfg.batch_size` is the global batch. Observed through
+    llm2clip.monitoring (each step's loss, lr, samples, step time and data wait)."""
     t0 = time.time()
     world, device = distributed.init(cfg.device)
+    with monitoring.stage("train_clip", cfg.text_source, out_dir, world.rank, world.local_rank) as m:
+        return _train(cfg, dataset_dir, out_dir, cache_dirs, world, device, m, t0)
+
+
+def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None,
+           world: distributed.World, device: torch.device, m: monitoring.StageMetrics, t0: float) -> dict:  # fmt: skip
     _, dtype = devices.setup(device.type, cfg.dtype)
     torch.manual_seed(cfg.seed)
     if cfg.batch_size % world.size:
@@ -286,7 +304,8 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
     for step in range(start, total_steps):
         t_wait = time.perf_counter()
         images, texts = next(batches)
-        waited += time.perf_counter() - t_wait
+        wait = time.perf_counter() - t_wait
+        waited += wait
         images, texts = images.to(device, non_blocking=True), texts.to(device, non_blocking=True)
         set_lr(step)
         loss = loss_step(step_module, loss_fn, images, texts, dtype, preprocess)
@@ -297,6 +316,8 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
         clip_model.clamp_logit_scale(model)
         losses.append(world.mean(loss.item()))  # with local_loss each rank holds its rows' share: the mean is B's
         done = step + 1
+        m.step(loss=losses[-1], lr=max(g["lr"] for g in optimizer.param_groups), samples=local_batch,
+               step_s=time.perf_counter() - t_wait, wait_s=wait)  # fmt: skip
         if step % cfg.log_every == 0 or done == total_steps:
             print(f"epoch {step // steps_per_epoch} step {step:5d}/{total_steps} loss {losses[-1]:.4f} "
                   f"scale {model.logit_scale.exp().item():.1f}", flush=True)  # fmt: skip

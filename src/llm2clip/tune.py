@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llm2clip import artifacts, data, devices, storage, text_encoder
+from llm2clip import artifacts, data, devices, monitoring, storage, text_encoder
 from llm2clip.metrics import bootstrap_indices, caption_retrieval_hits, ci95, info_nce
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -197,18 +197,25 @@ def sample_batch(
 
 def loss_step(
     encoder: text_encoder.CaptionEncoder, groups: Sequence[Group], cfg: TuneConfig, rng: random.Random, dtype: str
-) -> torch.Tensor:
-    """One batch (see `sample_batch`) -> InfoNCE over the anchors against every positive and negative (fp32)."""
+) -> tuple[torch.Tensor, int]:
+    """One batch (see `sample_batch`) -> (InfoNCE over the anchors against every positive and negative (fp32),
+    the tokens the LLM ran over, padding included)."""
     anchors, positives, negatives = sample_batch(groups, cfg.batch_size, cfg.hard_negatives, rng)
     with devices.autocast(devices.module_device(encoder.model), dtype):
-        emb, _ = text_encoder.embed_by_length(encoder, anchors + positives + negatives, cfg.max_tokens)
+        emb, tokens = text_encoder.embed_by_length(encoder, anchors + positives + negatives, cfg.max_tokens)
     b = cfg.batch_size
-    return info_nce(emb[:b], emb[b : 2 * b], emb[2 * b :] if negatives else None, cfg.scale)
+    return info_nce(emb[:b], emb[b : 2 * b], emb[2 * b :] if negatives else None, cfg.scale), tokens
 
 
 def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dict:
     """Tune the LLM with LoRA on the train captions; write the adapter + manifest; return the loss and, with
-    cfg.cra, CRA before and after tuning (else the cra_* fields are None and cra_note says where CRA is measured)."""
+    cfg.cra, CRA before and after tuning (else the cra_* fields are None and cra_note says where CRA is measured).
+    Observed through llm2clip.monitoring (each step's loss, lr, anchors, tokens and time)."""
+    with monitoring.stage("tune_caption_encoder", output=out_dir) as m:
+        return _tune(cfg, dataset_dir, out_dir, m)
+
+
+def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMetrics) -> dict:
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -257,12 +264,15 @@ def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dic
     losses = []
     encoder.model.train()
     for step in range(cfg.steps):
-        loss = loss_step(encoder, groups, cfg, rng, dtype)
+        t_step = time.perf_counter()
+        loss, tokens = loss_step(encoder, groups, cfg, rng, dtype)
+        lr = optimizer.param_groups[0]["lr"]  # this step's (scheduler.step() below moves it on)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        m.step(loss=losses[-1], lr=lr, samples=cfg.batch_size, tokens=tokens, step_s=time.perf_counter() - t_step)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             print(
                 f"step {step:4d}/{cfg.steps} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e}",
