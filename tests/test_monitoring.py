@@ -18,7 +18,7 @@ from prom_servers import Prometheus, Pushgateway, get
 from s3_servers import free_port
 from test_train_stream import fake_cache
 
-from llm2clip import artifacts, monitoring, text_encoder, tune
+from llm2clip import artifacts, monitoring, text_encoder, train_clip, tune
 from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings
 
 ROOT = Path(__file__).parents[1]
@@ -246,3 +246,24 @@ def test_the_dashboard_queries_are_promql_prometheus_accepts_over_metrics_monito
     assert used <= monitoring.metric_names(), used - monitoring.metric_names()
     with pytest.raises(ValueError, match="bad_data"):  # the check can fail: Prometheus refuses a broken query
         servers.query("sum by (stage (llm2clip_loss)")
+
+
+def test_under_torchrun_each_rank_serves_its_own_port_and_pushes_its_own_group(servers, tiny_dataset, tmp_path,
+                                                                             no_env, capfd):  # fmt: skip
+    """Stage 2 as the component runs it on a 2-process pod (torchrun): local ranks 0 and 1 serve on port and
+    port + 1 (no "cannot serve" warning: no collision), and each rank pushes its own group; the ranks' samples
+    add up to the global batch times the steps."""
+    no_env.setenv("OMP_NUM_THREADS", "1")
+    no_env.setenv(monitoring.PORT_ENV, str(servers.stage_port))
+    no_env.setenv(monitoring.PUSHGATEWAY_ENV, servers.pushgateway.url)
+    out = str(tmp_path / "ddp")
+    cfg = train_clip.TrainClipConfig(epochs=1, batch_size=8, workers=0, checkpoint_every=0)
+    metrics = train_clip.launch(cfg, tiny_dataset, out, [fake_cache(tiny_dataset, tmp_path / "cache")], nproc=2)
+    assert "cannot serve" not in capfd.readouterr().err
+    groups = [g for g in servers.pushgateway.groups() if g["labels"].get("stage") == "train_clip"
+              and pushed(g, "llm2clip_run_status")[0][0]["output"] == out]  # fmt: skip
+    assert sorted(g["labels"]["rank"] for g in groups) == ["0", "1"]
+    for g in groups:
+        assert pushed(g, "llm2clip_run_status")[0][0]["status"] == "succeeded"
+        assert pushed(g, "llm2clip_run_steps")[0][1] == metrics["steps"] == 6
+        assert pushed(g, "llm2clip_run_samples")[0][1] == 6 * 4  # the local batch: 8 over 2 ranks
