@@ -12,6 +12,7 @@ the retries to processes on this machine, and it ignores the rest.
 from pathlib import Path
 
 from kfp import compiler, dsl, kubernetes
+from kfp.dsl import Dataset, Input, Model
 from kfp.dsl.pipeline_channel import PipelineChannel
 from llm2clip.components import (
     cache_caption_embeddings,
@@ -20,6 +21,7 @@ from llm2clip.components import (
     prepare_data,
     train_clip,
     train_clip_baseline,
+    train_clip_trainjob,
     tune_caption_encoder,
 )
 from llm2clip.components import image as images
@@ -33,7 +35,7 @@ GPU_IMAGE = images.IMAGE_GPU  # VARIANT=cuda
 S3_SECRET = "llm2clip-s3"  # a literal: a Secret name from a pipeline parameter fails inside ParallelFor
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONFIG_MAP = "llm2clip-config"
-CONFIG_MAP_KEYS = ("MINIO_ENDPOINT", "MINIO_SECURE", "LLM2CLIP_STORE")
+CONFIG_MAP_KEYS = ("MINIO_ENDPOINT", "MINIO_SECURE", "LLM2CLIP_STORE", "LLM2CLIP_METRICS_PORT", "LLM2CLIP_PUSHGATEWAY")
 POD_LABEL = ("app.kubernetes.io/part-of", "llm2clip")  # what the metrics PodMonitor selects
 
 # ---- pod settings fixed at compile time
@@ -52,6 +54,8 @@ CPU_TASKS = {
     "locate_store": ("250m", "1", "512Mi", "1Gi", 0.25),
     "prepare_data": ("2", "4", "8Gi", "16Gi", 24),
     "evaluate": ("4", "8", "16Gi", "32Gi", 12),
+    # stage 2 on train_nodes > 1: the pod only creates and follows the TrainJob; its nodes ask for the GPUs
+    "train_clip_trainjob": ("250m", "1", "512Mi", "1Gi", 72),
 }
 GPU_TIMEOUT_H = {"tune_caption_encoder": 24, "cache_caption_embeddings": 48, "train_clip": 72}
 
@@ -87,6 +91,51 @@ def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.Pipe
     return task.set_retry(**GPU_RETRY)
 
 
+@dsl.pipeline(name="train-clip-on-nodes", description="Stage 2 in the task's own pod, or on nodes > 1 via a TrainJob.")
+def train_clip_on_nodes(
+    dataset: Input[Dataset],
+    caption_embeddings: Input[list[Dataset]],
+    model: str,
+    pretrained: str,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    nproc: int,
+    seed: int,
+    center_text: bool,
+    device: str,
+    dtype: str,
+    enabled: bool,
+    nodes: int,
+    cpu_image: str,
+    gpu_image: str,
+    gpus: int,
+    gpu_node_selector: dict,
+    gpu_tolerations: list,
+    gpu_task_cpu: str,
+    gpu_task_memory: str,
+) -> Model:
+    """One LLM-taught stage-2 training on the cluster. nodes 1: train_clip in its own GPU pod (torchrun, nproc
+    processes); more: train_clip_trainjob, a pod without GPU that runs a Kubeflow Trainer TrainJob of `nodes` nodes,
+    each with the GPU task's GPUs, CPU, memory, selector and tolerations. A sub-pipeline because kfp 2.17 cannot
+    compile a ParallelFor's dsl.Collected output consumed inside a dsl.If (KeyError 'for-loop-N')."""
+    args = dict(dataset=dataset, caption_embeddings=caption_embeddings, model=model, pretrained=pretrained,
+                epochs=epochs, batch_size=batch_size, lr=lr, nproc=nproc, seed=seed, center_text=center_text,
+                device=device, dtype=dtype, enabled=enabled)  # fmt: skip
+    with dsl.If(nodes == 1, name="one-node"):
+        one = train_clip(**args).set_display_name("train_clip")
+        on_pod(one, gpu_image, (gpu_task_cpu,) * 2, (gpu_task_memory,) * 2, GPU_TIMEOUT_H["train_clip"])
+        on_gpu(one, gpus, gpu_node_selector, gpu_tolerations)
+    with dsl.Else(name="trainjob"):
+        many = train_clip_trainjob(nodes=nodes, gpus=gpus, node_cpu=gpu_task_cpu, node_memory=gpu_task_memory,
+                                   node_selector=gpu_node_selector, tolerations=gpu_tolerations, image=gpu_image,
+                                   **args).set_display_name("train_clip_trainjob")  # fmt: skip
+        cpu_req, cpu_lim, mem_req, mem_lim, timeout_h = CPU_TASKS["train_clip_trainjob"]
+        on_pod(many, cpu_image, (cpu_req, cpu_lim), (mem_req, mem_lim), timeout_h)
+        many.set_retry(**GPU_RETRY)  # a retried launcher adopts its TrainJob (named after the output location)
+    return dsl.OneOf(one.outputs["vision_model"], many.outputs["vision_model"])
+
+
 def build_pipeline(on_cluster: bool):
     """The pipeline; `on_cluster` adds the pod settings (the compiled YAML), without them kfp.local runs it."""
 
@@ -115,6 +164,7 @@ def build_pipeline(on_cluster: bool):
         train_batch_size: int = 64,
         train_lr: float = 0.0,
         train_nproc: int = 1,
+        train_nodes: int = 1,
         center_text: bool = True,
         ablations: bool = False,
         zero_shot: list = ["synthetic"],  # noqa: B006 (a KFP parameter default, never mutated)
@@ -149,6 +199,10 @@ def build_pipeline(on_cluster: bool):
         train_nproc: stage-2 processes per training task (torchrun --nproc_per_node); the batch is global, split
             over them. On GPU nodes set it to `gpus` (one process per GPU of the pod: more fail, fewer leave
             GPUs idle); with gpus 0 they are CPU processes (gloo).
+        train_nodes: nodes per LLM2CLIP stage-2 training (cluster only). 1 trains in the task's own pod; more runs
+            a Kubeflow Trainer TrainJob (runtime llm2clip-torch) of train_nodes nodes x train_nproc processes, each
+            node with `gpus` GPUs, gpu_task_cpu, gpu_task_memory and the GPU selector and tolerations, while the
+            task's pod (no GPU) follows it. The CLIP baseline always trains on one node (same global batch).
         center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
             paper, see the README); applies to both LLM-taught models.
         ablations: also train both LLM-taught models without centring and report them beside the others.
@@ -222,6 +276,18 @@ def build_pipeline(on_cluster: bool):
             device=device,
             dtype=dtype,
         )
+
+        def stage2(display_name: str, caption_embeddings, center_text, enabled=True) -> PipelineChannel:
+            """An LLM-taught stage-2 training: in its own pod, or (cluster, train_nodes > 1) through a TrainJob."""
+            args = dict(dataset=data.outputs["dataset"], caption_embeddings=dsl.Collected(caption_embeddings))
+            args.update(center_text=center_text, enabled=enabled, **train_args)
+            if not on_cluster:  # kfp.local: one process tree on this machine (run --local refuses train_nodes > 1)
+                return gpu_task(train_clip(**args), "train_clip", display_name).outputs["vision_model"]
+            placement = dict(cpu_image=cpu_image, gpu_image=gpu_image, gpus=gpus, gpu_task_cpu=gpu_task_cpu,
+                             gpu_task_memory=gpu_task_memory, gpu_node_selector=gpu_node_selector,
+                             gpu_tolerations=gpu_tolerations)  # fmt: skip
+            return train_clip_on_nodes(nodes=train_nodes, **args, **placement).set_display_name(display_name).output
+
         # LLM2CLIP embeds with the tuned LLM as it was tuned; the raw-LLM baseline with the frozen LLM as it is
         # (causal, no adapter), as the paper's raw-LLM row. Both are then trained with exactly the same recipe.
         trained, embeddings, ablated = {}, {}, {}
@@ -238,32 +304,19 @@ def build_pipeline(on_cluster: bool):
                 )
                 gpu_task(cache, "cache_caption_embeddings", f"cache_caption_embeddings ({name})")
             embeddings[name] = cache.outputs["caption_embeddings"]
-            trained[name] = train_clip(
-                dataset=data.outputs["dataset"],
-                caption_embeddings=dsl.Collected(embeddings[name]),
-                center_text=center_text,
-                **train_args,
-            )
-            gpu_task(trained[name], "train_clip", f"train_clip ({name})")
+            trained[name] = stage2(f"train_clip ({name})", embeddings[name], center_text)
             # the centring ablation: trains only when `ablations` asks for it, else writes a "skipped" manifest
-            ablated[name] = train_clip(
-                dataset=data.outputs["dataset"],
-                caption_embeddings=dsl.Collected(embeddings[name]),
-                center_text=False,
-                enabled=ablations,
-                **train_args,
-            )
-            gpu_task(ablated[name], "train_clip", f"train_clip ({name}, no centring)")
+            ablated[name] = stage2(f"train_clip ({name}, no centring)", embeddings[name], False, ablations)
         baseline = train_clip_baseline(dataset=data.outputs["dataset"], **train_args)
         gpu_task(baseline, "train_clip", "train_clip_baseline")
         result = evaluate(
             dataset=data.outputs["dataset"],
             text_lora=tuned.outputs["text_lora"],
-            llm2clip_model=trained["llm2clip"].outputs["vision_model"],
-            raw_llm_model=trained["llm2clip_raw_llm"].outputs["vision_model"],
+            llm2clip_model=trained["llm2clip"],
+            raw_llm_model=trained["llm2clip_raw_llm"],
             clip_model=baseline.outputs["vision_model"],
-            llm2clip_no_centring_model=ablated["llm2clip"].outputs["vision_model"],
-            raw_llm_no_centring_model=ablated["llm2clip_raw_llm"].outputs["vision_model"],
+            llm2clip_no_centring_model=ablated["llm2clip"],
+            raw_llm_no_centring_model=ablated["llm2clip_raw_llm"],
             tuned_embeddings=dsl.Collected(embeddings["llm2clip"]),
             raw_embeddings=dsl.Collected(embeddings["llm2clip_raw_llm"]),
             device=device,

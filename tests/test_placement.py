@@ -14,7 +14,7 @@ from llm2clip.pipelines import llm2clip_pipeline as pipeline
 
 NAMES = Path(__file__).parents[1] / "manifests" / "names.json"
 GPU_COMPONENTS = {"tune-caption-encoder", "cache-caption-embeddings", "train-clip", "train-clip-baseline"}
-CPU_COMPONENTS = {"locate-store", "prepare-data", "evaluate"}
+CPU_COMPONENTS = {"locate-store", "prepare-data", "evaluate", "train-clip-trainjob"}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_retries_with_backoff_on_gpu_steps_only(compiled):
         label = executor(compiled, task)
         if label is None:
             continue
-        if kind(label) == "gpu":
+        if kind(label) == "gpu" or name == "train-clip-trainjob":  # a retried launcher adopts its TrainJob
             policy = task["retryPolicy"]
             assert policy["maxRetryCount"] == pipeline.GPU_RETRY["num_retries"] >= 1, name
             assert policy["backoffDuration"] == pipeline.GPU_RETRY["backoff_duration"], name
@@ -170,7 +170,13 @@ def test_parallel_for_is_bounded(compiled):
 
 
 def test_every_task_has_a_display_name(compiled):
-    shown = {task["taskInfo"]["name"] for _, _, task in compiled["tasks"] if executor(compiled, task)}
+    """Tasks at the root and in the cache fan-outs; each LLM-taught training is a sub-pipeline (one node or a
+    TrainJob) whose two tasks are named train_clip and train_clip_trainjob."""
+    tasks = compiled["tasks"]
+    shown = {t["taskInfo"]["name"] for d, _, t in tasks if executor(compiled, t) and not d.startswith("comp-condition")}
+    shown |= {t["taskInfo"]["name"] for d, _, t in tasks if t["componentRef"]["name"].startswith("comp-train-clip-on")}
+    inner = {t["taskInfo"]["name"] for d, _, t in tasks if d.startswith("comp-condition") and executor(compiled, t)}
+    assert inner == {"train_clip", "train_clip_trainjob"}
     assert shown == {
         "locate_store",
         "prepare_data",
@@ -197,16 +203,61 @@ def test_the_store_enters_the_cache_key(compiled):
             assert task["cachingOptions"]["enableCache"] is True, name
             dataset = task["inputs"]["artifacts"]["dataset"]
             assert dataset.get("taskOutputArtifact", {}).get("producerTask") == "prepare-data" or (
-                dag != "root" and dataset["componentInputArtifact"] == "pipelinechannel--prepare-data-dataset"
+                dag != "root"
+                and dataset["componentInputArtifact"]
+                in ("pipelinechannel--prepare-data-dataset", "pipelinechannel--dataset")
             ), name
+    # each training sub-pipeline takes prepare_data's dataset; inside, its condition branches take that input
+    for _, _, task in compiled["tasks"]:
+        if task["componentRef"]["name"].startswith("comp-train-clip-on-nodes"):
+            assert task["inputs"]["artifacts"]["dataset"]["taskOutputArtifact"]["producerTask"] == "prepare-data"
 
 
 def test_training_processes_follow_train_nproc(compiled):
     """`gpus` sizes the pod, `train_nproc` the torchrun processes in it (the docstring asks to keep them equal)."""
-    for _, name, task in compiled["tasks"]:
+    for dag, name, task in compiled["tasks"]:
         if name.startswith("train-clip"):
             nproc = task["inputs"]["parameters"]["nproc"]["componentInputParameter"]
-            assert nproc.endswith("train_nproc"), name
+            # in a training sub-pipeline, nproc is the sub-pipeline's own input, given train_nproc at the root
+            assert nproc.endswith("train_nproc") or (
+                dag.startswith("comp-condition") and nproc == "pipelinechannel--nproc"
+            ), name
+    at_root = [
+        t for d, _, t in compiled["tasks"] if d == "root" and t["componentRef"]["name"].startswith("comp-train-clip-on")
+    ]
+    assert len(at_root) == 4
+    for task in at_root:
+        assert task["inputs"]["parameters"]["nproc"]["componentInputParameter"] == "train_nproc"
+        assert task["inputs"]["parameters"]["nodes"]["componentInputParameter"] == "train_nodes"
+
+
+def test_train_nodes_picks_one_pod_or_a_trainjob_whose_launcher_has_no_gpu(compiled):
+    """train_nodes == 1: train_clip in a GPU pod; otherwise train_clip_trainjob, a CPU pod that passes the GPU
+    placement on to the TrainJob's nodes; the sub-pipeline returns whichever ran (dsl.OneOf)."""
+    spec = compiled["spec"]
+    conditions = {dag: task for dag, _, task in compiled["tasks"] if "triggerPolicy" in task}
+    kinds = {}
+    for dag, _, task in compiled["tasks"]:
+        if dag.startswith("comp-condition") and executor(compiled, task):
+            kinds[task["taskInfo"]["name"]] = (kind(executor(compiled, task)), dag)
+    assert kinds["train_clip"][0] == "gpu" and kinds["train_clip_trainjob"][0] == "cpu"
+    triggers = sorted(t["triggerPolicy"]["condition"] for t in conditions.values())
+    assert any("== 1" in c for c in triggers) and any("!(" in c and "== 1" in c for c in triggers), triggers
+    launcher = next(t for d, n, t in compiled["tasks"] if n == "train-clip-trainjob")
+    passed = {k: v.get("componentInputParameter") for k, v in launcher["inputs"]["parameters"].items()}
+    placement = {
+        "nodes": "nodes",
+        "gpus": "gpus",
+        "node_cpu": "gpu_task_cpu",
+        "node_memory": "gpu_task_memory",
+        "node_selector": "gpu_node_selector",
+        "tolerations": "gpu_tolerations",
+        "image": "gpu_image",
+    }
+    for mine, theirs in placement.items():
+        assert passed[mine] == f"pipelinechannel--{theirs}", mine
+    sub = next(c for k, c in spec["components"].items() if k.startswith("comp-train-clip-on-nodes"))
+    assert "oneof" in json.dumps(sub["dag"]["outputs"])
 
 
 def test_the_local_pipeline_has_the_same_parameters_and_no_pod_settings():
