@@ -74,12 +74,13 @@ class _Server:
 
 
 class Pushgateway(_Server):
-    """prometheus-pushgateway, in memory (no persistence file)."""
+    """prometheus-pushgateway, in memory: Debian's binary persists to /var/lib/prometheus/pushgateway.data by
+    default, which would carry groups from one test session into the next (and share them with any other)."""
 
     name = "prometheus-pushgateway"
 
     def args(self) -> list[str]:
-        return [f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]
+        return [f"--web.listen-address=127.0.0.1:{self.port}", "--persistence.file=", "--log.level=warn"]
 
     def groups(self) -> list[dict]:
         """The pushed groups as the Pushgateway's API lists them: [{"labels": {...}, <metric name>: {...}}]."""

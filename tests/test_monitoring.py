@@ -186,7 +186,8 @@ def test_prometheus_scrapes_a_running_train_clip_and_its_push_matches_the_manife
     assert status[0]["metric"]["status"] == "succeeded" and status[0]["metric"]["rank"] == "0"
     run = servers.query('llm2clip_run_steps{job="llm2clip", stage="train_clip", variant="llm", rank="0"}')
     assert float(run[0]["value"][1]) == steps
-    samples = servers.query('sum(llm2clip_run_samples{job="llm2clip", stage="train_clip", variant="llm"})')
+    # this run's groups (every rank's) by the output on their status, as a user would pick one run's numbers
+    samples = servers.query(f"sum(llm2clip_run_samples * on (stage, variant, rank) group_left {final})")
     assert float(samples[0]["value"][1]) == steps * 8
 
 
