@@ -268,3 +268,13 @@ def test_under_torchrun_each_rank_serves_its_own_port_and_pushes_its_own_group(s
         assert pushed(g, "llm2clip_run_status")[0][0]["status"] == "succeeded"
         assert pushed(g, "llm2clip_run_steps")[0][1] == metrics["steps"] == 6
         assert pushed(g, "llm2clip_run_samples")[0][1] == 6 * 4  # the local batch: 8 over 2 ranks
+
+
+def test_a_stage_inside_another_leaves_the_outer_server_running(no_env):
+    port = free_port()
+    no_env.setenv(monitoring.PORT_ENV, str(port))
+    with monitoring.stage("tune_caption_encoder"):
+        with monitoring.stage("cache_caption_embeddings") as inner:
+            inner.step(hits=2)
+        assert b'llm2clip_cache_hits_total{stage="cache_caption_embeddings"}' in get(f"http://127.0.0.1:{port}/metrics")
+    assert port not in monitoring._servers

@@ -188,10 +188,11 @@ class StageMetrics:
 
 
 def serve(port: int) -> bool:
-    """Serve REGISTRY on 0.0.0.0:`port` (a server this process already runs there is kept). False, with a logged
-    warning, when the port cannot be bound."""
+    """Serve REGISTRY on 0.0.0.0:`port`; True when this call started the server. False when this process already
+    serves there (a stage inside another: the outer one stops it) or, with a logged warning, when the port cannot
+    be bound."""
     if port in _servers:
-        return True
+        return False
     try:
         _servers[port], _ = _start_http_server(port, registry=REGISTRY)
     except OSError as e:
