@@ -278,3 +278,19 @@ def test_a_stage_inside_another_leaves_the_outer_server_running(no_env):
             inner.step(hits=2)
         assert b'llm2clip_cache_hits_total{stage="cache_caption_embeddings"}' in get(f"http://127.0.0.1:{port}/metrics")
     assert port not in monitoring._servers
+
+
+def test_running_pushes_back_off_after_failures_and_recover(servers, no_env):
+    no_env.setenv(monitoring.PUSHGATEWAY_ENV, f"127.0.0.1:{free_port()}")  # nothing listens there
+    with monitoring.stage("train_clip", "backoff", push_every_s=10) as m:
+        for failures in (1, 2):
+            m.last_push -= 10.5 * 2 ** (failures - 1)  # the interval has passed
+            m.step()
+            assert m.failures == failures and m.pushes == 0
+        m.last_push -= 30  # 30 s after the second failure: not due yet (10 s x 2^2)
+        assert not m.push_due()
+        m.last_push -= 11
+        assert m.push_due()
+        m.pushgateway = servers.pushgateway.url  # the gateway is back: the next push goes through, the interval resets
+        m.step()
+        assert m.pushes == 1 and m.failures == 0 and not m.push_due()

@@ -21,7 +21,7 @@ Which run the values belong to is the `output` label of `llm2clip_run_status` (t
 holds the KFP run id); when they were pushed is the Pushgateway's own `push_time_seconds`. A run on fewer ranks
 than the one before leaves the old higher ranks' groups until they are deleted (Pushgateway UI or API). Summing
 `llm2clip_run_samples` over rank gives the run's samples. A failed push (gateway down, timeout) is a logged
-warning; training goes on.
+warning; training goes on, and the running pushes back off (the interval doubles per failure in a row).
 
 Labels are bounded: stage is one of STAGES, variant a short name the stage picks from a small fixed set
 (train_clip: the text source; cache: its shard group; tune: "default"), rank below the world size. GPU memory
@@ -51,6 +51,7 @@ JOB = "llm2clip"
 STAGES = ("tune_caption_encoder", "cache_caption_embeddings", "train_clip")
 PUSH_EVERY_S = 15.0  # running pushes at most this often (seconds); the final push always goes
 PUSH_TIMEOUT_S = 3.0  # one push waits at most this long for the Pushgateway (seconds)
+PUSH_BACKOFF_MAX_S = 300.0  # after failed pushes the running-push interval doubles per failure, up to this
 STEP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 WAIT_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -122,6 +123,7 @@ class StageMetrics:
     started: float = field(default_factory=time.monotonic)
     last_push: float = field(default_factory=time.monotonic)
     pushes: int = 0  # pushes that reached the Pushgateway
+    failures: int = 0  # failed pushes since the last one that went through
 
     def step(
         self,
@@ -156,8 +158,14 @@ class StageMetrics:
             GPU_ALLOCATED.labels(s).set(torch.cuda.memory_allocated())
             GPU_PEAK.labels(s).set(peak := torch.cuda.max_memory_allocated())
             t["gpu_memory_peak_bytes"] = peak
-        if self.pushgateway and time.monotonic() - self.last_push >= self.push_every_s:
+        if self.pushgateway and self.push_due():
             self.push("running")
+
+    def push_due(self) -> bool:
+        """Whether a running push is due: `push_every_s` since the last push, doubled for each failed push in a row
+        (up to PUSH_BACKOFF_MAX_S), so an unreachable Pushgateway costs a timeout rarely, not every interval."""
+        interval = min(self.push_every_s * 2**self.failures, max(self.push_every_s, PUSH_BACKOFF_MAX_S))
+        return time.monotonic() - self.last_push >= interval
 
     def error(self) -> None:
         """Count one error of this stage."""
@@ -182,8 +190,9 @@ class StageMetrics:
         except Exception as e:  # a monitoring outage must never stop training
             log.warning("llm2clip metrics: push to the Pushgateway %s failed (%s: %s); training goes on",
                         self.pushgateway, type(e).__name__, e)  # fmt: skip
+            self.failures += 1
             return False
-        self.pushes += 1
+        self.pushes, self.failures = self.pushes + 1, 0
         return True
 
 
