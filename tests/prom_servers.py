@@ -124,6 +124,10 @@ class Prometheus(_Server):
         """An instant query: [{"metric": {labels}, "value": [time, "value"]}]."""
         return self.api("query", query=expr)["result"]
 
+    def query_range(self, expr: str, start: float, end: float, step: float = 1.0) -> list[dict]:
+        """A range query as Grafana runs a panel's: [{"metric": {labels}, "values": [[time, "value"], ...]}]."""
+        return self.api("query_range", query=expr, start=str(start), end=str(end), step=str(step))["result"]
+
     def wait_for(self, expr: str, ok: Callable[[list[dict]], bool], timeout: float,
                  alive: Callable[[], bool] | None = None) -> list[dict]:  # fmt: skip
         """Query `expr` every 0.25 s until `ok(result)`; `alive()` (optional) must stay true meanwhile."""

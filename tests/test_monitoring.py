@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 from pathlib import Path
 
@@ -164,6 +165,7 @@ def test_prometheus_scrapes_a_running_train_clip_and_its_push_matches_the_manife
     cmd = [sys.executable, "-m", "llm2clip.train_clip", "--dataset", tiny_dataset, "--caption-embeddings", cache,
            "--output", out, "--epochs", "20", "--batch-size", "8", "--workers", "0", "--log-every", "1000",
            "--checkpoint-every", "0"]  # fmt: skip
+    started = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         live = 'llm2clip_steps_total{job="llm2clip-stage", stage="train_clip"}'
@@ -186,6 +188,14 @@ def test_prometheus_scrapes_a_running_train_clip_and_its_push_matches_the_manife
     assert status[0]["metric"]["status"] == "succeeded" and status[0]["metric"]["rank"] == "0"
     run = servers.query('llm2clip_run_steps{job="llm2clip", stage="train_clip", variant="llm", rank="0"}')
     assert float(run[0]["value"][1]) == steps
+    # the dashboard's stage-2 panels, run as Grafana runs them (a range query over the run), show this run
+    panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
+    for title in ("Throughput (samples/s)", "Loss", "Learning rate", "Step time (p50, p95)", "Steps",
+                  "Data wait (p50, p95) and share of step time"):  # fmt: skip
+        for target in panels[title]["targets"]:
+            expr = target["expr"].replace("$__rate_interval", "10s").replace("$stage", "train_clip")
+            values = [float(v) for r in servers.query_range(expr, started, time.time()) for _, v in r["values"]]
+            assert any(v == v for v in values), (title, expr)  # some value that is not NaN
     # this run's groups (every rank's) by the output on their status, as a user would pick one run's numbers
     samples = servers.query(f"sum(llm2clip_run_samples * on (stage, variant, rank) group_left {final})")
     assert float(samples[0]["value"][1]) == steps * 8
@@ -235,6 +245,11 @@ def test_the_dashboard_queries_are_promql_prometheus_accepts_over_metrics_monito
     assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
     for p in dashboard["panels"]:
         assert p["datasource"]["uid"] == "${datasource}", p["title"]
+        assert len({t["refId"] for t in p["targets"]}) == len(p["targets"]) and p["gridPos"]["w"] <= 24, p["title"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("samples/s", "loss", "learning rate", "step time", "data wait", "cache hit", "errors", "gpu memory"):
+        assert topic in titles, topic
     exprs = _expressions(dashboard)
     assert len(exprs) >= 12
     used = set()
