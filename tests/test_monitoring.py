@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from prom_servers import Prometheus, Pushgateway, get
+from prom_servers import Prometheus, Pushgateway, binary, get
 from s3_servers import free_port
 from test_train_stream import fake_cache
 
@@ -309,3 +309,9 @@ def test_running_pushes_back_off_after_failures_and_recover(servers, no_env):
         m.pushgateway = servers.pushgateway.url  # the gateway is back: the next push goes through, the interval resets
         m.step()
         assert m.pushes == 1 and m.failures == 0 and not m.push_due()
+
+
+def test_a_missing_server_binary_fails_the_test_with_the_install_command():
+    """CI must not skip the real-server tests silently: a machine without the binaries fails them."""
+    with pytest.raises(pytest.fail.Exception, match="apt-get install -y prometheus prometheus-pushgateway"):
+        binary("llm2clip-no-such-server")
