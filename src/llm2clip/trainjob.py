@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import sys
 import threading
@@ -268,7 +269,7 @@ def load_client() -> ApiClient:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
+        config.load_kube_config(config_file=os.environ.get("KUBECONFIG"))  # read now: the client's is import-time
     return client.ApiClient()
 
 
@@ -279,7 +280,7 @@ def current_namespace() -> str:
     from kubernetes import config
 
     try:
-        _, context = config.list_kube_config_contexts()
+        _, context = config.list_kube_config_contexts(config_file=os.environ.get("KUBECONFIG"))
     except config.ConfigException as e:
         raise RuntimeError(f"no namespace: not in a pod ({SA_NAMESPACE_FILE} missing) and no kubeconfig ({e})") from e
     return context.get("context", {}).get("namespace") or "default"
@@ -324,15 +325,17 @@ def run_trainjob(
     follower = threading.Thread(target=_follow_node0_log, args=(core, namespace, name, out, stop, poll_s),
                                 name=f"log {name}", daemon=True)  # fmt: skip
     follower.start()
-    deadline, suspended = clock() + timeout_s, False
+    deadline, suspended, finished = clock() + timeout_s, False, False
     try:
         while True:
             current = _get(objects, namespace, name)
             if current is None:
                 raise RuntimeError(f"TrainJob {namespace}/{name} disappeared while running (deleted by someone else?)")
             if condition(current, "Complete"):
+                finished = True
                 break
             if failed := condition(current, "Failed"):
+                finished = True
                 raise TrainJobFailed(
                     f"TrainJob {namespace}/{name} failed: {failed.get('reason', '?')}: {failed.get('message', '')} "
                     f"(left for inspection: kubectl -n {namespace} describe trainjob {name}; "
@@ -348,8 +351,8 @@ def run_trainjob(
                 )
             time.sleep(poll_s)
     finally:
-        stop.set()
-        follower.join(timeout=max(30.0, 3 * poll_s))  # the log of a finished container ends by itself
+        stop.set()  # the log of a finished container ends by itself; a running one's (timeout) is not waited for
+        follower.join(timeout=max(30.0, 3 * poll_s) if finished else 0)
     _delete(objects, namespace, name)
     print(f"TrainJob {name}: complete, deleted", file=out, flush=True)
     return current
@@ -434,7 +437,16 @@ def _follow_node0_log(core, namespace: str, name: str, out: TextIO, stop: thread
 
     done: set[tuple[str, int]] = set()
     last: dict[tuple[str, int], str] = {}  # container -> timestamp of its last line printed
-    shown_state = None
+    shown_state, final = None, False
+
+    def pause() -> bool:
+        """Wait a poll interval; True once a last look after `stop` found nothing more to read."""
+        nonlocal final
+        if final:
+            return True
+        final = stop.wait(poll_s)
+        return False
+
     while True:  # `stop` ends it only once nothing is left to read: the last lines of a finished run arrive too
         try:
             pods = core.list_namespaced_pod(namespace, label_selector=node0_selector(name)).items
@@ -442,7 +454,7 @@ def _follow_node0_log(core, namespace: str, name: str, out: TextIO, stop: thread
             print(f"TrainJob {name}: cannot list its pods ({e.status} {e.reason})", file=out, flush=True)
             pods = None
         if pods is None or not pods:
-            if stop.wait(poll_s):
+            if pause():
                 return
             continue
         pods = [p for p in pods if not p.metadata.deletion_timestamp] or pods
@@ -455,7 +467,7 @@ def _follow_node0_log(core, namespace: str, name: str, out: TextIO, stop: thread
         started = status is not None and status.state is not None and (status.state.running or status.state.terminated)
         key = (pod.metadata.uid, status.restart_count or 0) if started else None
         if key is None or key in done:
-            if stop.wait(poll_s):
+            if pause():
                 return
             continue
         try:
@@ -463,12 +475,12 @@ def _follow_node0_log(core, namespace: str, name: str, out: TextIO, stop: thread
         except ApiException as e:  # not started yet after all, or the pod went away: look again
             if e.status not in (400, 404):
                 print(f"TrainJob {name}: reading node 0's log failed ({e.status} {e.reason})", file=out, flush=True)
-            if stop.wait(poll_s):
+            if pause():
                 return
             continue
         except Exception as e:  # a dropped connection: the next round resumes after the last line
             print(f"TrainJob {name}: node 0's log stream broke ({e!r}); resuming", file=out, flush=True)
-            if stop.wait(poll_s):
+            if pause():
                 return
             continue
         now = _container_status(_read_pod(core, namespace, pod.metadata.name))

@@ -1,0 +1,469 @@
+"""Stage 2 on several nodes (llm2clip.trainjob and the train_clip_trainjob component).
+
+The TrainJob is checked against Kubeflow Trainer v2.3.0's CRD schema (a committed fixture), strictly. The API
+side runs through the real `kubernetes` client against tests/fake_k8s_api.py, which stands in for the Kubernetes
+API server with Trainer's CRD (none can run here): what passes is the client contract and our reaction to the
+answers, not a cluster's behaviour. In the end-to-end test the fake's create hook also stands in for Trainer, JobSet
+and the kubelet: it starts the TrainJob's own command and environment as two local "nodes" with the PET_*
+variables Trainer's torch plugin injects, so the real stage 2 trains as a 2-node torchrun world against a real
+S3-protocol server (moto) and the launcher reads back what rank 0 wrote.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes
+import pytest
+import yaml
+from crd_schema import validate
+from fake_k8s_api import FakeK8sApi
+from s3_servers import free_port
+
+from llm2clip import artifacts, storage, trainjob
+from llm2clip.trainjob import NodePlacement
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = json.loads((ROOT / "manifests" / "names.json").read_text())
+NS = "team-a"
+CONFIG = {"text_source": "llm", "epochs": 2, "batch_size": 64, "lr": 1e-3}
+GPU_NODES = NodePlacement(nodes=4, nproc=8, image="ghcr.io/llm2clip-kfp/llm2clip:0.1.0", gpus=8, cpu="64",
+                          memory="512Gi", node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+                          tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
+                                        "tolerationSeconds": 300.0}])  # fmt: skip
+CPU_NODES = NodePlacement(nodes=2, nproc=1, image="llm2clip-cpu:0.1.0", gpus=0, cpu="500m", memory="2Gi",
+                          shm_size=None)  # fmt: skip
+
+
+def build(placement: NodePlacement = GPU_NODES, output: str = "s3://b/runs/1/train/vision_model", **kw) -> dict:
+    return trainjob.build_trainjob(CONFIG, "s3://b/data", output, ["s3://b/cache-0", "s3://b/cache-1"], placement,
+                                   **kw)  # fmt: skip
+
+
+def client(api: FakeK8sApi) -> kubernetes.client.ApiClient:
+    cfg = kubernetes.client.Configuration()
+    cfg.host = api.host
+    return kubernetes.client.ApiClient(cfg)
+
+
+def run(api: FakeK8sApi, obj: dict, out: io.StringIO | None = None, **kw) -> tuple[dict, str]:
+    """run_trainjob against the fake, polling every 20 ms; (its result, what it printed)."""
+    out = out or io.StringIO()
+    kw = {"poll_s": 0.02, "timeout_s": 20, **kw}
+    return trainjob.run_trainjob(client(api), NS, obj, out=out, **kw), out.getvalue()
+
+
+def trainjobs_path(name: str | None = None) -> str:
+    base = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NS}/trainjobs"
+    return f"{base}/{name}" if name else base
+
+
+def node_lines(printed: str) -> list[str]:
+    return [line.removeprefix("node-0 | ") for line in printed.splitlines() if line.startswith("node-0 | ")]
+
+
+# ----------------------------------------------------------------------------------------------- the object
+
+
+@pytest.mark.parametrize("placement", [GPU_NODES, CPU_NODES], ids=["gpu", "cpu"])
+def test_the_trainjob_passes_the_v2_3_crd_schema_strictly(placement):
+    obj = build(placement)
+    validate(obj)
+    # What the schema leaves to CEL rules and Trainer's webhooks, checked here by hand:
+    name = obj["metadata"]["name"]
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 63  # TrainJob's CEL rules
+    assert len(f"{name}-node-0-{placement.nodes - 1}") <= 63  # node hostnames (JobSet: <jobset>-<job>-<i>-<j>)
+    env = [e["name"] for e in obj["spec"]["trainer"]["env"]]
+    assert len(env) == len(set(env)), "env is a list map keyed by name"
+    assert not {n for n in env if n.startswith("PET_")}, "Trainer's torch plugin rejects the PET_* it injects"
+    patch = obj["spec"]["runtimePatches"][0]
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[\w.-]+", patch["manager"])  # IsDomainPrefixedPath
+    for rjob in patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]:
+        assert rjob["name"] == trainjob.NODE  # the runtime's only replicated job
+        for c in rjob["template"]["spec"]["template"].get("spec", {}).get("containers", []):
+            assert c["name"] == trainjob.NODE and "env" not in c  # the webhook forbids env patches for "node"
+
+
+def test_the_schema_check_rejects_typos_and_wrong_types():
+    """Not vacuous: the same validator fails an unknown field at several depths and a wrongly typed value."""
+    obj = build()
+    for mutate in (
+        lambda o: o["spec"]["trainer"].update(numNode=2),
+        lambda o: o["spec"].update(runtimeRefs=o["spec"]["runtimeRef"]),
+        lambda o: o["spec"]["trainer"]["resourcesPerNode"].update(limit={"cpu": "1"}),
+        lambda o: o["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+            "template"
+        ]["spec"]["template"]["spec"]["containers"][0].update(volumeMount=[]),  # fmt: skip
+        lambda o: o["spec"]["trainer"].update(numNodes="4"),
+        lambda o: o["spec"]["trainer"]["resourcesPerNode"]["limits"].update(memory="lots"),
+    ):
+        bad = copy.deepcopy(obj)
+        mutate(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            validate(bad)
+
+
+def test_resources_placement_and_labels():
+    obj = build()
+    trainer, meta = obj["spec"]["trainer"], obj["metadata"]
+    assert obj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
+                                         "name": "llm2clip-torch"}  # fmt: skip
+    assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
+    per_node = {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
+    assert trainer["resourcesPerNode"] == {"requests": per_node, "limits": per_node}
+    assert "nvidia.com/gpu" not in json.dumps(build(CPU_NODES)["spec"]["trainer"]["resourcesPerNode"])
+    pod = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"][
+        "spec"]["template"]  # fmt: skip
+    assert pod["metadata"]["labels"][NAMES["pod_label"]["key"]] == NAMES["pod_label"]["value"]  # scraped
+    assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["spec"]["tolerations"][0]["tolerationSeconds"] == 300  # an int again (KFP hands over 300.0)
+    assert pod["spec"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
+    assert pod["spec"]["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    assert meta["labels"][NAMES["pod_label"]["key"]] == NAMES["pod_label"]["value"]
+    assert meta["annotations"][trainjob.OUTPUT_ANNOTATION] == "s3://b/runs/1/train/vision_model"
+    assert meta["annotations"][trainjob.SPEC_ANNOTATION] == trainjob.spec_digest(obj["spec"])
+    assert obj["spec"]["activeDeadlineSeconds"] == trainjob.TIMEOUT_S
+
+
+def test_the_name_follows_the_output_only():
+    a, b = build(), build(output="s3://b/runs/2/train/vision_model")
+    assert a["metadata"]["name"] == build(CPU_NODES)["metadata"]["name"]  # a retry (same output) finds it
+    assert a["metadata"]["name"] != b["metadata"]["name"]
+    assert a["metadata"]["name"] == trainjob.trainjob_name("s3://b/runs/1/train/vision_model")
+    assert a["metadata"]["annotations"][trainjob.SPEC_ANNOTATION] != build(CPU_NODES)["metadata"]["annotations"][
+        trainjob.SPEC_ANNOTATION]  # fmt: skip
+
+
+def test_the_command_is_torchrun_taking_the_world_from_trainer():
+    """torchrun must read nodes, processes, rank and master from PET_*: a flag would override them, --standalone
+    would make every node a world of its own. The args are what `python -m llm2clip.train_clip` parses back into
+    the same TrainClipConfig."""
+    from llm2clip.train_clip import TrainClipConfig, parser
+
+    cfg = TrainClipConfig(epochs=3, batch_size=32, pretrained=None, center_text=False, seed=7)
+    obj = trainjob.build_trainjob(dataclasses.asdict(cfg), "s3://b/d", "s3://b/o", ["s3://b/c0", "s3://b/c1"],
+                                  CPU_NODES)  # fmt: skip
+    command, args = obj["spec"]["trainer"]["command"], obj["spec"]["trainer"]["args"]
+    assert command == ["python", "-m", "torch.distributed.run", "--module", "llm2clip.train_clip"]
+    assert not [a for a in command + args if re.match(r"--(standalone|nnodes|nproc|node.rank|master|rdzv)", a)]
+    parsed = parser().parse_args(args)
+    assert (parsed.dataset, parsed.output) == ("s3://b/d", "s3://b/o")
+    assert parsed.caption_embeddings == ["s3://b/c0", "s3://b/c1"]
+    assert TrainClipConfig(**json.loads(parsed.config)) == cfg
+
+
+def test_env_is_the_pipeline_pods_env_with_secrets_by_reference():
+    from llm2clip.pipelines import llm2clip_pipeline as pipeline
+
+    env = {e["name"]: e for e in build()["spec"]["trainer"]["env"]}
+    for key in NAMES["configmap"]["keys"]:
+        assert env[key]["valueFrom"]["configMapKeyRef"]["name"] == NAMES["configmap"]["name"]
+    for key in NAMES["secret"]["keys"]:
+        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": NAMES["secret"]["name"], "key": key}}
+    assert {k: env[k]["value"] for k in pipeline.WRITABLE_ENV} == pipeline.WRITABLE_ENV
+    assert (trainjob.CONFIG_MAP, trainjob.CONFIG_MAP_KEYS) == (pipeline.CONFIG_MAP, pipeline.CONFIG_MAP_KEYS)
+    assert (trainjob.S3_SECRET, trainjob.S3_SECRET_KEYS) == (pipeline.S3_SECRET, pipeline.S3_SECRET_KEYS)
+    assert set(trainjob.CONFIG_MAP_KEYS) == set(NAMES["configmap"]["keys"])
+    assert trainjob.PART_OF == pipeline.POD_LABEL == (NAMES["pod_label"]["key"], NAMES["pod_label"]["value"])
+    assert trainjob.RUNTIME == NAMES["training_runtime"]
+    assert not [k for k in NAMES["secret"]["keys"] if "value" in env[k]], "no secret value in the TrainJob"
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (dict(nodes=0), "nodes"),
+        (dict(nproc=0), "nproc"),
+        (dict(gpus=-1), "gpus"),
+        (dict(gpus=2, nproc=4), "nproc"),
+        (dict(nodes=2.0), "nodes"),
+        (dict(cpu="lots"), "cpu"),
+        (dict(cpu="0"), "cpu"),
+        (dict(memory="-1Gi"), "memory"),
+        (dict(memory=64), "memory"),
+        (dict(shm_size="16 GB"), "shm_size"),
+        (dict(image=""), "image"),
+        (dict(node_selector={"pool": 1}), "node_selector"),
+        (dict(node_selector=["pool"]), "node_selector"),
+        (dict(tolerations={"key": "x"}), "tolerations"),
+        (dict(tolerations=[{"key": "x", "operator": "Exists", "efect": "NoSchedule"}]), r"tolerations\[0\]"),
+        (dict(tolerations=[{"key": "x", "operator": "In"}]), r"tolerations\[0\]\.operator"),
+        (dict(tolerations=[{"key": "x", "effect": "NoRun"}]), r"tolerations\[0\]\.effect"),
+        (dict(tolerations=[{"key": "x", "tolerationSeconds": 1.5}]), r"tolerations\[0\]\.tolerationSeconds"),
+    ],
+)
+def test_bad_placement_is_named(change, field):
+    args = dict(nodes=2, nproc=1, image="img:1", gpus=0, cpu="1", memory="1Gi")
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        NodePlacement(**{**args, **change})
+
+
+def test_locations_the_nodes_cannot_reach_are_refused():
+    with pytest.raises(ValueError, match=r"^output='/tmp/out': must be an s3:// or minio:// location"):
+        trainjob.build_trainjob(CONFIG, "s3://b/d", "/tmp/out", ["s3://b/c"], CPU_NODES)
+    with pytest.raises(ValueError, match=r"^caption_embeddings\[1\]='cache'"):
+        trainjob.build_trainjob(CONFIG, "s3://b/d", "s3://b/o", ["s3://b/c", "cache"], CPU_NODES)
+    with pytest.raises(ValueError, match=r"^caption_embeddings=\[\]"):
+        trainjob.build_trainjob(CONFIG, "s3://b/d", "s3://b/o", [], CPU_NODES)
+    with pytest.raises(ValueError, match=r"^timeout_s=0"):
+        trainjob.build_trainjob(CONFIG, "s3://b/d", "s3://b/o", ["s3://b/c"], CPU_NODES, timeout_s=0)
+
+
+# ----------------------------------------------------------------------------------------------- the API flow
+
+
+def test_create_follow_stream_and_delete():
+    obj = build()
+    name = obj["metadata"]["name"]
+    logs = tuple(f"epoch 0 step {i} loss {2.0 - i / 10:.2f}" for i in range(6))
+    with FakeK8sApi(states=(None, None, None, "Complete"), node0_logs=(logs,)) as api:
+        final, printed = run(api, obj)
+    posts = api.calls("POST")
+    assert [(r.path, r.body) for r in posts] == [(trainjobs_path(), obj)]  # exactly what was built, once
+    gets = api.calls("GET", f"^{re.escape(trainjobs_path(name))}$")
+    assert len(gets) == 4  # polled until the 4th GET reported Complete
+    lists = api.calls("GET", rf"^/api/v1/namespaces/{NS}/pods$")
+    assert lists and {r.query["labelSelector"] for r in lists} == {
+        f"jobset.sigs.k8s.io/jobset-name={name},jobset.sigs.k8s.io/replicatedjob-name=node,"
+        "jobset.sigs.k8s.io/job-index=0,batch.kubernetes.io/job-completion-index=0"
+    }
+    reads = api.calls("GET", r"/log$")
+    assert reads and all(r.query["container"] == "node" and r.query["follow"] == "True" for r in reads)
+    assert reads[0].path.startswith(f"/api/v1/namespaces/{NS}/pods/{name}-node-0-0-")
+    assert [(r.method, r.path) for r in api.requests[-1:]] == [("DELETE", trainjobs_path(name))]
+    assert node_lines(printed) == list(logs)  # every line, once, in order, before "complete"
+    assert printed.index(logs[-1]) < printed.index("complete, deleted")
+    assert trainjob.condition(final, "Complete") and not api.trainjobs
+
+
+def test_a_retry_adopts_the_trainjob_of_its_earlier_attempt():
+    obj = build()
+    name = obj["metadata"]["name"]
+    with FakeK8sApi(states=(None, "Complete")) as api:
+        api.add_trainjob(NS, obj, state=None)  # the earlier launcher pod created it, then died
+        final, printed = run(api, obj)
+    assert len(api.calls("POST")) == 1  # the 409, no second create
+    assert "adopted" in printed and trainjob.condition(final, "Complete")
+    assert api.requests[-1].method == "DELETE" and not api.trainjobs
+    assert node_lines(printed) == ["epoch 0 step 0 loss 2.0", "epoch 0 step 1 loss 1.5"]
+    assert api.calls("GET", f"^{re.escape(trainjobs_path(name))}$")
+
+
+def test_a_trainjob_of_another_request_under_the_name_is_not_adopted():
+    obj = build()
+    other = build(CPU_NODES)  # same output, hence name; another spec
+    with FakeK8sApi() as api:
+        api.add_trainjob(NS, other, state=None)
+        with pytest.raises(RuntimeError, match=rf"TrainJob {NS}/{obj['metadata']['name']} already exists and was not"):
+            run(api, obj)
+    assert not api.calls("DELETE") and len(api.trainjobs) == 1
+
+
+def test_a_failed_earlier_attempt_is_replaced_and_the_retry_trains():
+    obj = build()
+    name = obj["metadata"]["name"]
+    with FakeK8sApi(states=(None, "Complete")) as api:
+        api.add_trainjob(NS, obj, state="Failed")
+        final, printed = run(api, obj)
+    assert [r.method for r in api.requests if r.path == trainjobs_path(name) or r.path == trainjobs_path()][:5] == [
+        "POST", "GET", "DELETE", "GET", "POST"]  # fmt: skip
+    assert api.calls("DELETE")[0].query["propagationPolicy"] == "Foreground"  # its pods go before it does
+    assert "earlier attempt failed (JobSetFailed" in printed and trainjob.condition(final, "Complete")
+
+
+def test_failed_raises_its_reason_and_message_and_keeps_the_trainjob():
+    obj, out = build(), io.StringIO()
+    with FakeK8sApi(states=(None, "Failed"), failure=("JobSetFailed", "node-2: exit code 137 (OOMKilled)")) as api:
+        with pytest.raises(trainjob.TrainJobFailed, match=r"failed: JobSetFailed: node-2: exit code 137 \(OOMKilled\)"):
+            run(api, obj, out)
+    assert not api.calls("DELETE") and (NS, obj["metadata"]["name"]) in api.trainjobs  # left for inspection
+    assert node_lines(out.getvalue()) == ["epoch 0 step 0 loss 2.0", "epoch 0 step 1 loss 1.5"]  # its log came first
+
+
+def test_a_trainjob_that_never_finishes_times_out_and_is_left_running():
+    obj = build()
+    with FakeK8sApi(states=(None,)) as api:
+        with pytest.raises(TimeoutError, match=rf"TrainJob {NS}/{obj['metadata']['name']} not finished after 1 s"):
+            run(api, obj, timeout_s=1)
+    assert not api.calls("DELETE")
+
+
+def test_the_log_survives_a_restarted_container_and_a_dropped_stream():
+    """node 0's container runs twice (restartCount 1) and the first stream drops mid-way: every line is printed
+    once, in order (the resumed stream overlaps; the launcher drops what it printed by the log timestamps)."""
+    first = tuple(f"run 1 line {i}" for i in range(5))
+    second = tuple(f"run 2 line {i}" for i in range(3))
+    with FakeK8sApi(states=(None,) * 15 + ("Complete",), node0_logs=(first, second), drop_after=3) as api:
+        _, printed = run(api, build())
+    assert node_lines(printed) == list(first + second)
+    reads = api.calls("GET", r"/log$")
+    assert len(reads) >= 3 and "sinceSeconds" in reads[1].query
+
+
+def test_the_runner_role_allows_every_request_the_launcher_sends():
+    """Each (verb, API group, resource[/subresource]) the launcher sent in the flows above is granted by the Role
+    the pipeline's pods run as (manifests/base/runner-rbac.yaml), and nothing needs a cluster-wide grant."""
+    obj = build()
+    with FakeK8sApi(states=(None, "Complete"), drop_after=1) as api:
+        api.add_trainjob(NS, obj, state="Failed")  # replace: create, get, delete
+        run(api, obj)
+    role = next(d for d in yaml.safe_load_all((ROOT / "manifests" / "base" / "runner-rbac.yaml").read_text())
+                if d and d["kind"] == "Role")  # fmt: skip
+    needed = {rbac_request(r) for r in api.requests}
+    assert needed == {("create", "trainer.kubeflow.org", "trainjobs"), ("get", "trainer.kubeflow.org", "trainjobs"),
+                      ("delete", "trainer.kubeflow.org", "trainjobs"), ("list", "", "pods"), ("get", "", "pods"),
+                      ("get", "", "pods/log")}  # fmt: skip
+    for verb, group, resource in sorted(needed):
+        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+                   and not rule.get("resourceNames") for rule in role["rules"]), (verb, group, resource)  # fmt: skip
+
+
+def rbac_request(r) -> tuple[str, str, str]:
+    """The RBAC attributes of a request: verb (from method, and item vs collection), group, resource[/sub]."""
+    parts = r.path.strip("/").split("/")
+    group, rest = ("", parts[2:]) if parts[0] == "api" else (parts[1], parts[3:])
+    assert rest[0] == "namespaces" and rest[1] == NS, r.path
+    resource = rest[2] + ("/" + rest[4] if len(rest) > 4 else "")
+    item = len(rest) > 3
+    verb = {"POST": "create", "DELETE": "delete", "PUT": "update", "PATCH": "patch"}.get(r.method)
+    if verb is None:
+        verb = "get" if item else ("watch" if r.query.get("watch") in ("true", "True", "1") else "list")
+    return verb, group, resource
+
+
+def test_the_namespace_is_the_pods_own(tmp_path, monkeypatch):
+    ns_file = tmp_path / "namespace"
+    ns_file.write_text("kubeflow-user-example-com\n")
+    monkeypatch.setattr(trainjob, "SA_NAMESPACE_FILE", ns_file)
+    assert trainjob.current_namespace() == "kubeflow-user-example-com"
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def test_the_component_trains_on_two_nodes_through_its_trainjob(tiny_dataset, s3_env, tmp_path, monkeypatch):
+    """train_clip_trainjob.python_func -> the kubernetes client (from a kubeconfig, as outside a pod) -> the fake
+    API, whose create hook runs the TrainJob's command as 2 nodes x 1 process (gloo) with only the environment
+    the TrainJob declares (the ConfigMap and Secret references resolved as the kubelet would) plus the PET_*
+    variables -> the real stage 2 writes its model and manifest to the S3 store -> the component returns it."""
+    from kfp import dsl
+    from test_train_stream import fake_cache
+
+    from llm2clip import components
+
+    data_uri, cache_uri = f"{s3_env}/data", f"{s3_env}/cache"
+    storage.upload_dir(tiny_dataset, data_uri)
+    storage.upload_dir(fake_cache(tiny_dataset, tmp_path / "local-cache"), cache_uri)
+    artifact = {}
+    for key, uri in (("dataset", data_uri), ("cache", cache_uri)):  # KFP artifacts that point into the store
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "location.json").write_text(json.dumps({"uri": uri}))
+        artifact[key] = dsl.Dataset(uri=str(tmp_path / key))
+    monkeypatch.setenv(artifacts.STORE_ENV, s3_env)
+    config_map = {"MINIO_ENDPOINT": os.environ["MINIO_ENDPOINT"], "MINIO_SECURE": "false", "LLM2CLIP_STORE": s3_env}
+    secret = {k: os.environ[k] for k in NAMES["secret"]["keys"]}
+    nodes: list[subprocess.CompletedProcess] = []
+
+    def trainer(api: FakeK8sApi, namespace: str, obj: dict) -> None:
+        nodes.extend(run_nodes(obj, config_map, secret))
+        api.node0_logs = (tuple(nodes[0].stdout.splitlines()),)
+        api.states = ("Complete",) if all(p.returncode == 0 for p in nodes) else ("Failed",)
+
+    monkeypatch.setattr(trainjob, "SA_NAMESPACE_FILE", tmp_path / "not-in-a-pod")
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    vision = dsl.Model(uri=str(tmp_path / "train-clip-trainjob" / "vision_model"))
+    with FakeK8sApi(on_create=trainer) as api:
+        monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, api.host, NS)))
+        components.train_clip_trainjob.python_func(
+            dataset=artifact["dataset"], caption_embeddings=[artifact["cache"]], vision_model=vision,
+            model="llm2clip-vit-tiny", pretrained="", epochs=1, batch_size=8, lr=1e-3, seed=0, center_text=True,
+            device="cpu", dtype="auto", nodes=2, nproc=1, gpus=0, node_cpu="1", node_memory="2Gi",
+            node_selector={}, tolerations=[], image="llm2clip-cpu:test",
+        )  # fmt: skip
+    assert all(p.returncode == 0 for p in nodes), nodes[0].stdout[-3000:] + nodes[1].stdout[-3000:]
+    assert "rank 0/2" in nodes[0].stdout and "rank 1/2" in nodes[1].stdout  # one world of two nodes
+    location = json.loads((Path(vision.path) / "location.json").read_text())["uri"]
+    manifest = artifacts.read_manifest(location, "train_clip")
+    assert location.startswith(s3_env) and manifest["compute"]["world_size"] == 2
+    assert vision.metadata["nodes"] == 2 and vision.metadata["steps"] == manifest["metrics"]["steps"] == 6
+    assert api.calls("POST")[0].path == trainjobs_path() and api.requests[-1].method == "DELETE"
+    assert storage.exists(storage.join(location, "model.safetensors"))
+
+
+def run_nodes(obj: dict, config_map: dict, secret: dict) -> list[subprocess.CompletedProcess]:
+    """The TrainJob's trainer as Trainer + JobSet + the kubelet would start it, on this machine: numNodes
+    processes of the container's command and args, with the env it declares (references resolved from
+    `config_map` and `secret`; a missing non-optional key fails, as the pod would not start) and the PET_*
+    variables of Trainer's torch plugin (node 0's address is 127.0.0.1 here). "python" is this venv's."""
+    spec = obj["spec"]["trainer"]
+    env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1"}
+    for e in spec["env"]:
+        if "value" in e:
+            env[e["name"]] = e["value"]
+            continue
+        ref = e["valueFrom"].get("configMapKeyRef") or e["valueFrom"]["secretKeyRef"]
+        source = config_map if "configMapKeyRef" in e["valueFrom"] else secret
+        assert ref["key"] in source or ref.get("optional"), f"the pod would not start: {ref} missing"
+        if ref["key"] in source:
+            env[e["name"]] = source[ref["key"]]
+    port = str(free_port())
+    command = [sys.executable if a == "python" else a for a in spec["command"]] + spec["args"]
+    procs = [
+        subprocess.Popen(
+            command,
+            env={
+                **env,
+                "PET_NNODES": str(spec["numNodes"]),
+                "PET_NODE_RANK": str(rank),
+                "PET_NPROC_PER_NODE": str(spec["numProcPerNode"]),
+                "PET_MASTER_ADDR": "127.0.0.1",
+                "PET_MASTER_PORT": port,
+            },
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in range(spec["numNodes"])
+    ]
+    done = []
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=300)
+        except subprocess.TimeoutExpired:  # e.g. nodes that never form one world: fail, do not hang
+            for q in procs:
+                q.kill()
+            out, _ = p.communicate()
+        done.append(subprocess.CompletedProcess(p.args, p.returncode, out))
+    return done
+
+
+def kubeconfig(tmp_path: Path, server: str, namespace: str) -> Path:
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": server}}],
+        "users": [{"name": "launcher", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "launcher", "namespace": namespace}}],
+    }))  # fmt: skip
+    return path
+
+
+def test_the_component_is_thin_and_its_pod_asks_for_no_gpu():
+    from llm2clip import components
+
+    path = Path(components.__file__).parent / "train_clip_trainjob.py"
+    assert len(path.read_text().splitlines()) <= 50
+    spec = components.train_clip_trainjob.component_spec
+    assert spec.implementation.container.resources is None  # GPUs are the TrainJob's nodes', set by trainjob.py
+    assert list(spec.inputs) == ["dataset", "caption_embeddings", "model", "pretrained", "epochs", "batch_size", "lr",
+                                 "seed", "center_text", "device", "dtype", "nodes", "nproc", "gpus", "node_cpu",
+                                 "node_memory", "node_selector", "tolerations", "image", "enabled"]  # fmt: skip
