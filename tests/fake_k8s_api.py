@@ -58,7 +58,8 @@ class FakeK8sApi:
     `drop_after`: the first log stream closes after this many lines while the container still runs (a dropped
     connection). `line_delay_s`: pause between streamed lines. `on_create(api, namespace, trainjob)` runs when a
     TrainJob is created, before the answer: a test can stand in for the controller there (run the trainer, then
-    set `states` and `node0_logs` from what happened)."""
+    set `states` and `node0_logs` from what happened). `unavailable`: that many TrainJob GETs after the first
+    answer 503 ServiceUnavailable, as an API server does while it restarts."""
 
     def __init__(
         self,
@@ -68,7 +69,9 @@ class FakeK8sApi:
         drop_after: int | None = None,
         line_delay_s: float = 0.005,
         on_create: Callable[[FakeK8sApi, str, dict], None] | None = None,
+        unavailable: int = 0,
     ) -> None:
+        self.unavailable = unavailable
         self.states, self.failure, self.node0_logs, self.on_create = states, failure, node0_logs, on_create
         self.drop_after, self.line_delay_s = drop_after, line_delay_s
         self.requests: list[Request] = []
@@ -189,6 +192,9 @@ class FakeK8sApi:
                 return 201, stored
             if (ns, name) not in self.trainjobs:
                 return 404, status(404, "NotFound", f'trainjobs.trainer.kubeflow.org "{name}" not found')
+            if method == "GET" and self._gets.get((ns, name)) and self.unavailable > 0:
+                self.unavailable -= 1
+                return 503, status(503, "ServiceUnavailable", "the server is currently unable to handle the request")
             if method == "GET":
                 n = self._gets[(ns, name)] = self._gets.get((ns, name), 0) + 1
                 trainjob = self.trainjobs[(ns, name)]

@@ -297,6 +297,17 @@ def test_a_trainjob_that_never_finishes_times_out_and_is_left_running():
     assert not api.calls("DELETE")
 
 
+def test_polling_rides_out_a_restarting_api_server():
+    with FakeK8sApi(states=(None, "Complete"), unavailable=3) as api:
+        final, printed = run(api, build())
+    assert printed.count("API error 503") == 3 and trainjob.condition(final, "Complete")
+    assert api.requests[-1].method == "DELETE"
+    with FakeK8sApi(states=(None,), unavailable=10**6) as api:
+        with pytest.raises(kubernetes.client.exceptions.ApiException, match="503"):
+            run(api, build())
+    assert printed.count("retrying") == 3 and not api.calls("DELETE")
+
+
 def test_the_log_survives_a_restarted_container_and_a_dropped_stream():
     """node 0's container runs twice (restartCount 1) and the first stream drops mid-way: every line is printed
     once, in order (the resumed stream overlaps; the launcher drops what it printed by the log timestamps)."""

@@ -50,6 +50,7 @@ PATCH_MANAGER = "llm2clip/launcher"  # runtimePatches owner (Trainer requires a 
 NAME_PREFIX = "llm2clip-"
 GPU_RESOURCE = "nvidia.com/gpu"
 TIMEOUT_S = 72 * 3600  # the pipeline's stage-2 task timeout; also the TrainJob's activeDeadlineSeconds
+API_ERRORS = 30  # consecutive failed polls (429, 5xx, no connection) before the launcher gives up
 # Environment of the trainer container: what every pipeline pod gets (pipelines/llm2clip_pipeline.py on_pod; the
 # names are listed in manifests/names.json, and tests check all three agree). Secrets by reference only: a value
 # written into the TrainJob would be readable by anyone who can read TrainJobs.
@@ -325,10 +326,19 @@ def run_trainjob(
     follower = threading.Thread(target=_follow_node0_log, args=(core, namespace, name, out, stop, poll_s),
                                 name=f"log {name}", daemon=True)  # fmt: skip
     follower.start()
-    deadline, suspended, finished = clock() + timeout_s, False, False
+    deadline, suspended, finished, errors = clock() + timeout_s, False, False, 0
     try:
         while True:
-            current = _get(objects, namespace, name)
+            try:
+                current = _get(objects, namespace, name)
+                errors = 0
+            except Exception as e:  # an API server restarting or overloaded: the TrainJob runs on meanwhile
+                errors += 1
+                if not _transient(e) or errors > API_ERRORS or clock() >= deadline:
+                    raise
+                print(f"TrainJob {name}: API error {_brief(e)} ({errors}/{API_ERRORS}); retrying", file=out, flush=True)
+                time.sleep(poll_s)
+                continue
             if current is None:
                 raise RuntimeError(f"TrainJob {namespace}/{name} disappeared while running (deleted by someone else?)")
             if condition(current, "Complete"):
@@ -356,6 +366,21 @@ def run_trainjob(
     _delete(objects, namespace, name)
     print(f"TrainJob {name}: complete, deleted", file=out, flush=True)
     return current
+
+
+def _transient(e: Exception) -> bool:
+    """An error worth another poll: 429/5xx from the API server, or no connection to it."""
+    import urllib3
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(e, ApiException):
+        return e.status in (429, 500, 502, 503, 504)
+    return isinstance(e, urllib3.exceptions.HTTPError | ConnectionError)
+
+
+def _brief(e: Exception) -> str:
+    status = getattr(e, "status", None)
+    return f"{status} {getattr(e, 'reason', '')}".strip() if status else type(e).__name__
 
 
 def _get(objects, namespace: str, name: str) -> dict | None:
@@ -432,7 +457,15 @@ def node0_selector(name: str) -> str:
 def _follow_node0_log(core, namespace: str, name: str, out: TextIO, stop: threading.Event, poll_s: float) -> None:
     """Copy node 0's trainer log to `out`, prefixed `node-0 | `, until `stop`. Each container (a pod's uid and the
     container's restart count) is followed once from its start; a stream that ends while the same container still
-    runs (a dropped connection) resumes after the last line seen (log timestamps), so nothing prints twice."""
+    runs (a dropped connection) resumes after the last line seen (log timestamps), so nothing prints twice. The
+    log is a convenience: should following it break, the TrainJob is still followed to its end."""
+    try:
+        _follow(core, namespace, name, out, stop, poll_s)
+    except Exception as e:
+        print(f"TrainJob {name}: stopped following node 0's log ({e!r})", file=out, flush=True)
+
+
+def _follow(core, namespace: str, name: str, out: TextIO, stop: threading.Event, poll_s: float) -> None:
     from kubernetes.client.exceptions import ApiException
 
     done: set[tuple[str, int]] = set()
@@ -507,10 +540,11 @@ def _container_status(pod):
 def _describe(pod, status) -> str:
     if pod is None:
         return "has no pod yet"
+    phase = pod.status.phase if pod.status else "Pending"
     waiting = status.state.waiting if status is not None and status.state else None
     if waiting is not None:
-        return f"{pod.status.phase}: {waiting.reason or 'waiting'} {waiting.message or ''}".rstrip()
-    return f"{pod.status.phase} (pod {pod.metadata.name})"
+        return f"{phase}: {waiting.reason or 'waiting'} {waiting.message or ''}".rstrip()
+    return f"{phase} (pod {pod.metadata.name})"
 
 
 def _stream(core, namespace: str, pod: str, key: tuple[str, int], last: dict, out: TextIO) -> None:
