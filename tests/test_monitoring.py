@@ -315,3 +315,13 @@ def test_a_missing_server_binary_fails_the_test_with_the_install_command():
     """CI must not skip the real-server tests silently: a machine without the binaries fails them."""
     with pytest.raises(pytest.fail.Exception, match="apt-get install -y prometheus prometheus-pushgateway"):
         binary("llm2clip-no-such-server")
+
+
+def test_the_metrics_the_readme_names_exist():
+    """README's metrics table names only metrics llm2clip.monitoring defines (a renamed metric breaks dashboards)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    named = set(re.findall(r"`(llm2clip_[a-z_]+)`", readme)) - {"llm2clip_raw_llm", "llm2clip_no_centring"}
+    assert "llm2clip_steps_total" in named and len(named) >= 10
+    defined = set(monitoring.metric_names())
+    missing = {n for n in named if n not in defined and f"{n}_bucket" not in defined}  # a histogram by its name
+    assert not missing, missing
