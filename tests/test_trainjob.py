@@ -34,14 +34,14 @@ from llm2clip.trainjob import NodePlacement
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = json.loads((ROOT / "manifests" / "names.json").read_text())
+RUNTIME = ROOT / "manifests" / "components" / "trainer" / "trainingruntime.yaml"  # the TrainingRuntime we refer to
 NS = "team-a"
 CONFIG = {"text_source": "llm", "epochs": 2, "batch_size": 64, "lr": 1e-3}
 GPU_NODES = NodePlacement(nodes=4, nproc=8, image="ghcr.io/llm2clip-kfp/llm2clip:0.1.0", gpus=8, cpu="64",
                           memory="512Gi", node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
                           tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
                                         "tolerationSeconds": 300.0}])  # fmt: skip
-CPU_NODES = NodePlacement(nodes=2, nproc=1, image="llm2clip-cpu:0.1.0", gpus=0, cpu="500m", memory="2Gi",
-                          shm_size=None)  # fmt: skip
+CPU_NODES = NodePlacement(nodes=2, nproc=1, image="llm2clip-cpu:0.1.0", gpus=0, cpu="500m", memory="2Gi")
 
 
 def build(placement: NodePlacement = GPU_NODES, output: str = "s3://b/runs/1/train/vision_model", **kw) -> dict:
@@ -65,6 +65,12 @@ def run(api: FakeK8sApi, obj: dict, out: io.StringIO | None = None, **kw) -> tup
 def trainjobs_path(name: str | None = None) -> str:
     base = f"/apis/trainer.kubeflow.org/v1alpha1/namespaces/{NS}/trainjobs"
     return f"{base}/{name}" if name else base
+
+
+def pod_patch(obj: dict) -> dict:
+    """The pod template patch of the TrainJob's trainer (runtimePatches -> replicated job `node`)."""
+    rjob = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    return rjob["template"]["spec"]["template"]
 
 
 def node_lines(printed: str) -> list[str]:
@@ -100,9 +106,7 @@ def test_the_schema_check_rejects_typos_and_wrong_types():
         lambda o: o["spec"]["trainer"].update(numNode=2),
         lambda o: o["spec"].update(runtimeRefs=o["spec"]["runtimeRef"]),
         lambda o: o["spec"]["trainer"]["resourcesPerNode"].update(limit={"cpu": "1"}),
-        lambda o: o["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
-            "template"
-        ]["spec"]["template"]["spec"]["containers"][0].update(volumeMount=[]),  # fmt: skip
+        lambda o: pod_patch(o)["spec"].update(toleration=[]),
         lambda o: o["spec"]["trainer"].update(numNodes="4"),
         lambda o: o["spec"]["trainer"]["resourcesPerNode"]["limits"].update(memory="lots"),
     ):
@@ -121,13 +125,11 @@ def test_resources_placement_and_labels():
     per_node = {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
     assert trainer["resourcesPerNode"] == {"requests": per_node, "limits": per_node}
     assert "nvidia.com/gpu" not in json.dumps(build(CPU_NODES)["spec"]["trainer"]["resourcesPerNode"])
-    pod = obj["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]["template"][
-        "spec"]["template"]  # fmt: skip
+    pod = pod_patch(obj)
     assert pod["metadata"]["labels"][NAMES["pod_label"]["key"]] == NAMES["pod_label"]["value"]  # scraped
     assert pod["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["spec"]["tolerations"][0]["tolerationSeconds"] == 300  # an int again (KFP hands over 300.0)
-    assert pod["spec"]["volumes"] == [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "16Gi"}}]
-    assert pod["spec"]["containers"] == [{"name": "node", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}]}]
+    assert set(pod["spec"]) == {"nodeSelector", "tolerations"}  # the rest of the pod is the runtime's
     assert meta["labels"][NAMES["pod_label"]["key"]] == NAMES["pod_label"]["value"]
     assert meta["annotations"][trainjob.OUTPUT_ANNOTATION] == "s3://b/runs/1/train/vision_model"
     assert meta["annotations"][trainjob.SPEC_ANNOTATION] == trainjob.spec_digest(obj["spec"])
@@ -161,21 +163,33 @@ def test_the_command_is_torchrun_taking_the_world_from_trainer():
     assert TrainClipConfig(**json.loads(parsed.config)) == cfg
 
 
-def test_env_is_the_pipeline_pods_env_with_secrets_by_reference():
+def runtime_node() -> tuple[dict, dict]:
+    """The committed TrainingRuntime llm2clip-torch, and its trainer container."""
+    runtime = yaml.safe_load(RUNTIME.read_text())
+    rjob = next(j for j in runtime["spec"]["template"]["spec"]["replicatedJobs"] if j["name"] == trainjob.NODE)
+    return runtime, next(c for c in rjob["template"]["spec"]["template"]["spec"]["containers"] if c["name"] == "node")
+
+
+def test_the_trainjob_fits_the_committed_runtime():
+    """What Trainer matches between the two: the runtime's name and kind, the torch policy (PET_* injection), the
+    replicated job and container `node` the trainer step (ancestor label) runs in, which the patch targets. The
+    runtime gives every node the pipeline pods' environment: the settings and S3 keys of llm2clip-config and
+    llm2clip-s3 by reference (the TrainJob names no secret), and the writable HOME."""
     from llm2clip.pipelines import llm2clip_pipeline as pipeline
 
-    env = {e["name"]: e for e in build()["spec"]["trainer"]["env"]}
-    for key in NAMES["configmap"]["keys"]:
-        assert env[key]["valueFrom"]["configMapKeyRef"]["name"] == NAMES["configmap"]["name"]
-    for key in NAMES["secret"]["keys"]:
-        assert env[key]["valueFrom"] == {"secretKeyRef": {"name": NAMES["secret"]["name"], "key": key}}
-    assert {k: env[k]["value"] for k in pipeline.WRITABLE_ENV} == pipeline.WRITABLE_ENV
-    assert (trainjob.CONFIG_MAP, trainjob.CONFIG_MAP_KEYS) == (pipeline.CONFIG_MAP, pipeline.CONFIG_MAP_KEYS)
-    assert (trainjob.S3_SECRET, trainjob.S3_SECRET_KEYS) == (pipeline.S3_SECRET, pipeline.S3_SECRET_KEYS)
-    assert set(trainjob.CONFIG_MAP_KEYS) == set(NAMES["configmap"]["keys"])
-    assert trainjob.PART_OF == pipeline.POD_LABEL == (NAMES["pod_label"]["key"], NAMES["pod_label"]["value"])
-    assert trainjob.RUNTIME == NAMES["training_runtime"]
-    assert not [k for k in NAMES["secret"]["keys"] if "value" in env[k]], "no secret value in the TrainJob"
+    runtime, node = runtime_node()
+    validate(runtime)
+    assert (runtime["kind"], runtime["metadata"]["name"]) == ("TrainingRuntime", trainjob.RUNTIME)
+    assert trainjob.RUNTIME == NAMES["training_runtime"] and "torch" in runtime["spec"]["mlPolicy"]
+    rjob = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]
+    assert rjob["name"] == "node" and rjob["template"]["metadata"]["labels"] == {
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}  # fmt: skip
+    sources = {(k, v["name"]) for e in node.get("envFrom", []) for k, v in e.items()}
+    assert sources == {("configMapRef", pipeline.CONFIG_MAP), ("secretRef", pipeline.S3_SECRET)}
+    values = {e["name"]: e.get("value") for e in node["env"]}
+    assert values | pipeline.WRITABLE_ENV == values
+    env = build()["spec"]["trainer"]["env"]
+    assert env == [{"name": "PYTHONUNBUFFERED", "value": "1"}]  # no secret, no PET_*, nothing the runtime has
 
 
 @pytest.mark.parametrize(
@@ -190,7 +204,6 @@ def test_env_is_the_pipeline_pods_env_with_secrets_by_reference():
         (dict(cpu="0"), "cpu"),
         (dict(memory="-1Gi"), "memory"),
         (dict(memory=64), "memory"),
-        (dict(shm_size="16 GB"), "shm_size"),
         (dict(image=""), "image"),
         (dict(node_selector={"pool": 1}), "node_selector"),
         (dict(node_selector=["pool"]), "node_selector"),
@@ -412,20 +425,18 @@ def test_the_component_trains_on_two_nodes_through_its_trainjob(tiny_dataset, s3
 
 def run_nodes(obj: dict, config_map: dict, secret: dict) -> list[subprocess.CompletedProcess]:
     """The TrainJob's trainer as Trainer + JobSet + the kubelet would start it, on this machine: numNodes
-    processes of the container's command and args, with the env it declares (references resolved from
-    `config_map` and `secret`; a missing non-optional key fails, as the pod would not start) and the PET_*
-    variables of Trainer's torch plugin (node 0's address is 127.0.0.1 here). "python" is this venv's."""
+    processes of its command and args, with the environment of the runtime's `node` container (its envFrom
+    resolved from `config_map` and `secret`, as the kubelet does with llm2clip-config and llm2clip-s3) merged with
+    the TrainJob's env, and the PET_* variables of Trainer's torch plugin (node 0's address is 127.0.0.1 here).
+    Nothing else of this process's environment. "python" is this venv's."""
     spec = obj["spec"]["trainer"]
+    _, node = runtime_node()
     env = {"PATH": os.environ["PATH"], "OMP_NUM_THREADS": "1"}
-    for e in spec["env"]:
-        if "value" in e:
-            env[e["name"]] = e["value"]
-            continue
-        ref = e["valueFrom"].get("configMapKeyRef") or e["valueFrom"]["secretKeyRef"]
-        source = config_map if "configMapKeyRef" in e["valueFrom"] else secret
-        assert ref["key"] in source or ref.get("optional"), f"the pod would not start: {ref} missing"
-        if ref["key"] in source:
-            env[e["name"]] = source[ref["key"]]
+    for source in node.get("envFrom", []):  # the runtime's container: envFrom, then env, then the TrainJob's env
+        env |= config_map if "configMapRef" in source else secret
+    for e in node.get("env", []) + spec["env"]:
+        assert "value" in e, f"{e}: resolve it here"
+        env[e["name"]] = e["value"]
     port = str(free_port())
     command = [sys.executable if a == "python" else a for a in spec["command"]] + spec["args"]
     procs = [

@@ -51,15 +51,10 @@ NAME_PREFIX = "llm2clip-"
 GPU_RESOURCE = "nvidia.com/gpu"
 TIMEOUT_S = 72 * 3600  # the pipeline's stage-2 task timeout; also the TrainJob's activeDeadlineSeconds
 API_ERRORS = 30  # consecutive failed polls (429, 5xx, no connection) before the launcher gives up
-# Environment of the trainer container: what every pipeline pod gets (pipelines/llm2clip_pipeline.py on_pod; the
-# names are listed in manifests/names.json, and tests check all three agree). Secrets by reference only: a value
-# written into the TrainJob would be readable by anyone who can read TrainJobs.
-WRITABLE_ENV = {"HOME": "/tmp", "HF_HOME": "/tmp/huggingface", "MPLCONFIGDIR": "/tmp/matplotlib"}
-CONFIG_MAP = "llm2clip-config"
-CONFIG_MAP_KEYS = ("MINIO_ENDPOINT", "MINIO_SECURE", "LLM2CLIP_STORE", "LLM2CLIP_METRICS_PORT", "LLM2CLIP_PUSHGATEWAY")
-S3_SECRET = "llm2clip-s3"
-S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-SHM_VOLUME = "dshm"
+# What every trainer pod gets is the runtime's (manifests/components/trainer/trainingruntime.yaml): llm2clip-config
+# and llm2clip-s3 as env (secrets never in the TrainJob, where anyone who may read TrainJobs would see them), a
+# writable HOME on /tmp, /dev/shm, the metrics port, the locked-down security context. The TrainJob adds only what
+# differs per run: image, command, size, placement.
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 # The labels JobSet (and the Job controller, Kubernetes >= 1.28) put on every trainer pod; node 0 is the pod of
 # completion index 0 of the trainer's only Job (job-index 0).
@@ -86,7 +81,7 @@ class NodePlacement:
     """Where and how stage 2 runs: `nodes` pods of `nproc` torchrun processes each. Every node asks for `gpus`
     GPUs (nvidia.com/gpu; 0 = CPU nodes, gloo), `cpu` and `memory` (Kubernetes quantities, request = limit), and
     lands where `node_selector` and `tolerations` allow. `image` is the trainer image (the project's CUDA image,
-    pinned by tag or digest). `shm_size` sizes a memory-backed /dev/shm for DataLoader workers (None: none)."""
+    pinned by tag or digest)."""
 
     nodes: int
     nproc: int
@@ -96,7 +91,6 @@ class NodePlacement:
     memory: str = "64Gi"
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: Sequence[Mapping[str, Any]] = ()
-    shm_size: str | None = "16Gi"
 
     def __post_init__(self) -> None:
         check = artifacts.check
@@ -109,7 +103,7 @@ class NodePlacement:
         check(self.gpus == 0 or self.nproc <= self.gpus, "nproc", self.nproc,
               f"must be <= gpus={self.gpus}: one process per GPU (NCCL cannot share a GPU between ranks)")  # fmt: skip
         check(bool(self.image) and not re.search(r"\s", self.image), "image", self.image, "must be an image reference")
-        for name in ("cpu", "memory") + (("shm_size",) if self.shm_size is not None else ()):
+        for name in ("cpu", "memory"):
             value = getattr(self, name)
             check(isinstance(value, str) and bool(_QUANTITY.match(value)) and _nonzero(value), name, value,
                   "must be a positive Kubernetes quantity such as '8', '500m', '64Gi'")  # fmt: skip
@@ -171,14 +165,8 @@ def trainer_args(config: Mapping[str, Any], dataset: str, output: str, caption_e
 
 
 def trainer_env() -> list[dict]:
-    """The trainer container's env: writable dirs by value, object-store settings and keys by reference."""
-    env = [{"name": k, "value": v} for k, v in WRITABLE_ENV.items()]
-    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})  # log lines reach the launcher as they are printed
-    # Optional: a key the ConfigMap lacks (no Pushgateway, say) is simply unset, as in the pipeline's pods.
-    env += [{"name": k, "valueFrom": {"configMapKeyRef": {"name": CONFIG_MAP, "key": k, "optional": True}}}
-            for k in CONFIG_MAP_KEYS]  # fmt: skip
-    env += [{"name": k, "valueFrom": {"secretKeyRef": {"name": S3_SECRET, "key": k}}} for k in S3_SECRET_KEYS]
-    return env
+    """The trainer container's env beyond the runtime's: log lines reach the launcher as they are printed."""
+    return [{"name": "PYTHONUNBUFFERED", "value": "1"}]
 
 
 def build_trainjob(
@@ -212,10 +200,9 @@ def build_trainjob(
         pod_spec["nodeSelector"] = dict(placement.node_selector)
     if placement.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in placement.tolerations]
-    if placement.shm_size:
-        pod_spec["volumes"] = [{"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": placement.shm_size}}]
-        pod_spec["containers"] = [{"name": NODE, "volumeMounts": [{"name": SHM_VOLUME, "mountPath": "/dev/shm"}]}]
-    pod_patch: dict[str, Any] = {"metadata": {"labels": dict([PART_OF, COMPONENT])}}
+    # The part-of label is the runtime's too; said again here because the PodMonitor and MinIO's NetworkPolicy
+    # select trainer pods by it, whatever the runtime becomes.
+    pod_patch: dict[str, Any] = {"metadata": {"labels": dict([PART_OF])}}
     if pod_spec:
         pod_patch["spec"] = pod_spec
     spec = {
