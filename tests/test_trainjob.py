@@ -349,6 +349,11 @@ def test_the_runner_role_allows_every_request_the_launcher_sends():
     for verb, group, resource in sorted(needed):
         assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
                    and not rule.get("resourceNames") for rule in role["rules"]), (verb, group, resource)  # fmt: skip
+    # ... and the rules added for the launcher grant nothing it does not send
+    for rule in role["rules"]:
+        if rule["resources"] in (["trainjobs"], ["pods/log"]):
+            granted = {(v, g, r) for v in rule["verbs"] for g in rule["apiGroups"] for r in rule["resources"]}
+            assert granted <= needed, granted - needed
 
 
 def rbac_request(r) -> tuple[str, str, str]:
