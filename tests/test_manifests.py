@@ -669,14 +669,14 @@ def test_training_runtime_and_the_launchers_trainjob_agree(rendered):
 
     runtime = find(rendered["gpu"], "TrainingRuntime", NAMES["training_runtime"])
     assert trainjob.RUNTIME == runtime["metadata"]["name"] and trainjob.NODE == TRAINER_NODE
-    assert (
-        list(trainjob.CONFIG_MAP_KEYS) == NAMES["configmap"]["keys"]
-        and trainjob.CONFIG_MAP == NAMES["configmap"]["name"]
-    )
-    assert list(trainjob.S3_SECRET_KEYS) == NAMES["secret"]["keys"] and trainjob.S3_SECRET == NAMES["secret"]["name"]
-    assert dict(trainjob.WRITABLE_ENV) == {e["name"]: e["value"] for e in trainer_node(runtime)["env"]}
-    shm = [m["name"] for m in trainer_node(runtime)["volumeMounts"] if m["mountPath"] == "/dev/shm"]
-    assert shm == [trainjob.SHM_VOLUME]
+    # the TrainJob carries no env of its own: the nodes get the pipeline pods' settings and credentials from here
+    from llm2clip.pipelines.llm2clip_pipeline import WRITABLE_ENV
+
+    node = trainer_node(runtime)
+    refs = [(kind, ref["name"]) for e in node["envFrom"] for kind, ref in e.items()]
+    assert sorted(refs) == [("configMapRef", NAMES["configmap"]["name"]), ("secretRef", NAMES["secret"]["name"])]
+    assert dict(WRITABLE_ENV) == {e["name"]: e["value"] for e in node["env"]}
+    assert [m["name"] for m in node["volumeMounts"] if m["mountPath"] == "/dev/shm"]
     labels = {**trainer_pod_labels(runtime), **dict([trainjob.PART_OF, trainjob.COMPONENT])}
     monitor = find(rendered["gpu"], "PodMonitor", "llm2clip-pipeline")
     assert matches(monitor["spec"]["selector"], labels), "the launcher's labels keep its pods scraped"
