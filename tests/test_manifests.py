@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import operator
 import random
@@ -28,10 +27,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from crd_schema import crd_schemas, validate  # strict: unknown fields rejected
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
-CRD_DIR = Path(__file__).parent / "fixtures" / "crds"
 NAMES = json.loads((MANIFESTS / "names.json").read_text())
 OVERLAYS = sorted(p.parent.name for p in (MANIFESTS / "overlays").glob("*/kustomization.yaml"))
 # The oldest Kubernetes we support: CronJob.spec.timeZone is GA from 1.27, sidecar-free Jobs need nothing newer.
@@ -132,51 +131,6 @@ def test_every_overlay_renders(rendered):
 # ----------------------------------------------------------------------------------------------- schemas
 
 
-@functools.cache
-def crd_schemas() -> dict[tuple[str, str], dict]:
-    """(apiVersion, kind) -> the openAPIV3Schema of every CRD fixture, made strict."""
-    schemas = {}
-    for path in sorted(CRD_DIR.glob("*.yaml")):
-        head = path.read_text().split("\n---", 1)[0]
-        assert "Source:" in head and re.search(r"v\d+\.\d+\.\d+", head), f"{path.name}: say where it came from"
-        for crd in yaml.safe_load_all(path.read_text()):
-            if not crd or crd.get("kind") != "CustomResourceDefinition":
-                continue
-            for version in crd["spec"]["versions"]:
-                api = f"{crd['spec']['group']}/{version['name']}"
-                schemas[(api, crd["spec"]["names"]["kind"])] = strict(version["schema"]["openAPIV3Schema"])
-    return schemas
-
-
-def strict(schema: dict) -> dict:
-    """A CRD schema that rejects unknown fields, as the API server's field validation (Strict) does, instead of
-    pruning them: every object with declared properties gets additionalProperties false, unless it preserves
-    unknown fields. metadata stays open (the API server checks it, and the CRD leaves it to ObjectMeta)."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if node.get("properties") and "additionalProperties" not in node:
-                if not node.get("x-kubernetes-preserve-unknown-fields"):
-                    node["additionalProperties"] = False
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    schema.setdefault("properties", {})["metadata"] = {"type": "object"}
-    return schema
-
-
-def validate_custom(obj: dict) -> None:
-    import jsonschema
-
-    schema = crd_schemas()[(obj["apiVersion"], obj["kind"])]
-    jsonschema.Draft7Validator(schema).validate(obj)
-
-
 def validate_builtin(obj: dict) -> None:
     import kubernetes_validate
 
@@ -190,7 +144,7 @@ def test_every_object_passes_its_schema(rendered):
         if (obj["apiVersion"], obj["kind"]) in crd_schemas():
             custom += 1
             try:
-                validate_custom(obj)
+                validate(obj)
             except Exception as e:
                 pytest.fail(f"{where} does not match its CRD schema: {e}")
         else:
@@ -215,25 +169,25 @@ def test_the_validators_reject_unknown_fields(rendered):
     monitor = copy.deepcopy(find(rendered["gpu"], "PodMonitor", "llm2clip-minio"))
     monitor["spec"]["podMetricsEndpoints"][0]["pth"] = "/metrics"
     with pytest.raises(jsonschema.ValidationError):
-        validate_custom(monitor)
+        validate(monitor)
     monitor = copy.deepcopy(find(rendered["gpu"], "PodMonitor", "llm2clip-minio"))
     monitor["spec"]["podMetricsEndpoints"][0]["interval"] = "thirty seconds"
     with pytest.raises(jsonschema.ValidationError):
-        validate_custom(monitor)
+        validate(monitor)
     service_monitor = copy.deepcopy(find(rendered["gpu"], "ServiceMonitor", "llm2clip-pushgateway"))
     service_monitor["spec"]["endpoints"][0]["honorLabel"] = True
     with pytest.raises(jsonschema.ValidationError):
-        validate_custom(service_monitor)
+        validate(service_monitor)
     # Trainer v2.3.0's torch policy has no numProcPerNode (the TrainJob sets it), and the JobSet's pod template is
     # checked down to the container.
     runtime = copy.deepcopy(find(rendered["gpu"], "TrainingRuntime", NAMES["training_runtime"]))
     runtime["spec"]["mlPolicy"]["torch"]["numProcPerNode"] = "auto"
     with pytest.raises(jsonschema.ValidationError):
-        validate_custom(runtime)
+        validate(runtime)
     runtime = copy.deepcopy(find(rendered["gpu"], "TrainingRuntime", NAMES["training_runtime"]))
     trainer_node(runtime)["resource"] = {}
     with pytest.raises(jsonschema.ValidationError):
-        validate_custom(runtime)
+        validate(runtime)
 
 
 # ----------------------------------------------------------------------------------------------- policy
