@@ -114,6 +114,12 @@ def test_cli_refuses_bad_parameters_before_any_task_starts(tmp_path, capsys):
     assert time.time() - t0 < 30 and not (tmp_path / "pipeline_root").exists()
 
 
+def test_a_local_run_refuses_several_nodes_and_says_where_they_run(tmp_path):
+    with pytest.raises(SystemExit, match=r"train_nodes=2: only 1 runs locally.*TrainJob.*llm2clip submit"):
+        cli.main(["run", "--local", "--profile", "tiny", "--output", str(tmp_path), "--set", "train_nodes=2"])
+    assert not (tmp_path / "pipeline_root").exists()
+
+
 # ----------------------------------------------------------------------------------------------- run directory
 
 

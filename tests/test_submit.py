@@ -51,9 +51,10 @@ def posts(api: FakeKfpApi) -> list[str]:
     return [r.path for r in api.requests if r.method == "POST"]
 
 
-def all_tasks(spec: dict) -> dict[str, dict]:
-    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
-    return {name: task for dag in dags for name, task in dag["tasks"].items()}
+def all_tasks(spec: dict) -> dict[tuple[str, str], dict]:
+    """(DAG, task name) -> task, over the root and every sub-DAG (task names repeat across sub-DAGs)."""
+    dags = {"root": spec["root"]["dag"], **{k: c["dag"] for k, c in spec["components"].items() if "dag" in c}}
+    return {(d, name): task for d, dag in dags.items() for name, task in dag["tasks"].items()}
 
 
 # ----------------------------------------------------------------------------------------------- first, second
