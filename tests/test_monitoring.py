@@ -183,10 +183,10 @@ def test_prometheus_scrapes_a_running_train_clip_and_its_push_matches_the_manife
     assert 0 < float(loss[0]["value"][1]) < 10
     steps = artifacts.read_manifest(out, "train_clip")["metrics"]["steps"]
     assert steps == 20 * (48 // 8)
-    final = f'llm2clip_run_status{{job="llm2clip", stage="train_clip", variant="llm", output="{out}"}}'
+    final = f'llm2clip_run_status{{job="llm2clip", stage="train_clip", variant="raw", output="{out}"}}'
     status = servers.wait_for(final, bool, timeout=30)
     assert status[0]["metric"]["status"] == "succeeded" and status[0]["metric"]["rank"] == "0"
-    run = servers.query('llm2clip_run_steps{job="llm2clip", stage="train_clip", variant="llm", rank="0"}')
+    run = servers.query('llm2clip_run_steps{job="llm2clip", stage="train_clip", variant="raw", rank="0"}')
     assert float(run[0]["value"][1]) == steps
     # the dashboard's stage-2 panels, run as Grafana runs them (a range query over the run), show this run
     panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
@@ -214,7 +214,7 @@ def test_stage1_and_the_cache_push_their_own_counts(servers, tiny_dataset, tmp_p
     assert float(servers.query(f"llm2clip_run_samples{{{key}}}")[0]["value"][1]) == 3 * 4
     assert float(servers.query(f"llm2clip_run_tokens{{{key}}}")[0]["value"][1]) > 3 * 4 * 2  # 2+ captions a row
 
-    key = 'job="llm2clip", stage="cache_caption_embeddings", variant="group-0-of-1", rank="0"'
+    key = 'job="llm2clip", stage="cache_caption_embeddings", variant="tuned-group-0-of-1", rank="0"'
     runs = []
     for n in (1, 2):
         out = str(tmp_path / f"cache{n}")
@@ -325,3 +325,18 @@ def test_the_metrics_the_readme_names_exist():
     defined = set(monitoring.metric_names())
     missing = {n for n in named if n not in defined and f"{n}_bucket" not in defined}  # a histogram by its name
     assert not missing, missing
+
+
+def test_the_pipelines_concurrent_trainings_push_to_groups_of_their_own(tmp_path):
+    """On a cluster the five stage-2 trainings run at once: each has its own Pushgateway group (else they would
+    replace each other's summaries), named after what it trains with."""
+    caches = {}
+    for name, adapter in (("tuned", "sha256:abc"), ("raw", None)):
+        (tmp_path / name).mkdir()
+        artifacts.write_manifest(str(tmp_path / name), "cache_caption_embeddings", {}, {},
+                                 encoder={"adapter_fingerprint": adapter}, dim=8)  # fmt: skip
+        caches[name] = [str(tmp_path / name)]
+    runs = [(train_clip.TrainClipConfig(text_source="clip"), None)]
+    runs += [(train_clip.TrainClipConfig(center_text=c), caches[n]) for n in caches for c in (True, False)]
+    variants = [train_clip.metrics_variant(cfg, dirs) for cfg, dirs in runs]
+    assert sorted(variants) == ["clip", "raw", "raw-uncentred", "tuned", "tuned-uncentred"]

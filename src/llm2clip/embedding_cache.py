@@ -229,7 +229,8 @@ def cache_caption_embeddings(cfg: CacheConfig, dataset_dir: str, text_lora_dir: 
     captions per shard found in the store) and `misses` (captions embedded) of the shards done in this run;
     `skipped_shards` done by an earlier run; `peak_rss_mb` this process's peak resident memory. Observed through
     llm2clip.monitoring: one step per shard embedded (its hits, misses, tokens, read time as data wait)."""
-    variant = f"group-{cfg.group_index}-of-{cfg.num_groups}"
+    # the tuned and the raw LLM's fan-outs run at the same time: each task its own Pushgateway group
+    variant = f"{'tuned' if cfg.use_adapter else 'raw'}-group-{cfg.group_index}-of-{cfg.num_groups}"
     with monitoring.stage("cache_caption_embeddings", variant, out_dir) as m:
         return _cache(cfg, dataset_dir, text_lora_dir, out_dir, m)
 

@@ -24,7 +24,8 @@ than the one before leaves the old higher ranks' groups until they are deleted (
 warning; training goes on, and the running pushes back off (the interval doubles per failure in a row).
 
 Labels are bounded: stage is one of STAGES, variant a short name the stage picks from a small fixed set
-(train_clip: the text source; cache: its shard group; tune: "default"), rank below the world size. GPU memory
+(train_clip: clip, tuned, raw, tuned-uncentred, raw-uncentred; cache: tuned or raw
+and its shard group; tune: "default"), rank below the world size. GPU memory
 gauges are set only in a process that has used CUDA (torch.cuda.memory_allocated / max_memory_allocated of its
 current device); on CPU they are absent.
 """

@@ -230,8 +230,19 @@ def train_clip(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs:
     llm2clip.monitoring (each step's loss, lr, samples, step time and data wait)."""
     t0 = time.time()
     world, device = distributed.init(cfg.device)
-    with monitoring.stage("train_clip", cfg.text_source, out_dir, world.rank, world.local_rank) as m:
+    variant = metrics_variant(cfg, cache_dirs)
+    with monitoring.stage("train_clip", variant, out_dir, world.rank, world.local_rank) as m:
         return _train(cfg, dataset_dir, out_dir, cache_dirs, world, device, m, t0)
+
+
+def metrics_variant(cfg: TrainClipConfig, cache_dirs: list[str] | None) -> str:
+    """This training's Pushgateway group among the pipeline's five, which run at the same time on a cluster and
+    must not replace each other's: "clip", or "tuned"/"raw" by the cache's encoder (with or without the LoRA
+    adapter), "-uncentred" for the centring ablation."""
+    if cfg.text_source == "clip":
+        return "clip"
+    encoder = artifacts.read_manifest(cache_dirs[0], "cache_caption_embeddings")["encoder"] if cache_dirs else {}
+    return ("tuned" if encoder.get("adapter_fingerprint") else "raw") + ("" if cfg.center_text else "-uncentred")
 
 
 def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None,
