@@ -23,8 +23,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from stub_server import StubServer, send_json
 
 TRAINJOBS = re.compile(r"/apis/trainer\.kubeflow\.org/v1alpha1/namespaces/([^/]+)/trainjobs(?:/([^/]+))?")
 PODS = re.compile(r"/api/v1/namespaces/([^/]+)/pods(?:/([^/]+))?(/log)?")
@@ -50,7 +52,7 @@ class Container:
     lines: list[tuple[str, str, int]] = field(default_factory=list)  # (timestamp, text, run) written so far
 
 
-class FakeK8sApi:
+class FakeK8sApi(StubServer):
     """Start with `with FakeK8sApi(...) as api:`; `api.host` is the endpoint for kubernetes.client.Configuration.
 
     `states`: what successive GETs of a TrainJob report (None running, "Complete", "Failed"; the last repeats).
@@ -81,21 +83,7 @@ class FakeK8sApi:
         self._gets: dict[tuple[str, str], int] = {}
         self._ticks = itertools.count(1)
         self._lock = threading.RLock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def host(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeK8sApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_handler(self))
 
     def calls(self, method: str | None = None, pattern: str | None = None) -> list[Request]:
         """Recorded requests, optionally only those with this method and a path matching this regex."""
@@ -313,12 +301,7 @@ def _handler(api: FakeK8sApi) -> type[BaseHTTPRequestHandler]:
                     self.wfile.write(line.encode())
                     self.wfile.flush()
                 return
-            out = json.dumps(payload).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+            send_json(self, code, payload)
 
         do_GET = do_POST = do_DELETE = serve
 

@@ -18,8 +18,10 @@ import threading
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qs, urlsplit
+
+from stub_server import StubServer, send_json
 
 API = "/apis/v2beta1"
 NOW = "2026-11-27T12:00:00Z"
@@ -47,7 +49,7 @@ class State:
     recurring_runs: dict[str, dict] = field(default_factory=dict)
 
 
-class FakeKfpApi:
+class FakeKfpApi(StubServer):
     """Start with `with FakeKfpApi() as api:`; `api.host` is the endpoint for kfp.Client(host=...).
 
     `run_states`: what successive GET /runs/{id} report for every run (the last one repeats)."""
@@ -60,20 +62,7 @@ class FakeKfpApi:
         self._ids = itertools.count(1)
         self._gets: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def host(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
-
-    def __enter__(self) -> FakeKfpApi:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        super().__init__(_handler(self))
 
     def calls(self, method: str | None = None, path: str | None = None) -> list[Request]:
         """Recorded requests, optionally only those with this method and path (after /apis/v2beta1)."""
@@ -201,12 +190,7 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
                     status, payload = api.handle(self.command, path, query, body)
                 except Exception as e:  # answer, so the client fails at once instead of retrying
                     status, payload = 500, error(13, f"fake KFP API: {e!r}")
-            out = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
+            send_json(self, status, payload)
 
         do_GET = do_POST = serve
 
