@@ -55,7 +55,7 @@ def test_cli_help():
 
 def test_cli_rejects_bad_parameters(tmp_path):
     r = run_cli("run", "--local", "--output", str(tmp_path), "--set", "train_epochs=zero")
-    assert r.returncode != 0 and "train_epochs='zero': expected a int" in r.stderr
+    assert r.returncode != 0 and "train_epochs='zero': expected an int" in r.stderr
     r = run_cli("run", "--local", "--output", str(tmp_path), "--set", "no_such=1")
     assert r.returncode != 0 and "no_such: unknown pipeline parameter" in r.stderr
     r = run_cli("run", "--local", "--output", str(tmp_path), "--set", "tune_batch_size=1")

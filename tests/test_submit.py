@@ -205,7 +205,7 @@ def test_without_git_the_revision_comes_from_the_environment(api, monkeypatch):
 
 @pytest.mark.parametrize(
     "pair, message",
-    [("num_train=many", "--set num_train='many': expected a int"), ("zero_shot=synthetic", "--set zero_shot="),
+    [("num_train=many", "--set num_train='many': expected an int"), ("zero_shot=synthetic", "--set zero_shot="),
      ("nonsense=1", "--set nonsense: unknown pipeline parameter")],
 )  # fmt: skip
 def test_set_typing_errors_name_the_key_before_any_request(api, pair, message):

@@ -71,7 +71,7 @@ def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, 
             else:
                 out[key] = kind(raw)
         except ValueError:
-            raise SystemExit(f"--set {key}={raw!r}: expected a {kind.__name__}") from None
+            raise SystemExit(f"--set {key}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}") from None
     return out
 
 

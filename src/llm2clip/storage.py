@@ -97,7 +97,7 @@ def _env_number(name: str, default: T, kind: Callable[[str], T]) -> T:
     try:
         value = kind(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r}: expected a {kind.__name__}") from None
+        raise ValueError(f"{name}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}") from None
     if value < 0 or (kind is float and value == 0):
         raise ValueError(f"{name}={raw!r}: must be positive")
     return value
