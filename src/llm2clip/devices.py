@@ -5,12 +5,17 @@
 AMX). Without them PyTorch emulates bf16: measured on an Intel Xeon without either, a 1024x1024 bf16 matmul ran
 7x slower than fp32 and the local default run took 51 minutes instead of 14; on an AMD EPYC with avx512_bf16,
 bf16 was 3x faster than fp32. So the choice is made per machine and recorded in every manifest.
+
+`LLM2CLIP_CPU_NATIVE_BF16=1` (or `0`) overrides the CPU check, so that a machine without native bf16 can run the
+decision a bf16 machine makes (slowly, emulated) and the other way round; the tests use it to prove that the suite
+passes either way.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 from pathlib import Path
 
@@ -20,6 +25,8 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # CPU flags (Linux /proc/cpuinfo names) that make bf16 matmuls native rather than emulated.
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# "1" or "0": take that answer instead of reading the CPU flags (see the module docstring).
+NATIVE_BF16_ENV = "LLM2CLIP_CPU_NATIVE_BF16"
 
 
 @functools.cache
@@ -47,7 +54,18 @@ def cpu_name() -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (avx512_bf16 or AMX), where bf16 autocast pays off."""
+    """True when the CPU computes bf16 in hardware (avx512_bf16 or AMX), where bf16 autocast pays off; the
+    environment variable LLM2CLIP_CPU_NATIVE_BF16 ("1"/"0"), when set, decides instead."""
+    forced = os.environ.get(NATIVE_BF16_ENV, "").strip()
+    if forced:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{NATIVE_BF16_ENV}={forced!r}: must be 1 or 0 (or unset to read the CPU flags)")
+        return forced == "1"
+    return cpu_hardware_bf16()
+
+
+def cpu_hardware_bf16() -> bool:
+    """What the CPU flags say, whatever the override: avx512_bf16 or AMX present."""
     return any(f in cpu_flags() for f in CPU_BF16_FLAGS)
 
 
@@ -96,7 +114,9 @@ def describe(device: torch.device, dtype: str) -> dict:
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
     else:
-        out.update(cpu=cpu_name(), cpu_native_bf16=cpu_has_native_bf16(), threads=torch.get_num_threads())
+        out.update(cpu=cpu_name(), cpu_native_bf16=cpu_hardware_bf16(), threads=torch.get_num_threads())
+        if os.environ.get(NATIVE_BF16_ENV, "").strip():
+            out["cpu_native_bf16_forced"] = cpu_has_native_bf16()
     return out
 
 

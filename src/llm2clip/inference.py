@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import open_clip
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from llm2clip import artifacts, devices, embedding_cache, loading, storage, text_encoder, train_clip
@@ -65,7 +66,8 @@ class Encoder:
         for s in range(0, len(pixels), self.batch_size):
             batch = self.preprocess.normalize(pixels[s : s + self.batch_size].to(self.device))
             with devices.autocast(self.device, self.dtype):
-                out.append(self.model.encode_image(batch, normalize=True).float().cpu())
+                features = self.model.encode_image(batch, normalize=False)
+            out.append(F.normalize(features.float(), dim=-1).cpu())  # in fp32: bf16 norms are off by ~4e-3
         return torch.cat(out)
 
     @torch.no_grad()
@@ -88,8 +90,8 @@ class Encoder:
         out = []
         for s in range(0, len(inputs), self.batch_size):
             with devices.autocast(self.device, self.dtype):
-                batch = inputs[s : s + self.batch_size].to(self.device)
-                out.append(self.model.encode_text(batch, normalize=True).float().cpu())
+                features = self.model.encode_text(inputs[s : s + self.batch_size].to(self.device), normalize=False)
+            out.append(F.normalize(features.float(), dim=-1).cpu())
         return torch.cat(out)
 
 
