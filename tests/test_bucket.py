@@ -1,9 +1,13 @@
 """llm2clip.bucket (`llm2clip storage ensure-bucket`) against real S3-protocol servers (moto; nanio for refusals)."""
 
 import argparse
+import io
+import os
 import uuid
 
 import pytest
+from minio import Minio
+from minio.error import S3Error
 
 from llm2clip import bucket, storage
 
@@ -34,20 +38,52 @@ def test_minio_scheme_and_an_existing_bucket(s3_env):
     assert bucket.ensure_bucket(fresh_bucket_uri("minio")) is True
 
 
-def test_a_lost_race_still_succeeds(s3_env, monkeypatch):
-    """Two Jobs at once: both see no bucket, the other one creates it first; ours must not fail."""
+@pytest.mark.parametrize("region, created", [("eu-west-1", False), ("us-east-1", True)])
+def test_a_lost_race_still_succeeds(s3_env, monkeypatch, region, created):
+    """Two Jobs at once: ours finds no bucket, then the other Job (a second client on the same server) creates it
+    and writes to it before our create call. Ours must succeed and leave the other's bucket and objects alone.
+
+    Outside us-east-1 the re-create is refused with BucketAlreadyOwnedByYou and ensure_bucket answers False (it did
+    not create the bucket). In us-east-1, S3 answers 200 to a re-create of one's own bucket, so neither Job can
+    tell it lost and both answer True; moto models this (getmoto/moto tag 5.2.5, moto/s3/responses.py lines
+    1139-1146, "us-east-1 has different behavior - creating a bucket there is an idempotent operation").
+    """
+    monkeypatch.setenv("AWS_REGION", region)
     uri = fresh_bucket_uri()
-    assert bucket.ensure_bucket(uri) is True
-    minio_class = type(storage._s3())
-    real, calls = minio_class.bucket_exists, []
+    name = storage.split_uri(uri)[0]
+    env = os.environ
+    other = Minio(
+        env["MINIO_ENDPOINT"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"], secure=False, region=region
+    )  # the other Job's own client (storage caches and shares its client)
+    minio_class = type(other)
+    real_exists, real_make = minio_class.bucket_exists, minio_class.make_bucket
+    checks, creates = [], []
 
-    def first_sees_nothing(self, name):
-        calls.append(name)
-        return False if len(calls) == 1 else real(self, name)
+    def the_other_job_wins(self, bucket_name):
+        found = real_exists(self, bucket_name)
+        if self is not other and not checks:  # our first check sees no bucket; then the other Job creates it
+            real_make(other, bucket_name, location=region)
+            other.put_object(bucket_name, "theirs.txt", io.BytesIO(b"the other Job's"), 15)
+        checks.append(found)
+        return found
 
-    monkeypatch.setattr(minio_class, "bucket_exists", first_sees_nothing)
-    assert bucket.ensure_bucket(uri) in (True, False)  # S3 in us-east-1 answers 200 to a re-create of one's own
-    assert len(calls) >= 1
+    def recording_make(self, bucket_name, location=None, object_lock=False):
+        try:
+            real_make(self, bucket_name, location=location, object_lock=object_lock)
+        except S3Error as e:
+            creates.append(e.code)
+            raise
+        creates.append("ok")
+
+    monkeypatch.setattr(minio_class, "bucket_exists", the_other_job_wins)
+    monkeypatch.setattr(minio_class, "make_bucket", recording_make)
+    assert bucket.ensure_bucket(uri) is created
+    if created:  # us-east-1: the create call went through; there was no race to detect
+        assert checks == [False] and creates == ["ok"]
+    else:  # the race branch: the refused create, then a check that finds the bucket ours
+        assert checks == [False, True] and creates == ["BucketAlreadyOwnedByYou"]
+    assert storage.read_bytes(storage.join(f"s3://{name}", "theirs.txt")) == b"the other Job's"
+    assert bucket.ensure_bucket(uri) is False  # and from now on, for every Job, the bucket exists
 
 
 @pytest.mark.parametrize("uri", ["/tmp/local/dir", "file:///tmp/x", "s3:///no-bucket", "gs://b/p"])
@@ -56,9 +92,24 @@ def test_rejects_what_is_not_an_object_store_location(s3_env, uri):
         bucket.ensure_bucket(uri)
 
 
-def test_rejects_an_invalid_bucket_name(s3_env):
-    with pytest.raises(ValueError):
-        bucket.ensure_bucket("s3://ab/x")  # S3 bucket names have 3 to 63 characters
+RULE = r"\(a new S3 bucket name has 3 to 63 lowercase letters"
+
+
+@pytest.mark.parametrize("name", ["ab", "-dash-first", "a" * 64, "two..dots"])
+def test_rejects_an_invalid_bucket_name_before_any_request(monkeypatch, name):
+    """No endpoint is set: the name is refused before any request, with the URI and the rule."""
+    for var in ("MINIO_ENDPOINT", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ValueError, match=rf"^s3://{name}/x: .*bucket name {name} .*{RULE}"):
+        bucket.ensure_bucket(f"s3://{name}/x")
+
+
+@pytest.mark.parametrize("name", ["Upper-Case", "under_score"])
+def test_a_legacy_bucket_name_is_looked_up_but_never_created(s3_env, name):
+    """S3 still serves buckets named before the strict rule (capitals, underscores), but creates none."""
+    with pytest.raises(ValueError, match=rf"^s3://{name}/x: invalid bucket name {name} {RULE}"):
+        bucket.ensure_bucket(f"s3://{name}/x")
+    assert cli(["storage", "ensure-bucket", f"s3://{name}/x"]) == 2
 
 
 def test_a_bucket_of_another_account_is_named_as_such(s3_env, monkeypatch):
@@ -90,8 +141,10 @@ def test_cli_usage_errors(s3_env, monkeypatch, capsys):
     assert cli(["storage", "ensure-bucket"]) == 2
     assert "LLM2CLIP_STORE" in capsys.readouterr().err
     assert cli(["storage", "ensure-bucket", "/local/path"]) == 2
-    with pytest.raises(SystemExit):
+    assert "not an object-store URI: '/local/path'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
         cli(["storage"])  # a storage command is required
+    assert usage.value.code == 2 and "required: storage_command" in capsys.readouterr().err
 
 
 def test_cli_without_an_endpoint_fails_clearly(monkeypatch, capsys):

@@ -18,20 +18,37 @@ def ensure_bucket(uri: str) -> bool:
     """Create the bucket named by an s3:// or minio:// URI unless it already exists.
 
     Returns True when this call created it, False when it was already there (nothing is changed then: no policy,
-    no objects, no versioning). Only the bucket is created; a prefix in the URI needs no creating in S3.
+    no objects, no versioning). Only the bucket is created; a prefix in the URI needs no creating in S3. Two calls
+    racing to create it both succeed; the loser returns False, except in AWS region us-east-1, where S3 answers 200
+    to a re-create of one's own bucket, so both return True there.
     Raises ValueError for a URI that is not an object-store location or names an invalid bucket, PermissionError
     when the credentials are refused, ConnectionError/TimeoutError when the endpoint cannot be reached (after
     storage's retries), and RuntimeError when the name is taken by another account.
     """
     from minio.error import S3Error
+    from minio.helpers import check_bucket_name
 
     bucket, _ = storage.split_uri(uri)
+
+    def check_name(strict: bool) -> None:
+        # minio-py 7.2.20 minio/api.py: every request checks the name (bucket_exists, line 698), make_bucket
+        # strictly (line 639): a legacy name (capitals, underscores) can exist but cannot be created.
+        try:
+            check_bucket_name(bucket, strict=strict)
+        except ValueError as e:
+            raise ValueError(
+                f"{uri}: {e} (a new S3 bucket name has 3 to 63 lowercase letters, digits, dots and hyphens, and "
+                "starts and ends with a letter or digit)"
+            ) from None
+
+    check_name(strict=False)  # before any request
     settings = storage.S3Settings.from_env()
     client = storage._client(settings)  # the same client, timeouts and retry policy as every storage call
 
     def create() -> bool:
         if client.bucket_exists(bucket):
             return False
+        check_name(strict=True)
         try:
             client.make_bucket(bucket, location=settings.region)
         except S3Error as e:
