@@ -3,9 +3,11 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from llm2clip import evaluate, report
 from llm2clip.metrics import (
     bootstrap_indices,
     bootstrap_retrieval,
@@ -144,3 +146,58 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n():
     # seeded: the same draws give the same interval
     again = bootstrap_retrieval(hits, owner, bootstrap_indices(400, 1000, seed=0))
     assert ci95(again["text_to_image_R@1"]) == ci95(reps["text_to_image_R@1"])
+
+
+def test_bootstrap_resamples_images_with_all_their_captions():
+    """Captions of one image are not independent queries, so a replicate draws IMAGES, each with all its captions.
+    Construction where the two protocols differ: 100 images with 4, 8, 12 or 16 captions, and the captions of one
+    image all hit or all miss text->image (whole groups of four images hit). Resampling images, T->I R@1 varies like
+    a mean over 100 images (95% width about 0.21); resampling the 1000 captions as if independent gives a width
+    about sqrt(10) smaller (0.06). Both are computed here by brute force; the implementation must give the first."""
+    counts = [4, 8, 12, 16] * 25
+    owner = torch.tensor([i for i, c in enumerate(counts) for _ in range(c)])
+    image_hit = torch.tensor([(i // 4) % 2 == 0 for i in range(len(counts))])
+    hits = {"text_to_image_R@1": image_hit[owner], "image_to_text_R@1": image_hit}
+    draws = bootstrap_indices(len(counts), 1000, seed=0)
+    reps = bootstrap_retrieval(hits, owner, draws)
+
+    # brute force, per image: a replicate pools the captions of the drawn images (an image drawn twice counts twice)
+    t2i, i2t = hits["text_to_image_R@1"].tolist(), image_hit.tolist()
+    captions_of = [[t for t in range(len(owner)) if owner[t] == i] for i in range(len(counts))]
+    per_image = np.array([np.mean([t2i[t] for i in d for t in captions_of[i]]) for d in draws])
+    np.testing.assert_allclose(reps["text_to_image_R@1"], per_image, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(reps["image_to_text_R@1"], [np.mean([i2t[i] for i in d]) for d in draws], atol=1e-12)
+
+    # brute force, per caption (the wrong protocol): its interval is far narrower on this construction
+    rng = np.random.default_rng(1)
+    per_caption = np.array([np.mean([t2i[t] for t in rng.integers(0, len(t2i), len(t2i))]) for _ in range(1000)])
+    width_image, width_caption = np.ptp(ci95(per_image)), np.ptp(ci95(per_caption))
+    assert width_image > 3 * width_caption, (width_image, width_caption)  # the construction tells them apart
+    assert np.ptp(ci95(reps["text_to_image_R@1"])) == pytest.approx(width_image, abs=1e-12)
+
+
+def test_two_identical_models_differ_by_exactly_zero(monkeypatch):
+    """The paired difference of a model with itself: every bootstrap replicate draws the same images for both, so
+    each replicate's difference is 0 and so is the interval, exactly (an unpaired draw per model would give an
+    interval around 0 as wide as the models' own). Goes through evaluate.score_benchmark, which owns the pairing;
+    only the model scoring is replaced, by the same real hits for both models."""
+    torch.manual_seed(0)
+    image_emb = torch.randn(50, 8)
+    owner = torch.arange(50).repeat_interleave(3)
+    text_emb = image_emb[owner] + 1.5 * torch.randn(150, 8)
+    hits = retrieval_hits(image_emb, text_emb, owner)
+    monkeypatch.setattr(evaluate, "score_model", lambda *args: (hits, owner))
+    scores, comparisons = evaluate.score_benchmark(
+        "unused", "synthetic_long", {"llm2clip": "a", "twin": "b"}, {}, evaluate.EvaluateConfig()
+    )
+    assert 0 < scores["llm2clip"]["image_to_text_R@1"] < 1  # not a degenerate case whose every replicate is equal
+    pair = comparisons["llm2clip vs twin"]
+    assert set(pair) == set(hits)
+    for metric, c in pair.items():
+        assert c["difference"] == 0.0 and c["difference_ci95"] == [0.0, 0.0], metric
+        assert c["intervals_overlap"] and not c["difference_excludes_zero"], metric
+    sentence = report.comparison_sentences({"comparisons": {"synthetic_long": {"llm2clip vs twin": pair}}})
+    assert sentence == [
+        "synthetic_long, LLM2CLIP vs twin: I→T R@1 +0.0 points (paired 95% CI +0.0 to +0.0): within the noise: the "
+        "intervals overlap; T→I R@1 +0.0 points (paired 95% CI +0.0 to +0.0): within the noise: the intervals overlap."
+    ]
