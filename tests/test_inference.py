@@ -8,9 +8,10 @@ from pathlib import Path
 import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llm2clip import data, embedding_cache, inference, loading, storage, text_encoder, train_clip, tune
+from llm2clip import data, embedding_cache, evaluate, inference, loading, storage, text_encoder, train_clip, tune
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,15 @@ def run(tiny_dataset, tmp_path_factory):
     return out
 
 
+# Tolerances, all in fp32 (every model here is loaded with dtype="float32", on every CPU). The cache stores the
+# fp32 LLM vector rounded to fp16: half an fp16 ulp (2**-11 relative), one ulp (2**-10) when another batch padding
+# moves the fp32 value across a rounding boundary; fp16 subnormals are spaced 2**-24 apart.
+FP16_ULP, FP16_TINY = 2.0**-10, 2.0**-24
+# Unit vectors (or their dot products) computed once from the fp32 LLM vector and once from its fp16 copy: the
+# adapter carries the ~5e-4 relative input rounding to at most 4.7e-5 in any component (measured on the tiny run).
+UNIT_ATOL = 2e-4
+
+
 def eval_captions(dataset: str, split: str = "synthetic_long") -> tuple[list[str], list[dict]]:
     metas = [m for _, _, m in data.read_captions(str(Path(dataset) / data.split_path(split)))]
     return [m["key"] for m in metas], metas
@@ -45,10 +55,10 @@ def test_encode_text_runs_the_llm_as_the_cache_did_then_the_adapter(run, tiny_da
     keys, metas = eval_captions(tiny_dataset)
     texts = [t for m in metas for _, t in data.caption_list(m)]
     expected_llm = torch.cat([cached[k] for k in keys]).float()  # fp16 storage
-    torch.testing.assert_close(enc.text_inputs(texts), expected_llm, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(enc.text_inputs(texts), expected_llm, atol=FP16_TINY, rtol=FP16_ULP)
     with torch.no_grad():
         expected = enc.model.encode_text(expected_llm, normalize=True)
-    torch.testing.assert_close(enc.encode_text(texts), expected, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(enc.encode_text(texts), expected, atol=UNIT_ATOL, rtol=0)
 
 
 def test_a_caption_never_seen_in_training_is_embedded(run):
@@ -84,12 +94,36 @@ def test_clip_baseline_text_is_its_own_tokenizer_and_text_tower(run):
     torch.testing.assert_close(enc.encode_text(texts), expected)
 
 
-def test_images_rank_for_a_sentence(run, tiny_dataset):
-    """The README use: retrieve images for a sentence; scores are cosine similarities of unit vectors."""
+def test_images_rank_for_a_sentence_as_evaluation_ranks_them(run, tiny_dataset, monkeypatch):
+    """The README use (images ranked for a sentence) gives evaluate's ranking: for every short caption of the
+    benchmark, `encode_text(caption) @ encode_image(PIL images).T` equals the similarities evaluate scores from
+    the cache and its own image path (captured where they enter retrieval_hits) within UNIT_ATOL, and orders
+    every pair of images that evaluate's scores separate by more than twice that the same way. A wrong adapter,
+    skipped image normalisation or a vector normalised along the wrong axis moves scores by 1e-2 and more."""
+    captured = {}
+    real_hits = evaluate.retrieval_hits
+
+    def spy(image_emb, text_emb, *args, **kwargs):
+        captured.update(images=image_emb, texts=text_emb)
+        return real_hits(image_emb, text_emb, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "retrieval_hits", spy)
+    evaluate.score_model(run["llm2clip"], tiny_dataset, "synthetic_short", [run["cache"]],
+                         evaluate.EvaluateConfig(device="cpu"))  # fmt: skip
+    want = F.normalize(captured["texts"], dim=-1) @ F.normalize(captured["images"], dim=-1).T  # [M, N]
+
+    split = str(Path(tiny_dataset) / data.split_path("synthetic_short"))
+    pil = [r["image"] for r in data.read_split(split)]
+    sentences = [t for _, _, m in data.read_captions(split) for kind, t in data.caption_list(m) if kind == "short"]
     enc = inference.load_model(run["llm2clip"], device="cpu", dtype="float32")
-    pil = [r["image"] for r in data.read_split(str(Path(tiny_dataset) / data.split_path("synthetic_short")))]
-    scores = (enc.encode_image(pil) @ enc.encode_text(["a red circle"]).T).squeeze(1)
-    assert scores.shape == (len(pil),) and bool((scores.abs() <= 1 + 1e-5).all())
+    got = enc.encode_text(sentences) @ enc.encode_image(pil).T
+    assert got.shape == want.shape == (len(sentences), len(pil))
+    torch.testing.assert_close(got, want, atol=UNIT_ATOL, rtol=0)
+    gap = want[:, :, None] - want[:, None, :]  # [M, N, N]: image a over image b for each sentence
+    separated = gap.abs() > 2 * UNIT_ATOL
+    assert separated.float().mean() > 0.5  # most pairs are told apart, so the ranking below says something
+    agree = torch.sign(got[:, :, None] - got[:, None, :]) == torch.sign(gap)
+    assert bool(agree[separated].all()), f"{int((~agree[separated]).sum())} image pairs ranked the other way"
 
 
 def test_a_different_adapter_or_pooling_is_refused(run, tmp_path):
