@@ -3,6 +3,7 @@ takes its task processes down with it (llm2clip.lifeline): Ctrl-C, SIGTERM and k
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,12 +113,13 @@ def test_cli_refuses_bad_parameters_before_any_task_starts(tmp_path, capsys):
     with pytest.raises(SystemExit, match="llm='/nonexistent': no such model directory"):
         cli.main(["run", "--local", "--profile", "tiny", "--output", str(tmp_path), "--set", "llm=/nonexistent"])
     assert time.time() - t0 < 30 and not (tmp_path / "pipeline_root").exists()
+    assert not (tmp_path / cli.RUN_STATUS).exists()  # the run directory was never started
 
 
 def test_a_local_run_refuses_several_nodes_and_says_where_they_run(tmp_path):
     with pytest.raises(SystemExit, match=r"train_nodes=2: only 1 runs locally.*TrainJob.*llm2clip submit"):
         cli.main(["run", "--local", "--profile", "tiny", "--output", str(tmp_path), "--set", "train_nodes=2"])
-    assert not (tmp_path / "pipeline_root").exists()
+    assert not (tmp_path / "pipeline_root").exists() and not (tmp_path / cli.RUN_STATUS).exists()
 
 
 # ----------------------------------------------------------------------------------------------- run directory
@@ -147,6 +149,13 @@ with lifeline.on_stop_signal(grace_s=2):
 CHILD = f"{sys.executable} -c 'import llm2clip, time; print(\"task\", flush=True); time.sleep(300)'"
 
 
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # ended since the listing
+        return b""
+
+
 def _start(script: str, arg: str, **kw) -> subprocess.Popen:
     proc = subprocess.Popen([sys.executable, "-c", script, arg], stdout=subprocess.PIPE, text=True,
                             start_new_session=True, **kw)  # fmt: skip
@@ -164,6 +173,7 @@ def test_stop_signals_end_every_task_process(sig):
     proc = _start(PARENT, f"{sys.executable} -c 'print(\"task\", flush=True); import time; time.sleep(300)'",
                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     tree = lifeline.descendants(proc.pid)
+    assert len(tree) == 2 and b"time.sleep(300)" in _cmdline(tree[-1])  # `sh -c`, and the task below it
     os.kill(proc.pid, sig)
     assert proc.wait(timeout=10) != 0
     assert not [p for p in tree if lifeline.alive(p)]
@@ -226,15 +236,16 @@ def test_a_failed_run_says_so_and_leaves_no_old_summary(tmp_path):
 def test_the_real_cli_takes_its_tasks_down(tmp_path, sig):
     """Ctrl-C: the CLI stops its task and exits 130. kill -9: the task notices and ends itself."""
     proc = _cli(tmp_path / "run", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(
-        b"executor_main" in Path(f"/proc/{p}/cmdline").read_bytes() for p in lifeline.descendants(proc.pid)
-        if Path(f"/proc/{p}").exists()
-    ):  # fmt: skip
+    # The target: prepare_data's task process (`python -m kfp.dsl.executor_main ...`, its outputs under
+    # .../prepare-data/), which runs for many seconds; locate_store before it ends within a second or two.
+    task, deadline = [], time.time() + 120
+    while not task and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+        task = [p for p in lifeline.descendants(proc.pid) if re.search(rb"executor_main.*/prepare-data/", _cmdline(p))]
+    assert task, f"no prepare_data task process below the CLI; CLI exit code {proc.poll()}"
     time.sleep(2)  # the task is importing llm2clip (its watchdog)
     tree = lifeline.descendants(proc.pid)
-    assert tree
+    assert set(task) <= set(tree) and all(lifeline.alive(p) for p in task)  # the kill meets the running task
     t0 = time.time()
     os.kill(proc.pid, sig)
     code = proc.wait(timeout=30)
