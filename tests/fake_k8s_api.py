@@ -2,14 +2,34 @@
 TrainJob launcher (llm2clip.trainjob) through the real `kubernetes` Python client.
 
 No API server can run here, so the tests talk to this one. It serves only what the launcher calls, with the paths,
-query parameters, status codes and JSON shapes of the Kubernetes API: TrainJob create (201; 409 AlreadyExists),
-get (404 NotFound), delete; pod list by label selector (equality terms), pod get, pod log (`container`, `follow`,
-`timestamps`, `sinceSeconds`; 400 while the container is waiting to start). In place of Trainer, JobSet and the
-kubelet, a TrainJob's status follows a script: successive GETs report the states in `states` (None: running,
-"Complete", "Failed"; the last repeats), and creating one makes its pods at once, labelled as JobSet labels them,
-node 0 running through the logs in `node0_logs` (one list of lines per container: each further list is a restart
-of the container). Every request is recorded in `requests`. It checks far less than a real server (no auth, no
-schema, no webhooks, no RBAC): what passes here is the client contract, not the cluster's behaviour.
+query parameters, status codes and JSON shapes of the Kubernetes API: TrainJob create (201; 409 AlreadyExists,
+also while an object of that name is being deleted), get (404 NotFound), delete (DeleteOptions from the body, else
+the query: propagationPolicy, preconditions.uid -> 409 Conflict); pod list by label selector (equality terms), pod
+get, pod log (`container`, `follow`, `timestamps`, `sinceSeconds`; 400 while the container is waiting to start).
+
+Deletion as the API server and its garbage collector do it: Background (the default for custom resources) removes
+the TrainJob at once, its pods with it; Foreground keeps the TrainJob, with a deletionTimestamp and the
+foregroundDeletion finalizer, until its dependents are gone (`gc_delay_s` later here), and its pods get their
+deletionTimestamp meanwhile (kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/registry/generic/registry/
+store.go, deletionFinalizersForGarbageCollection; Trainer v2.3.0 owns the JobSet with blockOwnerDeletion:
+kubeflow/trainer v2.3.0 pkg/runtime/framework/plugins/jobset/jobset.go:427-433).
+
+In place of Trainer, JobSet and the kubelet, a TrainJob's status follows a script: successive GETs report the
+states in `states` (None: running, "Complete", "Failed"; the last repeats), and creating one makes its pods at
+once, labelled as JobSet labels them, node 0 running through the logs in `node0_logs` (one list of lines per run).
+Each further run comes about in one of three ways (`restart`):
+- "container": the kubelet restarts the container in its pod (restartCount + 1): JobSet defaults the trainer's
+  restartPolicy to OnFailure (kubernetes-sigs/jobset v0.12.0 pkg/webhooks/jobset_webhook.go:124-127);
+- "pod": node 0's pod fails as a whole (evicted, its node drained or preempted) and the Job controller makes a new
+  pod for its completion index, with a new name and uid, and keeps the failed one ("When a Pod fails, then the Job
+  controller starts a new Pod", kubernetes.io/docs/concepts/workloads/controllers/job, Handling Pod and container
+  failures); both carry the same labels and, to the second, often the same creationTimestamp;
+- "jobset": a JobSet restart: every node's pod is deleted (deletionTimestamp, then gone) and replaced by a new one
+  with the next `jobset.sigs.k8s.io/restart-attempt` (kubernetes-sigs/jobset v0.12.0
+  pkg/controllers/jobset_controller.go:365-377 marks the Jobs of an older attempt, and deleteJobs, :761-783,
+  deletes them with Foreground propagation; the Jobs made again make new pods).
+Every request is recorded in `requests`. It checks far less than a real server (no auth, no schema, no webhooks,
+no RBAC): what passes here is the client contract, not the cluster's behaviour.
 """
 
 from __future__ import annotations
@@ -48,6 +68,7 @@ class Container:
     """node 0's trainer container: which of the scripted logs it is on, and where its stream may drop."""
 
     incarnation: int = 0
+    replaced: bool = False  # restart="pod": its pod was replaced after its run
     streamed: int = 0  # log streams served so far (drop_after applies to the first)
     lines: list[tuple[str, str, int]] = field(default_factory=list)  # (timestamp, text, run) written so far
 
@@ -61,7 +82,10 @@ class FakeK8sApi(StubServer):
     connection). `line_delay_s`: pause between streamed lines. `on_create(api, namespace, trainjob)` runs when a
     TrainJob is created, before the answer: a test can stand in for the controller there (run the trainer, then
     set `states` and `node0_logs` from what happened). `unavailable`: that many TrainJob GETs after the first
-    answer 503 ServiceUnavailable, as an API server does while it restarts."""
+    answer 503 ServiceUnavailable, as an API server does while it restarts. `restart`: how node 0's further runs
+    in `node0_logs` come about: "container" (restarted in its pod), "pod" (a new pod replaces node 0's failed one,
+    which stays) or "jobset" (new pods replace every node's, which are deleted).
+    `gc_delay_s`: how long a foreground deletion (and a replaced pod's) takes."""
 
     def __init__(
         self,
@@ -72,8 +96,13 @@ class FakeK8sApi(StubServer):
         line_delay_s: float = 0.005,
         on_create: Callable[[FakeK8sApi, str, dict], None] | None = None,
         unavailable: int = 0,
+        restart: str = "container",
+        gc_delay_s: float = 0.2,
     ) -> None:
-        self.unavailable = unavailable
+        assert restart in ("container", "pod", "jobset"), restart
+        self.unavailable, self.restart, self.gc_delay_s = unavailable, restart, gc_delay_s
+        self._timers: list[threading.Timer] = []
+        self._replaced: set[str] = set()  # uids of pods that failed and were replaced
         self.states, self.failure, self.node0_logs, self.on_create = states, failure, node0_logs, on_create
         self.drop_after, self.line_delay_s = drop_after, line_delay_s
         self.requests: list[Request] = []
@@ -112,12 +141,19 @@ class FakeK8sApi(StubServer):
                 "resourceVersion": str(next(self._ticks)), "creationTimestamp": self.now()[:19] + "Z"}  # fmt: skip
         stored = {**obj, "metadata": meta, "status": {}}
         self.trainjobs[(namespace, name)] = stored
-        nodes = obj["spec"]["trainer"].get("numNodes", 1)
-        for i in range(nodes):
+        self._make_pods(namespace, stored, attempt=0, run=0)
+        return stored
+
+    def _make_pods(self, namespace: str, trainjob: dict, attempt: int, run: int, nodes: range | None = None) -> None:
+        """The pods of one JobSet restart attempt (or of `nodes` only): one per node, named as the Job controller
+        names them (<jobset>-<replicated job>-<job index>-<completion index>-<random>), node 0's on scripted run
+        `run`."""
+        name = trainjob["metadata"]["name"]
+        for i in nodes or range(trainjob["spec"]["trainer"].get("numNodes", 1)):
             pod_name = f"{name}-node-0-{i}-{uuid.uuid4().hex[:5]}"
             labels = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
                       "jobset.sigs.k8s.io/job-index": "0", "batch.kubernetes.io/job-completion-index": str(i),
-                      "jobset.sigs.k8s.io/restart-attempt": "0"}  # fmt: skip
+                      "jobset.sigs.k8s.io/restart-attempt": str(attempt)}  # fmt: skip
             uid = str(uuid.uuid4())
             self.pods[(namespace, pod_name)] = {
                 "apiVersion": "v1",
@@ -127,15 +163,89 @@ class FakeK8sApi(StubServer):
                     "namespace": namespace,
                     "uid": uid,
                     "labels": labels,
-                    "creationTimestamp": meta["creationTimestamp"],
+                    "creationTimestamp": self.now()[:19] + "Z",  # seconds: a replacement often ties with the old
                 },  # fmt: skip
-                "spec": {"containers": [{"name": "node", "image": obj["spec"]["trainer"].get("image", "")}]},
+                "spec": {"containers": [{"name": "node", "image": trainjob["spec"]["trainer"].get("image", "")}]},
                 "status": {"phase": "Pending"},
             }
             if i == 0:
-                self.containers[uid] = Container()
+                self.containers[uid] = Container(incarnation=run)
             self._container_state(self.pods[(namespace, pod_name)], "waiting")
-        return stored
+
+    def _replace_pods(self, namespace: str, name: str, node0: dict) -> None:
+        """Node 0's run `node0` ran to its end and failed: replace its pod ("pod") or every pod ("jobset")."""
+        trainjob = self.trainjobs.get((namespace, name))
+        if trainjob is None:
+            return
+        run = self.containers[node0["metadata"]["uid"]].incarnation + 1
+        attempt = int(node0["metadata"]["labels"]["jobset.sigs.k8s.io/restart-attempt"])
+        if self.restart == "pod":
+            node0["status"]["phase"] = "Failed"
+            self._container_state(node0, "terminated")
+            self._replaced.add(node0["metadata"]["uid"])
+            self._make_pods(namespace, trainjob, attempt, run, nodes=range(1))
+            return
+        old = [p for p in self._pods_of(namespace, name) if not p["metadata"].get("deletionTimestamp")]
+        for pod in old:
+            pod["status"]["phase"] = "Failed"
+            self._container_state(pod, "terminated")
+            pod["metadata"]["deletionTimestamp"] = self.now()[:19] + "Z"
+        self._later(lambda: self._remove_pods(old))
+        self._make_pods(namespace, trainjob, attempt + 1, run)
+
+    def _remove_pods(self, pods: list[dict]) -> None:
+        for pod in pods:
+            key = (pod["metadata"]["namespace"], pod["metadata"]["name"])
+            if self.pods.get(key) is pod:
+                del self.pods[key]
+
+    def _later(self, action: Callable[[], None]) -> None:
+        """Run `action` (under the lock) `gc_delay_s` from now, as the garbage collector would."""
+
+        def run() -> None:
+            with self._lock:
+                action()
+
+        timer = threading.Timer(self.gc_delay_s, run)
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def delete_trainjob(self, namespace: str, name: str, options: dict | None = None) -> tuple[int, dict]:
+        """DELETE as the API server does it, with these DeleteOptions (propagationPolicy, preconditions)."""
+        with self._lock:
+            options = options or {}
+            trainjob = self.trainjobs.get((namespace, name))
+            if trainjob is None:
+                return 404, status(404, "NotFound", f'trainjobs.trainer.kubeflow.org "{name}" not found')
+            uid = (options.get("preconditions") or {}).get("uid")
+            if uid is not None and uid != trainjob["metadata"]["uid"]:
+                return 409, status(409, "Conflict", f"Precondition failed: UID in precondition: {uid}, UID in "
+                                   f"object meta: {trainjob['metadata']['uid']}")  # fmt: skip
+            pods = self._pods_of(namespace, name)
+            if options.get("propagationPolicy") != "Foreground":  # Background (default) or Orphan: gone at once
+                self._remove_pods(pods)
+                del self.trainjobs[(namespace, name)]
+                return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name}}
+            meta = trainjob["metadata"]
+            if not meta.get("deletionTimestamp"):
+                meta["deletionTimestamp"] = self.now()[:19] + "Z"
+                meta["finalizers"] = [*meta.get("finalizers", []), "foregroundDeletion"]
+                for pod in pods:
+                    pod["metadata"].setdefault("deletionTimestamp", meta["deletionTimestamp"])
+
+                def collect() -> None:  # dependents first, then the owner
+                    self._remove_pods(self._pods_of(namespace, name))
+                    if self.trainjobs.get((namespace, name)) is trainjob:
+                        del self.trainjobs[(namespace, name)]
+
+                self._later(collect)
+            return 200, trainjob
+
+    def __exit__(self, *exc) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        super().__exit__(*exc)
 
     def _container_state(self, pod: dict, state: str, restart_count: int = 0) -> None:
         detail = {"waiting": {"reason": "ContainerCreating"}, "running": {"startedAt": self.now()[:19] + "Z"},
@@ -154,6 +264,8 @@ class FakeK8sApi(StubServer):
         name = trainjob["metadata"]["name"]
         phase = {None: "Running", "Complete": "Succeeded", "Failed": "Failed"}[state]
         for pod in self._pods_of(namespace, name):
+            if pod["metadata"].get("deletionTimestamp") or pod["metadata"]["uid"] in self._replaced:
+                continue  # on its way out, or failed and replaced: stays as it ended
             restarts = pod["status"].get("containerStatuses", [{}])[0].get("restartCount", 0)
             pod["status"]["phase"] = phase
             self._container_state(pod, "running" if state is None else "terminated", restarts)
@@ -186,14 +298,13 @@ class FakeK8sApi(StubServer):
             if method == "GET":
                 n = self._gets[(ns, name)] = self._gets.get((ns, name), 0) + 1
                 trainjob = self.trainjobs[(ns, name)]
-                if not condition_true(trainjob):  # a finished one stays finished (e.g. adopted as it is)
+                # a finished one stays finished (e.g. adopted as it is); one being deleted changes no more
+                if not condition_true(trainjob) and not trainjob["metadata"].get("deletionTimestamp"):
                     self._set_state(ns, trainjob, self.states[min(n, len(self.states)) - 1])
                 return 200, trainjob
-            if method == "DELETE":
-                for pod in self._pods_of(ns, name):
-                    del self.pods[(ns, pod["metadata"]["name"])]
-                del self.trainjobs[(ns, name)]
-                return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+            if method == "DELETE":  # DeleteOptions: the body when there is one, else the query parameters
+                options = body if body else {k: v for k, v in query.items() if k == "propagationPolicy"}
+                return self.delete_trainjob(ns, name, options)
         if (m := PODS.fullmatch(path)) and method == "GET":
             ns, pod_name, log = m[1], m[2], m[3]
             if pod_name is None:
@@ -245,9 +356,13 @@ class FakeK8sApi(StubServer):
             with self._lock:  # every line written and sent
                 status_ = pod["status"]["containerStatuses"][0]
                 if run + 1 < len(self.node0_logs):
-                    if container.incarnation == run:
+                    if self.restart == "container" and container.incarnation == run:
                         container.incarnation += 1
                         status_["restartCount"] += 1
+                    elif self.restart != "container" and not container.replaced:
+                        container.replaced = True
+                        jobset = pod["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"]
+                        self._replace_pods(pod["metadata"]["namespace"], jobset, pod)
                     return
                 alive = (self.pods.get((pod["metadata"]["namespace"], pod["metadata"]["name"])) is pod
                          and "running" in status_["state"])  # fmt: skip

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jsonschema
@@ -285,12 +289,100 @@ def test_a_failed_earlier_attempt_is_replaced_and_the_retry_trains():
     obj = build()
     name = obj["metadata"]["name"]
     with FakeK8sApi(states=(None, "Complete")) as api:
-        api.add_trainjob(NS, obj, state="Failed")
+        failed_uid = api.add_trainjob(NS, obj, state="Failed")["metadata"]["uid"]
         final, printed = run(api, obj)
-    assert [r.method for r in api.requests if r.path == trainjobs_path(name) or r.path == trainjobs_path()][:5] == [
-        "POST", "GET", "DELETE", "GET", "POST"]  # fmt: skip
-    assert api.calls("DELETE")[0].query["propagationPolicy"] == "Foreground"  # its pods go before it does
+    methods = [r.method for r in api.requests if r.path in (trainjobs_path(name), trainjobs_path())]
+    assert methods[:3] == ["POST", "GET", "DELETE"] and methods.count("POST") == 2
+    # its pods go before it does, and only that object (the options in the body: the API server then ignores the
+    # query's, kubernetes/kubernetes staging/src/k8s.io/apiserver/pkg/endpoints/handlers/delete.go at 02e16cb)
+    assert api.calls("DELETE")[0].body == {"propagationPolicy": "Foreground", "preconditions": {"uid": failed_uid}}
     assert "earlier attempt failed (JobSetFailed" in printed and trainjob.condition(final, "Complete")
+
+
+def test_an_earlier_trainjob_being_deleted_is_waited_for_then_created_again():
+    """A foreground deletion keeps the object, with a deletionTimestamp, until its pods are gone; meanwhile a POST
+    of the name gets 409 AlreadyExists. The retry of a terminated launcher meets exactly that: it must neither
+    adopt the dying TrainJob nor fail, but wait for it to go and create its own."""
+    obj = build()
+    name = obj["metadata"]["name"]
+    with FakeK8sApi(states=(None, "Complete"), gc_delay_s=0.5) as api:
+        api.add_trainjob(NS, obj, state=None)
+        api.delete_trainjob(NS, name, {"propagationPolicy": "Foreground"})
+        final, printed = run(api, obj)
+    assert "being deleted; waiting for it to go" in printed and "adopted" not in printed
+    assert len(api.calls("POST")) == 2 and trainjob.condition(final, "Complete")
+
+
+def test_a_trainjob_deleted_under_the_launcher_is_reported_at_once():
+    obj = build()
+
+    def someone_deletes_it(api: FakeK8sApi, namespace: str, created: dict) -> None:
+        threading.Timer(0.1, api.delete_trainjob, (namespace, created["metadata"]["name"],
+                                                   {"propagationPolicy": "Foreground"})).start()  # fmt: skip
+
+    with FakeK8sApi(states=(None,), on_create=someone_deletes_it, gc_delay_s=5) as api:
+        with pytest.raises(RuntimeError, match=rf"TrainJob {NS}/{obj['metadata']['name']} is being deleted"):
+            run(api, obj)
+
+
+LAUNCHER = """
+import json, sys
+from llm2clip import trainjob
+trainjob.run_trainjob(trainjob.load_client(), trainjob.current_namespace(), json.loads(sys.argv[1]), poll_s=0.05)
+"""
+
+
+def test_sigterm_deletes_the_trainjob_and_exits_nonzero(tmp_path):
+    """Terminating or deleting a KFP run stops the launcher's pod with SIGTERM: Argo's emissary forwards it to the
+    process group of the command it runs (argoproj/argo-workflows workflow/executor/osspecific/signal_darwin.go,
+    Kill: syscall.Kill(-pgid); command_unix.go sets Setpgid; signal_linux.go is that file), and KFP's launcher runs
+    our Python in its own group (kubeflow/pipelines 2.16.0 backend/src/v2/component/launcher_v2.go:602, a plain
+    exec.Command). A real launcher process, sent SIGTERM while it follows a running TrainJob, must delete that
+    TrainJob (Foreground, that uid) and exit 143; the fake then removes its pods and the TrainJob."""
+    obj = build()
+    name = obj["metadata"]["name"]
+    with FakeK8sApi(states=(None,), gc_delay_s=0.3) as api:
+        env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
+        env["KUBECONFIG"] = str(kubeconfig(tmp_path, api.host, NS))
+        launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(obj)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            polls = rf"^{re.escape(trainjobs_path(name))}$"
+            deadline = time.monotonic() + 120
+            while len(api.calls("GET", polls)) < 3 and launcher.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # until it follows the TrainJob it created
+            assert launcher.poll() is None and (NS, name) in api.trainjobs
+            uid = api.trainjobs[(NS, name)]["metadata"]["uid"]
+            launcher.send_signal(signal.SIGTERM)
+            printed, _ = launcher.communicate(timeout=60)
+        finally:
+            launcher.kill()
+        assert launcher.returncode == 128 + signal.SIGTERM, printed[-3000:]
+        foreground_that_one = {"propagationPolicy": "Foreground", "preconditions": {"uid": uid}}
+        assert [r.body for r in api.calls("DELETE")] == [foreground_that_one]
+        assert f"TrainJob {name}: SIGTERM; deleted it" in printed
+        gone_by = time.monotonic() + 10
+        while (api.trainjobs or api.pods) and time.monotonic() < gone_by:
+            time.sleep(0.05)
+        assert not api.trainjobs and not api.pods
+
+
+def test_the_launcher_and_its_trainjob_end_before_the_launcher_pod_is_killed():
+    """KFP's driver sets the task's timeout as the launcher pod's activeDeadlineSeconds (kubeflow/pipelines 2.16.0
+    backend/src/v2/driver/k8s.go:526-528), after which the kubelet kills the pod, message or not. The launcher's
+    own poll timeout and the TrainJob's activeDeadlineSeconds (from its creation: kubeflow/trainer v2.3.0
+    pkg/controller/trainjob_controller.go:155-179) end DEADLINE_MARGIN_S before that, so the timeout is reported
+    and the nodes released while the launcher still runs."""
+    docs = list(yaml.safe_load_all((ROOT / "pipelines" / "llm2clip.yaml").read_text()))
+    executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    pod_timeouts = [int(e["activeDeadlineSeconds"]) for n, e in executors.items()
+                    if n.startswith("exec-train-clip-trainjob")]  # fmt: skip
+    assert pod_timeouts and set(pod_timeouts) == {trainjob.TASK_TIMEOUT_S}
+    margin = trainjob.DEADLINE_MARGIN_S
+    assert margin >= 600 and trainjob.TIMEOUT_S == trainjob.TASK_TIMEOUT_S - margin
+    assert build()["spec"]["activeDeadlineSeconds"] == trainjob.TIMEOUT_S
+    for launcher in (trainjob.run_trainjob, trainjob.train_on_nodes):
+        assert inspect.signature(launcher).parameters["timeout_s"].default == trainjob.TIMEOUT_S
 
 
 def test_failed_raises_its_reason_and_message_and_keeps_the_trainjob():
@@ -332,6 +424,25 @@ def test_the_log_survives_a_restarted_container_and_a_dropped_stream():
     assert node_lines(printed) == list(first + second)
     reads = api.calls("GET", r"/log$")
     assert len(reads) >= 3 and "sinceSeconds" in reads[1].query
+
+
+@pytest.mark.parametrize("restart", ["pod", "jobset"])
+def test_the_log_follows_node_0_into_the_pod_that_replaces_it(restart):
+    """Pods are replaced, not only restarted: an evicted or preempted node's pod fails as a whole and the Job
+    controller makes a new pod (new name, new uid) for its index, keeping the failed one (kubernetes.io/docs/
+    concepts/workloads/controllers/job, Handling Pod and container failures); a JobSet restart deletes the Jobs of
+    the old restart attempt (Foreground) and makes them again (kubernetes-sigs/jobset v0.12.0
+    pkg/controllers/jobset_controller.go:365-377, :761-783). The old and new pods carry the same node-0 labels and,
+    to the second, often the same creationTimestamp. The follower must read the old pod's log to its end, then the
+    new pod's: each line once, in order."""
+    first = tuple(f"attempt 0 line {i}" for i in range(4))
+    second = tuple(f"attempt 1 line {i}" for i in range(3))
+    with FakeK8sApi(states=(None,) * 25 + ("Complete",), node0_logs=(first, second), restart=restart) as api:
+        _, printed = run(api, build())
+    assert node_lines(printed) == list(first + second)
+    read_from = list(dict.fromkeys(r.path.split("/")[-2] for r in api.calls("GET", r"/log$")))
+    assert len(read_from) == 2  # the replaced pod's log, then its successor's
+    assert f"node 0 Running (pod {read_from[1]})" in printed
 
 
 def test_the_runner_role_allows_every_request_the_launcher_sends():

@@ -3,8 +3,9 @@
 `build_trainjob` is pure: TrainClipConfig fields + input/output locations + placement -> the TrainJob object
 (trainer.kubeflow.org/v1alpha1, field names of Trainer v2.3.0). `run_trainjob` drives it through the Kubernetes
 API: create (or adopt the one a previous attempt created), poll `status.conditions` until Complete or Failed,
-stream the node-0 trainer's log to our stdout meanwhile, delete it once it completed. `train_on_nodes` is the
-launcher component's one call.
+stream the node-0 trainer's log to our stdout meanwhile, delete it once it completed, or at once when the launcher
+is told to stop (SIGTERM: the KFP run was terminated or deleted). `train_on_nodes` is the launcher component's one
+call.
 
 How the nodes find each other: the TrainJob references our namespaced TrainingRuntime `llm2clip-torch` (torch ML
 policy); Trainer's torch plugin injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK (the pod's Job completion
@@ -17,11 +18,13 @@ environment).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from llm2clip import artifacts, storage
+from llm2clip.lifeline import Stopped
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -49,7 +53,11 @@ SPEC_ANNOTATION = "llm2clip/spec-sha256"  # what an adopting launcher compares: 
 PATCH_MANAGER = "llm2clip/launcher"  # runtimePatches owner (Trainer requires a domain-prefixed path)
 NAME_PREFIX = "llm2clip-"
 GPU_RESOURCE = "nvidia.com/gpu"
-TIMEOUT_S = 72 * 3600  # the pipeline's stage-2 task timeout; also the TrainJob's activeDeadlineSeconds
+TASK_TIMEOUT_S = 72 * 3600  # the launcher task's pod timeout (pipelines/llm2clip_pipeline.py CPU_TASKS; tested)
+# The launcher stops following, and the TrainJob's activeDeadlineSeconds ends it, this long before the launcher's
+# pod is killed: time for the pod's start (driver, artifact downloads, imports) and for the timeout to be reported.
+DEADLINE_MARGIN_S = 15 * 60
+TIMEOUT_S = TASK_TIMEOUT_S - DEADLINE_MARGIN_S  # the launcher's poll timeout and the TrainJob's activeDeadlineSeconds
 API_ERRORS = 30  # consecutive failed polls (429, 5xx, no connection) before the launcher gives up
 # What every trainer pod gets is the runtime's (manifests/components/trainer/trainingruntime.yaml): llm2clip-config
 # and llm2clip-s3 as env (secrets never in the TrainJob, where anyone who may read TrainJobs would see them), a
@@ -62,6 +70,7 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"  # = the TrainJob's name
 REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"  # JobSet's restart count when the pod was made
 
 _QUANTITY = re.compile(r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE]\+?[0-9]+))?$")
 _TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
@@ -296,16 +305,79 @@ def run_trainjob(
 
     Failed: raises TrainJobFailed with the condition's reason and message, and leaves the TrainJob for inspection
     (a retried launcher replaces it: see `_create_or_adopt`). Not finished after `timeout_s` seconds: raises
-    TimeoutError and leaves it running (its activeDeadlineSeconds still ends it; a retried launcher adopts it).
+    TimeoutError and leaves it running (its activeDeadlineSeconds, equal to `timeout_s` in `train_on_nodes`, ends
+    it; a retried launcher adopts it).
+
+    SIGTERM (terminating or deleting the KFP run stops the launcher's pod this way; called from the main thread
+    only, where Python runs signal handlers): deletes the TrainJob if it carries this request's spec digest, with
+    propagationPolicy Foreground (its JobSet and pods go first), then raises SystemExit(128 + SIGTERM). Without
+    this the nodes would hold their GPUs until activeDeadlineSeconds. A retry of the task creates it again, and
+    stage 2 resumes from the output's latest checkpoint.
 
     No ownerReference to the launcher pod: KFP retries a failed task with a new pod, and a TrainJob owned by the
-    old pod would be garbage-collected under the new launcher that adopted it. Deleting on success, and the
-    deadline, keep TrainJobs from piling up instead.
+    old pod would be garbage-collected under the new launcher that adopted it. Deleting on success and on SIGTERM,
+    and the deadline, keep TrainJobs from piling up instead.
     """
     from kubernetes import client
 
     out = out or sys.stdout
     objects, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+    name = trainjob["metadata"]["name"]
+    with _sigterm_raises():
+        try:
+            current = _follow_to_the_end(objects, core, namespace, trainjob, poll_s, timeout_s, out, clock)
+            _delete(objects, namespace, name)
+        except Stopped as t:
+            _delete_on_termination(objects, namespace, trainjob, t.signum, out)
+            raise SystemExit(128 + t.signum) from None
+    print(f"TrainJob {name}: complete, deleted", file=out, flush=True)
+    return current
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While inside: SIGTERM raises lifeline.Stopped (a BaseException: the `except Exception` that retries transient
+    API errors cannot swallow it) in the main thread; elsewhere no signal handler can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        signal.signal(signum, signal.SIG_IGN)  # one clean-up: a second SIGTERM must not interrupt it
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _delete_on_termination(objects, namespace: str, trainjob: Mapping[str, Any], signum: int, out: TextIO) -> None:
+    """The launcher was told to stop: delete the TrainJob if it is this request's (by its spec digest; that very
+    object, by uid). Foreground: the API server keeps it, with a deletionTimestamp, until the garbage collector
+    has deleted its JobSet, Jobs and pods (Trainer v2.3.0 makes the TrainJob the JobSet's controller owner with
+    blockOwnerDeletion: kubeflow/trainer v2.3.0 pkg/runtime/framework/plugins/jobset/jobset.go:427-433); not waited
+    for, the pod's grace period is short and the deletion goes on without us."""
+    name = trainjob["metadata"]["name"]
+    what = signal.Signals(signum).name
+    existing = _get(objects, namespace, name)
+    if existing is None:
+        print(f"TrainJob {name}: {what}; it does not exist, nothing to delete", file=out, flush=True)
+        return
+    meta = existing.get("metadata") or {}
+    if (meta.get("annotations") or {}).get(SPEC_ANNOTATION) != trainjob["metadata"]["annotations"][SPEC_ANNOTATION]:
+        print(f"TrainJob {name}: {what}; the TrainJob of that name is not this request's, left alone", file=out,
+              flush=True)  # fmt: skip
+        return
+    _delete(objects, namespace, name, uid=meta.get("uid"), foreground=True)
+    print(f"TrainJob {name}: {what}; deleted it (foreground: its pods go first, releasing their GPUs). A retry of "
+          "this task creates it again and resumes from the latest checkpoint", file=out, flush=True)  # fmt: skip
+
+
+def _follow_to_the_end(objects, core, namespace: str, trainjob: Mapping[str, Any], poll_s: float, timeout_s: float,
+                       out: TextIO, clock: Callable[[], float]) -> dict:  # fmt: skip
+    """Create or adopt, then poll until Complete (returned) or Failed/timeout (raised), following node 0's log."""
     name = trainjob["metadata"]["name"]
     _create_or_adopt(objects, namespace, trainjob, out, poll_s, clock)
     stop = threading.Event()
@@ -327,9 +399,11 @@ def run_trainjob(
                 continue
             if current is None:
                 raise RuntimeError(f"TrainJob {namespace}/{name} disappeared while running (deleted by someone else?)")
+            if (current.get("metadata") or {}).get("deletionTimestamp"):
+                raise RuntimeError(f"TrainJob {namespace}/{name} is being deleted (by someone else?) while running")
             if condition(current, "Complete"):
                 finished = True
-                break
+                return current
             if failed := condition(current, "Failed"):
                 finished = True
                 raise TrainJobFailed(
@@ -349,9 +423,6 @@ def run_trainjob(
     finally:
         stop.set()  # the log of a finished container ends by itself; a running one's (timeout) is not waited for
         follower.join(timeout=max(30.0, 3 * poll_s) if finished else 0)
-    _delete(objects, namespace, name)
-    print(f"TrainJob {name}: complete, deleted", file=out, flush=True)
-    return current
 
 
 def _transient(e: Exception) -> bool:
@@ -380,26 +451,44 @@ def _get(objects, namespace: str, name: str) -> dict | None:
         raise
 
 
-def _delete(objects, namespace: str, name: str, **kwargs: Any) -> None:
-    """Delete the TrainJob; already gone is fine."""
+def _delete(objects, namespace: str, name: str, uid: str | None = None, foreground: bool = False) -> None:
+    """Delete the TrainJob (only the object with `uid`, if given; not a newer one of the same name); already gone is
+    fine. `foreground`: propagationPolicy Foreground, the object stays (with a deletionTimestamp) until its
+    dependents are gone. The options travel in the body: the API server reads DeleteOptions from the body when
+    there is one, from the query only otherwise (kubernetes/kubernetes
+    staging/src/k8s.io/apiserver/pkg/endpoints/handlers/delete.go, DeleteResource, at 02e16cb)."""
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
+    options = client.V1DeleteOptions(propagation_policy="Foreground" if foreground else None,
+                                     preconditions=client.V1Preconditions(uid=uid) if uid else None)  # fmt: skip
     try:
-        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, **kwargs)
+        objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=options)
     except ApiException as e:
-        if e.status != 404:
-            raise
+        if e.status == 404 or (e.status == 409 and uid):  # 409: the uid precondition failed, that one is gone
+            return
+        raise
+
+
+def _wait_gone(objects, namespace: str, name: str, poll_s: float, clock: Callable[[], float], what: str) -> None:
+    """Wait (up to 600 s) until the TrainJob `name` no longer exists: a foreground deletion removes its pods first."""
+    gone_by = clock() + 600
+    while _get(objects, namespace, name) is not None:
+        if clock() >= gone_by:
+            raise TimeoutError(f"TrainJob {namespace}/{name}: {what} is still being deleted after 600 s")
+        time.sleep(poll_s)
 
 
 def _create_or_adopt(objects, namespace: str, trainjob: Mapping[str, Any], out: TextIO, poll_s: float,
                      clock: Callable[[], float]) -> None:  # fmt: skip
     """Create; on 409 adopt the existing TrainJob if it carries our spec digest, else raise naming it. An existing
     one that had Failed is the previous attempt of a retried task: replaced (deleted, then created again), so the
-    retry trains (resuming from the output's latest checkpoint) instead of reporting the old failure again."""
+    retry trains (resuming from the output's latest checkpoint) instead of reporting the old failure again. One
+    that is being deleted (a terminated launcher's, say) is waited for, then created again."""
     from kubernetes.client.exceptions import ApiException
 
     name, want = trainjob["metadata"]["name"], trainjob["metadata"]["annotations"][SPEC_ANNOTATION]
-    for _ in range(2):
+    for _ in range(3):
         try:
             objects.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, dict(trainjob))
             print(f"TrainJob {name}: created in {namespace}", file=out, flush=True)
@@ -410,25 +499,26 @@ def _create_or_adopt(objects, namespace: str, trainjob: Mapping[str, Any], out: 
         existing = _get(objects, namespace, name)
         if existing is None:  # deleted between our POST and GET: try again
             continue
-        have = ((existing.get("metadata") or {}).get("annotations") or {}).get(SPEC_ANNOTATION)
+        meta = existing.get("metadata") or {}
+        have = (meta.get("annotations") or {}).get(SPEC_ANNOTATION)
         if have != want:
             raise RuntimeError(
                 f"TrainJob {namespace}/{name} already exists and was not created for this request (its "
                 f"{SPEC_ANNOTATION} is {have!r}, this request's {want!r}); delete it "
                 f"(kubectl -n {namespace} delete trainjob {name}) or write to another output"
             )
+        if meta.get("deletionTimestamp"):  # a POST gets 409 until the object is really gone
+            print(f"TrainJob {name}: an earlier one is being deleted; waiting for it to go", file=out, flush=True)
+            _wait_gone(objects, namespace, name, poll_s, clock, "the earlier one")
+            continue
         failed = condition(existing, "Failed")
         if not failed:
             print(f"TrainJob {name}: adopted (created by an earlier attempt)", file=out, flush=True)
             return
         print(f"TrainJob {name}: the earlier attempt failed ({failed.get('reason')}: {failed.get('message')}); "
               "replacing it", file=out, flush=True)  # fmt: skip
-        _delete(objects, namespace, name, propagation_policy="Foreground")
-        gone_by = clock() + 600
-        while _get(objects, namespace, name) is not None:  # finalizers: the old pods go first
-            if clock() >= gone_by:
-                raise TimeoutError(f"TrainJob {namespace}/{name}: the failed one is still being deleted after 600 s")
-            time.sleep(poll_s)
+        _delete(objects, namespace, name, uid=meta.get("uid"), foreground=True)
+        _wait_gone(objects, namespace, name, poll_s, clock, "the failed one")
     raise RuntimeError(f"TrainJob {namespace}/{name}: could neither create nor adopt it")
 
 
@@ -442,13 +532,25 @@ def node0_selector(name: str) -> str:
 
 def _follow_node0_log(core, namespace: str, name: str, out: TextIO, stop: threading.Event, poll_s: float) -> None:
     """Copy node 0's trainer log to `out`, prefixed `node-0 | `, until `stop`. Each container (a pod's uid and the
-    container's restart count) is followed once from its start; a stream that ends while the same container still
-    runs (a dropped connection) resumes after the last line seen (log timestamps), so nothing prints twice. The
-    log is a convenience: should following it break, the TrainJob is still followed to its end."""
+    container's restart count) is followed once from its start, the oldest first: a container restarted in its
+    pod, and a pod replaced by a new one (new name and uid: an evicted pod's successor, a JobSet restart's new
+    attempt), are each read to the end before the next. A stream that ends while the same container still runs (a
+    dropped connection) resumes after the last line seen (log timestamps), so nothing prints twice. The log is a
+    convenience: should following it break, the TrainJob is still followed to its end."""
     try:
         _follow(core, namespace, name, out, stop, poll_s)
     except Exception as e:
         print(f"TrainJob {name}: stopped following node 0's log ({e!r})", file=out, flush=True)
+
+
+def _pod_age(pod) -> tuple:
+    """Sort key, older first: JobSet restart attempt, then creation time (whole seconds), then a finished pod
+    before a running one (an evicted pod and its replacement often share the creation second)."""
+    labels = pod.metadata.labels or {}
+    attempt = int(labels.get(RESTART_ATTEMPT_LABEL, "0") or 0)
+    created = pod.metadata.creation_timestamp or datetime.min.replace(tzinfo=UTC)
+    phase = pod.status.phase if pod.status else None
+    return attempt, created, phase not in ("Succeeded", "Failed")
 
 
 def _follow(core, namespace: str, name: str, out: TextIO, stop: threading.Event, poll_s: float) -> None:
@@ -472,27 +574,28 @@ def _follow(core, namespace: str, name: str, out: TextIO, stop: threading.Event,
         except ApiException as e:
             print(f"TrainJob {name}: cannot list its pods ({e.status} {e.reason})", file=out, flush=True)
             pods = None
-        if pods is None or not pods:
+        if not pods:
             if pause():
                 return
             continue
-        pods = [p for p in pods if not p.metadata.deletion_timestamp] or pods
-        pod = max(pods, key=lambda p: p.metadata.creation_timestamp or datetime.min.replace(tzinfo=UTC))
-        status = _container_status(pod)
-        state = _describe(pod, status)
+        pods.sort(key=_pod_age)
+        newest = ([p for p in pods if not p.metadata.deletion_timestamp] or pods)[-1]
+        state = _describe(newest, _container_status(newest))
         if state != shown_state:  # Pending, ContainerCreating, ImagePullBackOff... once each, as they change
             print(f"TrainJob {name}: node 0 {state}", file=out, flush=True)
             shown_state = state
-        started = status is not None and status.state is not None and (status.state.running or status.state.terminated)
-        key = (pod.metadata.uid, status.restart_count or 0) if started else None
-        if key is None or key in done:
+        unread = [(pod, key) for pod in pods if (key := _started(pod)) is not None and key not in done]
+        if not unread:
             if pause():
                 return
             continue
+        pod, key = unread[0]  # the oldest container not read to its end
         try:
             _stream(core, namespace, pod.metadata.name, key, last, out)
         except ApiException as e:  # not started yet after all, or the pod went away: look again
-            if e.status not in (400, 404):
+            if e.status == 404:
+                done.add(key)  # gone with its log
+            elif e.status != 400:
                 print(f"TrainJob {name}: reading node 0's log failed ({e.status} {e.reason})", file=out, flush=True)
             if pause():
                 return
@@ -507,6 +610,14 @@ def _follow(core, namespace: str, name: str, out: TextIO, stop: threading.Event,
             done.add(key)  # that container is over: its whole log was read
         elif stop.is_set():
             return
+
+
+def _started(pod) -> tuple[str, int] | None:
+    """(pod uid, restart count) of the pod's trainer container if it is running or ran, else None."""
+    status = _container_status(pod)
+    if status is None or status.state is None or not (status.state.running or status.state.terminated):
+        return None
+    return pod.metadata.uid, status.restart_count or 0
 
 
 def _read_pod(core, namespace: str, pod: str):
