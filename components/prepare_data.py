@@ -16,9 +16,10 @@ def prepare_data(
     seed: int,
     cache_groups: int,
     store: str = "",
-) -> list:
-    """Validated train + eval shards, stats and rejects. Returns the shard groups the cache fans out over.
-    `store` (LLM2CLIP_STORE, from locate_store) is an input only so that it enters the cache key."""
+) -> list[dict[str, int]]:
+    """Validated train + eval shards, stats and rejects. Returns the shard groups the cache fans out over, typed so
+    that each loop item compiles as a dict (STRUCT), the type of cache_caption_embeddings' `group` (the KFP driver
+    refuses a STRING item there). `store` (LLM2CLIP_STORE, from locate_store) only enters the cache key."""
     from llm2clip.artifacts import output_location, point
     from llm2clip.data import PrepareDataConfig, prepare_data
 

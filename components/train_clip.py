@@ -21,8 +21,9 @@ def train_clip(
     dtype: str,
     nproc: int = 1,
     enabled: bool = True,
-):
-    """Model + manifest from the cache (no LLM); enabled=False writes a "skipped" manifest evaluate leaves out."""
+) -> str:
+    """Model + manifest from the cache (no LLM); returns their location, which the cluster pipeline hands on
+    (train_clip_on_nodes). enabled=False writes a "skipped" manifest evaluate leaves out."""
     from llm2clip.artifacts import output_location, point, resolve, write_manifest
 
     out = output_location(vision_model.path, vision_model.uri)
@@ -30,21 +31,13 @@ def train_clip(
         cfg = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
         write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
         point(vision_model.path, out)
-        return
+        return out
     from llm2clip.train_clip import TrainClipConfig, launch
 
-    cfg = TrainClipConfig(
-        text_source="llm",
-        model=model,
-        pretrained=pretrained or None,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr or None,  # 0: the recipe's (scratch or pretrained)
-        seed=seed,
-        center_text=center_text,
-        device=device,
-        dtype=dtype,
-    )
+    cfg = TrainClipConfig(text_source="llm", model=model, pretrained=pretrained or None, epochs=epochs,
+                          batch_size=batch_size, lr=lr or None, seed=seed, center_text=center_text, device=device,
+                          dtype=dtype)  # lr 0, pretrained "": the recipe's  # fmt: skip
     result = launch(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], nproc)
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "llm", "location": out, **result})
+    return out

@@ -28,23 +28,23 @@ def train_clip_trainjob(
     tolerations: list,
     image: str,
     enabled: bool = True,
-):
+) -> str:
     """As train_clip, on nodes x nproc processes (gpus, node_cpu, node_memory per node); this pod asks for no GPU."""
     from llm2clip.artifacts import output_location, point, resolve, write_manifest
 
     out = output_location(vision_model.path, vision_model.uri)
+    fields = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
     if not enabled:
-        cfg = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
-        write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
+        write_manifest(out, "train_clip", fields, {}, skipped="not requested (pipeline parameter ablations=False)")
         point(vision_model.path, out)
-        return
+        return out
     from llm2clip.train_clip import TrainClipConfig
     from llm2clip.trainjob import NodePlacement, train_on_nodes
 
-    cfg = TrainClipConfig(text_source="llm", model=model, pretrained=pretrained or None, epochs=epochs,
-                          batch_size=batch_size, lr=lr or None, seed=seed, center_text=center_text, device=device,
+    cfg = TrainClipConfig(**fields, pretrained=pretrained or None, batch_size=batch_size, lr=lr or None, device=device,
                           dtype=dtype)  # fmt: skip
     place = NodePlacement(nodes, nproc, image, gpus, node_cpu, node_memory, node_selector, tolerations)
     result = train_on_nodes(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], place)
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "llm", "location": out, "nodes": nodes, **result})
+    return out

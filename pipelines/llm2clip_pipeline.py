@@ -16,7 +16,9 @@ from kfp.dsl import Dataset, Input, Model
 from kfp.dsl.pipeline_channel import PipelineChannel
 from llm2clip.components import (
     cache_caption_embeddings,
+    collect_vision_model,
     evaluate,
+    format_gpu_limit,
     locate_store,
     prepare_data,
     train_clip,
@@ -28,8 +30,10 @@ from llm2clip.components import image as images
 
 PIPELINE_NAME = "llm2clip"
 COMPILED = Path(__file__).parent / "llm2clip.yaml"
-CPU_IMAGE = images.IMAGE_CPU  # images/Dockerfile, VARIANT=cpu
-GPU_IMAGE = images.IMAGE_GPU  # VARIANT=cuda
+GPU_IMAGE = images.IMAGE_GPU  # images/Dockerfile, VARIANT=cuda
+# The CPU tasks run the same image by default: it runs on CPU nodes, and it builds from the repository's hash-locked
+# files (the VARIANT=cpu image, IMAGE_CPU, is smaller; pass it as cpu_image where you build it).
+CPU_IMAGE = GPU_IMAGE
 
 # ---- names shared with manifests/ (listed in manifests/names.json; tests check both sides agree)
 S3_SECRET = "llm2clip-s3"  # a literal: a Secret name from a pipeline parameter fails inside ParallelFor
@@ -52,6 +56,8 @@ GPU_RETRY = dict(num_retries=2, backoff_duration="120s", backoff_factor=2.0, bac
 # attempt, so a hung task ends instead of holding its node.
 CPU_TASKS = {
     "locate_store": ("250m", "1", "512Mi", "1Gi", 0.25),
+    "format_gpu_limit": ("250m", "1", "512Mi", "1Gi", 0.25),
+    "collect_vision_model": ("250m", "1", "512Mi", "1Gi", 0.25),
     "prepare_data": ("2", "4", "8Gi", "16Gi", 24),
     "evaluate": ("4", "8", "16Gi", "32Gi", 12),
     # stage 2 on train_nodes > 1: the pod only creates and follows the TrainJob; its nodes ask for the GPUs
@@ -81,10 +87,14 @@ def on_pod(task: dsl.PipelineTask, image, cpu: tuple, memory: tuple, timeout_h: 
     return task
 
 
-def on_gpu(task: dsl.PipelineTask, gpus, node_selector, tolerations) -> dsl.PipelineTask:
-    """What a GPU step's pod adds: `gpus` GPUs, the GPU nodes' selector and tolerations, /dev/shm, retries."""
-    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpus)
-    passed_in(task, gpus)
+def on_gpu(task: dsl.PipelineTask, gpu_limit, node_selector, tolerations) -> dsl.PipelineTask:
+    """What a GPU step's pod adds: `gpu_limit` GPUs, the GPU nodes' selector and tolerations, /dev/shm, retries.
+
+    `gpu_limit` must be a string channel (format_gpu_limit's output): the KFP driver resolves the accelerator count
+    with GetStringValue, which is "" for a number, and then sets no limit (kubeflow/pipelines 2.16.0
+    backend/src/v2/driver/driver.go:380-411 and resolve.go:810-823; 2.17.0 driver.go:415-446, resolve.go:818-831)."""
+    task.set_accelerator_type(GPU_RESOURCE).set_accelerator_limit(gpu_limit)
+    passed_in(task, gpu_limit)
     kubernetes.add_node_selector_json(task, node_selector)
     kubernetes.add_toleration_json(task, tolerations)
     kubernetes.empty_dir_mount(task, "dshm", "/dev/shm", medium="Memory", size_limit=SHM_SIZE)
@@ -110,22 +120,30 @@ def train_clip_on_nodes(
     cpu_image: str,
     gpu_image: str,
     gpus: int,
+    gpu_limit: str,
     gpu_node_selector: dict,
     gpu_tolerations: list,
     gpu_task_cpu: str,
     gpu_task_memory: str,
 ) -> Model:
     """One LLM-taught stage-2 training on the cluster. nodes 1: train_clip in its own GPU pod (torchrun, nproc
-    processes); more: train_clip_trainjob, a pod without GPU that runs a Kubeflow Trainer TrainJob of `nodes` nodes,
-    each with the GPU task's GPUs, CPU, memory, selector and tolerations. A sub-pipeline because kfp 2.17 cannot
-    compile a ParallelFor's dsl.Collected output consumed inside a dsl.If (KeyError 'for-loop-N')."""
+    processes, `gpu_limit` GPUs); more: train_clip_trainjob, a pod without GPU that runs a Kubeflow Trainer TrainJob
+    of `nodes` nodes, each with `gpus` GPUs and the GPU task's CPU, memory, selector and tolerations. A sub-pipeline
+    because kfp 2.17 cannot compile a ParallelFor's dsl.Collected output consumed inside a dsl.If (KeyError
+    'for-loop-N').
+
+    The model reaches the caller through a parameter dsl.OneOf of the location the branch that ran returns, made an
+    artifact again by collect_vision_model: an artifact OneOf resolves to the last branch on KFP backend 2.16.x
+    (kubeflow/pipelines issue 13436; 2.16.0 backend/src/v2/driver/resolve.go:1037-1041 takes the last artifact
+    selector), while a parameter OneOf takes the first selector whose task completed or was cached (resolve.go:
+    1061-1091; a branch not taken is CANCELED, backend/src/v2/metadata/client.go:610)."""
     args = dict(dataset=dataset, caption_embeddings=caption_embeddings, model=model, pretrained=pretrained,
                 epochs=epochs, batch_size=batch_size, lr=lr, nproc=nproc, seed=seed, center_text=center_text,
                 device=device, dtype=dtype, enabled=enabled)  # fmt: skip
     with dsl.If(nodes == 1, name="one-node"):
         one = train_clip(**args).set_display_name("train_clip")
         on_pod(one, gpu_image, (gpu_task_cpu,) * 2, (gpu_task_memory,) * 2, GPU_TIMEOUT_H["train_clip"])
-        on_gpu(one, gpus, gpu_node_selector, gpu_tolerations)
+        on_gpu(one, gpu_limit, gpu_node_selector, gpu_tolerations)
     with dsl.Else(name="trainjob"):
         many = train_clip_trainjob(nodes=nodes, gpus=gpus, node_cpu=gpu_task_cpu, node_memory=gpu_task_memory,
                                    node_selector=gpu_node_selector, tolerations=gpu_tolerations, image=gpu_image,
@@ -133,7 +151,10 @@ def train_clip_on_nodes(
         cpu_req, cpu_lim, mem_req, mem_lim, timeout_h = CPU_TASKS["train_clip_trainjob"]
         on_pod(many, cpu_image, (cpu_req, cpu_lim), (mem_req, mem_lim), timeout_h)
         many.set_retry(**GPU_RETRY)  # a retried launcher adopts its TrainJob (named after the output location)
-    return dsl.OneOf(one.outputs["vision_model"], many.outputs["vision_model"])
+    model = collect_vision_model(location=dsl.OneOf(one.outputs["Output"], many.outputs["Output"]))
+    cpu_req, cpu_lim, mem_req, mem_lim, timeout_h = CPU_TASKS["collect_vision_model"]
+    on_pod(model.set_display_name("collect_vision_model"), cpu_image, (cpu_req, cpu_lim), (mem_req, mem_lim), timeout_h)
+    return model.outputs["vision_model"]
 
 
 def build_pipeline(on_cluster: bool):
@@ -213,7 +234,8 @@ def build_pipeline(on_cluster: bool):
             "bfloat16" or "float16"; every manifest records the one used.
         On a cluster only (kfp.local ignores them):
         cpu_image / gpu_image: the images of the CPU tasks (locate_store, prepare_data, evaluate) and of the GPU
-            steps (stage 1, both cache fan-outs, every stage-2 training).
+            steps (stage 1, both cache fan-outs, every stage-2 training). Both default to the CUDA image, which
+            also runs on CPU nodes; a smaller CPU-only build of your own can go in cpu_image.
         gpus: GPUs each GPU step requests (nvidia.com/gpu); only stage 2 uses more than one (train_nproc); 0
             runs the GPU steps on CPU nodes (with gpu_node_selector {} and gpu_tolerations []).
         gpu_node_selector / gpu_tolerations: the GPU steps' nodeSelector (JSON object) and tolerations (JSON list),
@@ -231,11 +253,14 @@ def build_pipeline(on_cluster: bool):
                 on_pod(task, cpu_image, (cpu_req, cpu_lim), (mem_req, mem_lim), timeout_h)
             return task
 
+        # the GPU steps' accelerator count, as the string the backend needs (on_gpu); kfp.local has no pods
+        gpu_limit = cpu_task(format_gpu_limit(gpus=gpus), "format_gpu_limit").output if on_cluster else None
+
         def gpu_task(task: dsl.PipelineTask, name: str, display_name: str) -> dsl.PipelineTask:
             task.set_display_name(display_name)
             if on_cluster:
                 on_pod(task, gpu_image, (gpu_task_cpu,) * 2, (gpu_task_memory,) * 2, GPU_TIMEOUT_H[name])
-                on_gpu(task, gpus, gpu_node_selector, gpu_tolerations)
+                on_gpu(task, gpu_limit, gpu_node_selector, gpu_tolerations)
             return task
 
         # The store (LLM2CLIP_STORE) enters prepare_data's cache key, read by a task that is never cached; every
@@ -283,9 +308,9 @@ def build_pipeline(on_cluster: bool):
             args.update(center_text=center_text, enabled=enabled, **train_args)
             if not on_cluster:  # kfp.local: one process tree on this machine (run --local refuses train_nodes > 1)
                 return gpu_task(train_clip(**args), "train_clip", display_name).outputs["vision_model"]
-            placement = dict(cpu_image=cpu_image, gpu_image=gpu_image, gpus=gpus, gpu_task_cpu=gpu_task_cpu,
-                             gpu_task_memory=gpu_task_memory, gpu_node_selector=gpu_node_selector,
-                             gpu_tolerations=gpu_tolerations)  # fmt: skip
+            placement = dict(cpu_image=cpu_image, gpu_image=gpu_image, gpus=gpus, gpu_limit=gpu_limit,
+                             gpu_task_cpu=gpu_task_cpu, gpu_task_memory=gpu_task_memory,
+                             gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations)  # fmt: skip
             return train_clip_on_nodes(nodes=train_nodes, **args, **placement).set_display_name(display_name).output
 
         # LLM2CLIP embeds with the tuned LLM as it was tuned; the raw-LLM baseline with the frozen LLM as it is

@@ -72,11 +72,13 @@ def flow(tmp_path_factory):
     )
     models = {k: art(dsl.Model, root / k) for k in ("llm2clip", "raw", "clip", "nocenter", "skipped")}
     llm_args = dict(dataset=dataset, center_text=True, **train_args)
-    components.train_clip.python_func(caption_embeddings=caches["tuned"], vision_model=models["llm2clip"], **llm_args)
+    out["location"] = components.train_clip.python_func(
+        caption_embeddings=caches["tuned"], vision_model=models["llm2clip"], **llm_args
+    )
     components.train_clip.python_func(caption_embeddings=caches["raw"], vision_model=models["raw"], **llm_args)
     llm_args["center_text"] = False
     components.train_clip.python_func(caption_embeddings=caches["tuned"], vision_model=models["nocenter"], **llm_args)
-    components.train_clip.python_func(
+    out["skipped_location"] = components.train_clip.python_func(
         caption_embeddings=caches["raw"], vision_model=models["skipped"], enabled=False, **llm_args
     )
     components.train_clip_baseline.python_func(dataset=dataset, vision_model=models["clip"], **train_args)
@@ -129,6 +131,40 @@ def test_train_components(flow):
         assert (Path(m.path) / "model.safetensors").exists() == (name != "skipped")
     skipped = json.loads((Path(flow["models"]["skipped"].path) / "manifest.json").read_text())
     assert "not requested" in skipped["skipped"] and skipped["config"]["center_text"] is False
+
+
+def test_train_component_returns_where_its_model_is(flow):
+    """What train_clip_on_nodes hands to collect_vision_model; without a store, the artifact's own directory."""
+    assert flow["location"] == flow["models"]["llm2clip"].path
+    assert flow["skipped_location"] == flow["models"]["skipped"].path
+
+
+def test_format_gpu_limit_component():
+    """The accelerator count as text (the KFP driver reads a number there as ''); a bad `gpus` is named."""
+    assert [components.format_gpu_limit.python_func(gpus=n) for n in (0, 1, 8)] == ["0", "1", "8"]
+    with pytest.raises(ValueError, match=r"^gpus=-1: must be a whole number >= 0"):
+        components.format_gpu_limit.python_func(gpus=-1)
+
+
+def test_collect_vision_model_component_points_at_the_store(s3_env, tmp_path):
+    """The stage-2 model of the branch that ran, as an artifact pointing at its location in the store."""
+    from llm2clip import artifacts, storage
+
+    trained, skipped = storage.join(s3_env, "trained"), storage.join(s3_env, "skipped")
+    artifacts.write_manifest(trained, "train_clip", {"text_source": "llm"}, {}, metrics={"loss_last": 0.5})
+    artifacts.write_manifest(skipped, "train_clip", {"text_source": "llm"}, {}, skipped="not requested")
+    for location, metadata in ((trained, {"loss_last": 0.5}), (skipped, {"skipped": "not requested"})):
+        model = art(dsl.Model, tmp_path / location.rsplit("/", 1)[-1])
+        components.collect_vision_model.python_func(location=location, vision_model=model)
+        assert artifacts.resolve(model.path) == location
+        assert model.metadata == {"location": location, **metadata}
+        copied = json.loads((Path(model.path) / artifacts.MANIFEST).read_text())
+        assert copied == storage.read_json(storage.join(location, artifacts.MANIFEST))
+    with pytest.raises(ValueError, match=r"^location='/pod/local': .* set LLM2CLIP_STORE"):
+        components.collect_vision_model.python_func(location="/pod/local", vision_model=art(dsl.Model, tmp_path / "x"))
+    with pytest.raises(FileNotFoundError, match="nothing-here has no manifest.json"):
+        gone = storage.join(s3_env, "nothing-here")
+        components.collect_vision_model.python_func(location=gone, vision_model=art(dsl.Model, tmp_path / "y"))
 
 
 def test_evaluate_component(flow):

@@ -10,11 +10,22 @@ from pathlib import Path
 
 import pytest
 import yaml
+from llm2clip.components import image as images
 from llm2clip.pipelines import llm2clip_pipeline as pipeline
 
 NAMES = Path(__file__).parents[1] / "manifests" / "names.json"
 GPU_COMPONENTS = {"tune-caption-encoder", "cache-caption-embeddings", "train-clip", "train-clip-baseline"}
-CPU_COMPONENTS = {"locate-store", "prepare-data", "evaluate", "train-clip-trainjob"}
+CPU_COMPONENTS = {
+    "locate-store",
+    "format-gpu-limit",
+    "prepare-data",
+    "evaluate",
+    "train-clip-trainjob",
+    "collect-vision-model",
+}
+# The GPU steps' accelerator count: format_gpu_limit's output (a string, see tests/test_backend_rules.py), passed
+# into each training sub-pipeline as its input gpu_limit.
+GPU_LIMITS = ("format-gpu-limit-Output", "gpu_limit")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +68,7 @@ def test_gpu_settings_only_on_gpu_executors(compiled):
         container, k8s = ex["container"], compiled["k8s"][label]
         accelerator = container["resources"].get("accelerator")
         if kind(label) == "gpu":
-            assert accelerator["resourceCount"] == param("gpus"), label
+            assert accelerator["resourceCount"] in [param(name) for name in GPU_LIMITS], label
             assert accelerator["resourceType"] == pipeline.GPU_RESOURCE, label
             assert container["image"] == param("gpu_image"), label
             assert k8s["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"].endswith("gpu_node_selector")
@@ -146,6 +157,9 @@ def test_placement_parameters_and_their_defaults(compiled):
     assert defaults["gpu_tolerations"] == []
     assert "image" not in defaults  # replaced by cpu_image and gpu_image
     assert (defaults["cpu_image"], defaults["gpu_image"]) == (pipeline.CPU_IMAGE, pipeline.GPU_IMAGE)
+    # a default must build from the repository: the CUDA image does (hash-locked) and runs on CPU nodes too; the
+    # VARIANT=cpu image's torch lock has no hashes (tests/test_images.py)
+    assert defaults["cpu_image"] == defaults["gpu_image"] == images.IMAGE_GPU
 
 
 def test_retries_with_backoff_on_gpu_steps_only(compiled):
@@ -189,6 +203,8 @@ def test_every_task_has_a_display_name(compiled):
         "train_clip (llm2clip_raw_llm, no centring)",
         "train_clip_baseline",
         "evaluate",
+        "format_gpu_limit",
+        "collect_vision_model",  # one in each training sub-pipeline
     }
 
 
@@ -201,6 +217,14 @@ def test_the_store_enters_the_cache_key(compiled):
     for dag, name, task in compiled["tasks"]:
         if executor(compiled, task) and name not in ("locate-store", "prepare-data"):
             assert task["cachingOptions"]["enableCache"] is True, name
+            if name == "format-gpu-limit":  # a function of `gpus` alone, the same in every store
+                assert set(task["inputs"]["parameters"]) == {"gpus", "pipelinechannel--cpu_image", "base_image"}
+                continue
+            if name == "collect-vision-model":  # the location a training wrote, a new one for a new dataset
+                location = task["inputs"]["parameters"]["location"]["taskOutputParameter"]
+                assert location["producerTask"].startswith("condition-branches"), name
+                assert "artifacts" not in task["inputs"], name
+                continue
             dataset = task["inputs"]["artifacts"]["dataset"]
             assert dataset.get("taskOutputArtifact", {}).get("producerTask") == "prepare-data" or (
                 dag != "root"
@@ -233,7 +257,9 @@ def test_training_processes_follow_train_nproc(compiled):
 
 def test_train_nodes_picks_one_pod_or_a_trainjob_whose_launcher_has_no_gpu(compiled):
     """train_nodes == 1: train_clip in a GPU pod; otherwise train_clip_trainjob, a CPU pod that passes the GPU
-    placement on to the TrainJob's nodes; the sub-pipeline returns whichever ran (dsl.OneOf)."""
+    placement on to the TrainJob's nodes; the sub-pipeline returns the model of whichever ran, through a parameter
+    dsl.OneOf of their locations that collect_vision_model makes an artifact again (an artifact OneOf resolves to
+    the last branch on KFP 2.16.x: tests/test_backend_rules.py)."""
     spec = compiled["spec"]
     conditions = {dag: task for dag, _, task in compiled["tasks"] if "triggerPolicy" in task}
     kinds = {}
@@ -257,7 +283,16 @@ def test_train_nodes_picks_one_pod_or_a_trainjob_whose_launcher_has_no_gpu(compi
     for mine, theirs in placement.items():
         assert passed[mine] == f"pipelinechannel--{theirs}", mine
     sub = next(c for k, c in spec["components"].items() if k.startswith("comp-train-clip-on-nodes"))
-    assert "oneof" in json.dumps(sub["dag"]["outputs"])
+    [output] = sub["dag"]["outputs"]["artifacts"].values()
+    assert output["artifactSelectors"] == [
+        {"outputArtifactKey": "vision_model", "producerSubtask": "collect-vision-model"}
+    ]
+    location = sub["dag"]["tasks"]["collect-vision-model"]["inputs"]["parameters"]["location"]["taskOutputParameter"]
+    branches = spec["components"][sub["dag"]["tasks"][location["producerTask"]]["componentRef"]["name"]]
+    [oneof] = branches["dag"]["outputs"]["parameters"].values()
+    chosen = {(s["producerSubtask"], s["outputParameterKey"]) for s in oneof["valueFromOneof"]["parameterSelectors"]}
+    assert chosen == {("condition-2", "pipelinechannel--train-clip-Output"),
+                      ("condition-3", "pipelinechannel--train-clip-trainjob-Output")}  # fmt: skip
 
 
 def test_the_local_pipeline_has_the_same_parameters_and_no_pod_settings():
