@@ -380,7 +380,15 @@ def cache_info(cache_dirs: list[str]) -> dict:
         if identity is None:
             identity, dim = manifest["encoder"], manifest["dim"]
         elif manifest["encoder"] != identity or manifest["dim"] != dim:
-            raise ValueError(f"cache {d} was made by another encoder than {cache_dirs[0]}: {manifest['encoder']}")
+            other = manifest["encoder"]
+            differ = sorted(k for k in identity.keys() | other.keys() if identity.get(k) != other.get(k))
+            prints = [", ".join(f"{k} {e.get(k)}" for k in ("base_fingerprint", "adapter_fingerprint")) for e in
+                      (identity, other)]  # fmt: skip
+            raise ValueError(
+                f"caption-embedding caches of two encoders: {cache_dirs[0]} ({prints[0]}, dim {dim}) and {d} "
+                f"({prints[1]}, dim {manifest['dim']}) differ in {differ or ['dim']}; stage 2 reads one embedding "
+                "space: give the shard groups of one cache run (one LLM, one adapter or none)"
+            )
         count += manifest["count"]
     if identity is None:
         raise ValueError("no caption-embedding cache given")

@@ -258,9 +258,9 @@ def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: lis
     if cfg.text_source == "llm":
         if not cache_dirs:
             raise ValueError("text_source='llm' needs the caption-embedding cache (cache_dirs)")
-        cache_manifest = artifacts.read_manifest(cache_dirs[0], "cache_caption_embeddings")
-        cache_info = {"encoder": cache_manifest["encoder"], "dim": cache_manifest["dim"]}
-        llm_dim = cache_manifest["dim"]
+        # every group, centring or not: groups of two encoders (two runs, a tuned and a raw cache) are refused
+        shared = embedding_cache.cache_info(cache_dirs)
+        cache_info, llm_dim = {"encoder": shared["encoder"], "dim": shared["dim"]}, shared["dim"]
     model = build_model(cfg, llm_dim)
     preprocess = loading.preprocess_of(model)
     n = sum(streaming.split_sizes(storage.join(dataset_dir, data.split_path("train"))).values())
