@@ -292,6 +292,45 @@ def test_dockerignore_admits_what_the_dockerfile_copies_and_little_else():
         assert not dockerignore_admits(path), path
 
 
+@pytest.mark.slow  # installs the project from the build context (about 20 s) and compiles the pipeline
+def test_submit_in_the_installed_image_uploads_a_version_named_after_the_baked_revision(tmp_path):
+    """The builder stage's install, replayed: the files .dockerignore admits, copied out of any git checkout,
+    installed as the Dockerfile installs them (--no-index --no-deps --no-build-isolation); then `llm2clip submit`
+    run from that copy with the final stage's ENV and the revision build arg filled in, against the stand-in KFP
+    API server: the version it uploads is named after the baked-in revision."""
+    from fake_kfp_api import FakeKfpApi
+
+    sha = "5ab1e" * 8
+    context = tmp_path / "context"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    for rel in files:
+        if dockerignore_admits(rel) and (ROOT / rel).is_file():
+            (context / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / rel, context / rel)
+    site = tmp_path / "site"
+    install = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps", "--no-build-isolation"]
+    subprocess.run([*install, "--target", str(site), str(context)], check=True, capture_output=True, timeout=300)
+
+    env: dict[str, str] = {}
+    for ins in stages()[-1][1]:
+        if ins["instruction"] == "ENV":
+            env.update(pair.split("=", 1) for pair in shlex.split(ins["value"]))
+    env = {k: expand(v, {REVISION: sha, "PATH": os.environ["PATH"]}) for k, v in env.items()}
+    env = {k: v.replace("/tmp", str(tmp_path)) if v.startswith("/tmp") else v for k, v in env.items()}
+    env |= {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), "KF_PIPELINES_ENDPOINT": ""}
+    code = "import sys; from llm2clip.cli import main; sys.exit(main())"
+    with FakeKfpApi(tag_name="2.17.0") as api:
+        done = subprocess.run([sys.executable, "-c", code, "submit", "--host", api.host], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        uploads = api.calls("POST", "/pipelines/upload_version")
+    where = subprocess.run([sys.executable, "-c", "import llm2clip; print(llm2clip.__file__)"], env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    assert where == str(site / "llm2clip" / "__init__.py"), f"the installed copy must run, not {where}"
+    assert [u.query["name"] for u in uploads] == [f"{PROJECT['project']['version']}-{sha[:12]}"]
+
+
 # ---- the locks and the pins ----------------------------------------------------------------------------------
 
 
@@ -403,7 +442,8 @@ def test_every_default_image_is_the_one_images_builds():
     built = f"{image.REPOSITORY}:{PROJECT['project']['version']}"
     constants = {k: v for k, v in vars(image).items() if k.isupper() and isinstance(v, str) and ":" in v}
     assert {k for k, v in constants.items() if v != built} == set(), (constants, built)
-    defaults = yaml.safe_load(COMPILED.read_text())["root"]["inputDefinitions"]["parameters"]
+    spec = next(doc for doc in yaml.safe_load_all(COMPILED.read_text()) if "root" in doc)  # then platform specs
+    defaults = spec["root"]["inputDefinitions"]["parameters"]
     for name in ("cpu_image", "gpu_image"):
         assert defaults[name]["defaultValue"] == built, (name, defaults[name]["defaultValue"])
 
