@@ -1,9 +1,13 @@
 """The report: each verdict sentence where it is the right reading of the numbers, and the deviations list that the
 README's table and the report both render from."""
 
+import html
+from pathlib import Path
+
+import pytest
 import torch
 
-from llm2clip import evaluate, report
+from llm2clip import deviations, evaluate, report
 
 N = 200  # eval images, one caption each: both R@1 directions get the same hits, so the same verdict
 
@@ -111,3 +115,33 @@ def test_each_comparison_gets_its_own_verdict_in_every_format(monkeypatch):
     for sentence in report.comparison_sentences(summary):
         assert f"- {sentence}" in md
         assert f"<li>{report.html.escape(sentence)}</li>" in page
+
+
+# ----------------------------------------------------------------------------------------------- deviations
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_deviations_table_is_the_render_of_the_one_list():
+    """The README's "Deviations from the paper" table is exactly `deviations.markdown_table()`: edit the list in
+    llm2clip/deviations.py and paste its render, or this fails (the two drifted apart once: 8 rows against 7)."""
+    text = README.read_text()
+    section = text.split("\n## Deviations from the paper\n", 1)[1].split("\n## ", 1)[0]
+    table = "".join(line + "\n" for line in section.splitlines() if line.startswith("|"))
+    assert table == deviations.markdown_table()
+    assert len(table.splitlines()) == 2 + len(deviations.DEVIATIONS)
+
+
+def test_both_reports_carry_every_deviation():
+    summary = {"llm": "tiny", "retrieval": {}, "timings_s": {"evaluate": 1.0}}
+    md, page = report.markdown(summary, "plot.png"), report.html_page(summary, b"png")
+    assert deviations.markdown_table() in md
+    for row in deviations.DEVIATIONS:
+        for cell in row:
+            assert f"<td>{html.escape(cell)}</td>" in page, (row.what, cell[:40])
+
+
+def test_a_cell_that_would_break_the_table_is_named():
+    bad = deviations.Deviation("pipes", "a | b", "here", "why")
+    with pytest.raises(ValueError, match="deviation 'pipes': field 'paper'"):
+        deviations.markdown_table((bad,))

@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from llm2clip import storage  # noqa: E402
+from llm2clip.deviations import DEVIATIONS, HEADER, markdown_table  # noqa: E402  (the README renders the same list)
 
 LABELS = {
     "llm2clip": "LLM2CLIP (tuned LLM)",
@@ -31,60 +32,6 @@ COLUMNS = [
     "text_to_image_R@10",
 ]
 SHORT = {"image_to_text_R@1": "I→T R@1", "text_to_image_R@1": "T→I R@1"}
-
-# What differs from the paper and the official code, and why; the README carries the same list.
-DEVIATIONS = [
-    (
-        "Centring of the cached LLM embeddings",
-        "The adapter input is the cached embedding minus the training captions' mean embedding, before the "
-        "adapter's L2 norm (pipeline parameter center_text, default on). SmolLM2's embeddings share a few "
-        "massive-activation dimensions (mean cosine between different captions 0.98 after tuning); with the "
-        "adapter exactly as in the paper, stage 2 did not learn in our budget (loss 4.19 -> 4.11 in 180 steps). "
-        "With ablations=true the rows without centring measure it in the run; measured 2026-11-27 (300 eval "
-        "images): LLM2CLIP's synthetic_long R@1 11.3 / 15.7 with centring, 0.3 / 0.3 without, the raw-LLM level.",
-    ),
-    (
-        "No MNTP stage",
-        "Stage 1 is caption-contrastive LoRA only, without masked next-token pre-training; the paper's v6 drops "
-        "MNTP as well (79.7 with it vs 80.4 without, average R@1).",
-    ),
-    (
-        "Local default: synthetic data, a random-init tower, a 135M LLM",
-        "The embedded default trains a small randomly initialised open_clip ViT on rendered synthetic scenes, "
-        "with SmolLM2-135M-Instruct as the LLM, on 2 CPU cores in 10-20 minutes depending on the CPU. Its numbers "
-        "show that the pipeline works and how the models compare on this data, not what the paper's "
-        "ViT-L/Llama-3-8B reach.",
-    ),
-    (
-        "Stage-2 budget",
-        "The local default trains for a few hundred steps at batch 64 with lr 1e-3 and a short warm-up (a random "
-        "tower needs it); the official recipe (lr 1e-5, layer decay 0.85, no warm-up, batch 4096, 4 epochs) "
-        "applies when a pretrained tower is given.",
-    ),
-    (
-        "Image preprocessing",
-        "Each tower's own open_clip preprocessing (mean/std, interpolation, resize mode); training applies "
-        "RandomResizedCrop(0.9-1.0, bicubic) to a copy scaled to the tower's input side (the official code crops "
-        "the full-resolution image); evaluation resizes and centre-crops.",
-    ),
-    (
-        "Raw-LLM baseline",
-        "The raw-LLM row uses the frozen, untuned LLM with its causal attention as the paper's raw-LLM row does, "
-        "with exactly the stage-2 recipe of LLM2CLIP (centring included), so tuning is the only difference. "
-        "CRA is also given for the untuned LLM with the mask removed, which LLM2Vec found damages an LLM, when "
-        "stage 1 measures CRA itself (TuneConfig.cra).",
-    ),
-    (
-        "CRA from the caption caches",
-        "CRA of the raw and the tuned LLM is computed in evaluate from the float16 caption-embedding caches the "
-        "pipeline makes anyway for stage 2 (the raw-LLM cache and the tuned one hold exactly the held-out pairs), "
-        "not in stage 1 by three extra passes of the LLM over the pairs. CRA is a ranking, so fp16 storage can "
-        "only flip near-ties; on a recorded default run both values equal stage 1's own (0.0% and 9.0%). It is for "
-        "the local default's 15-minute budget: the three passes (400 captions each, SmolLM2-135M, no native bf16) "
-        "took 129 CPU-seconds on 2 threads, about 1 minute of a ~19-minute run on 2 idle cores by that count "
-        "(2 to 4 minutes measured on a shared machine). TuneConfig.cra measures CRA in stage 1 as before.",
-    ),
-]
 
 
 def setup(summary: dict) -> str:
@@ -265,7 +212,7 @@ def markdown(summary: dict, plot_name: str) -> str:
         for d, m, v in zero_shot_rows(summary):
             lines.append(f"| {d} | {LABELS.get(m, m)} | {with_ci(v, 'acc1')} | {pct(v['acc5'])} |")
     lines += ["", f"![R@1 per benchmark]({plot_name})", "", "## Deviations from the paper", ""]
-    lines += [f"- **{title}.** {text}" for title, text in DEVIATIONS]
+    lines += markdown_table().splitlines()
     lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in summary["timings_s"].items()]
     lines += ["", cache_line(summary)]
@@ -308,7 +255,8 @@ def html_page(summary: dict, png: bytes) -> str:
             f"<h2>Zero-shot classification (%)</h2><p class='note'>{note}</p><table><tr><th>dataset</th>"
             f"<th>model</th><th>top-1 [95% CI]</th><th>top-5</th></tr>{rows}</table>"
         )
-    deviations = "".join(f"<li><b>{esc(t)}.</b> {esc(x)}</li>" for t, x in DEVIATIONS)
+    deviations = "<tr>" + "".join(f"<th>{esc(h)}</th>" for h in HEADER) + "</tr>"
+    deviations += "".join("<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in DEVIATIONS)
     timings = "".join(f"<tr><td>{esc(k)}</td><td>{v:.1f}</td></tr>" for k, v in summary["timings_s"].items())
     img = base64.b64encode(png).decode()
     return f"""<!doctype html>
@@ -321,6 +269,7 @@ td:nth-child(-n+2) {{ text-align: left; }}
 th {{ background: #f0f0f0; }}
 th:nth-child(-n+2) {{ text-align: left; }}
 .note {{ color: #555; font-size: 0.9em; }}
+table.text td, table.text th {{ text-align: left; vertical-align: top; }}
 li {{ margin: 0.3em 0; }}
 </style></head><body>
 <h1>LLM2CLIP evaluation</h1>
@@ -338,7 +287,7 @@ any caption of the image ranks within k; text→image is scored per caption; tie
 <img alt="R@1 per benchmark and model, with 95% intervals" src="data:image/png;base64,{img}" style="max-width:100%">
 {zero_shot}
 <h2>Deviations from the paper</h2>
-<ul>{deviations}</ul>
+<table class="text">{deviations}</table>
 <h2>Wall time per stage (s)</h2>
 <p class="note">{esc(cache_line(summary))}</p>
 <table><tr><th>stage</th><th>seconds</th></tr>{timings}</table>
