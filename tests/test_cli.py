@@ -122,6 +122,38 @@ def test_a_local_run_refuses_several_nodes_and_says_where_they_run(tmp_path):
     assert not (tmp_path / "pipeline_root").exists() and not (tmp_path / cli.RUN_STATUS).exists()
 
 
+# ----------------------------------------------------------------------------------------------- run --help
+
+
+def test_parameter_docs_are_the_docstring_entries_of_the_parameters():
+    def pipeline(a: int = 1, b: str = "", c: bool = True, d: list | None = None, e: str = "x") -> None:
+        """Parameters:
+        a: first line
+            continued.
+        b / c: shared
+            text.
+        Note: not a parameter; it ends c's entry
+            and this line is nobody's.
+        On a cluster only:
+        d (list): typed, as in Google style.
+        Returns nothing; e is not described.
+        """
+
+    assert cli.pipeline_parameter_docs(pipeline) == {
+        "a": "first line continued.",
+        "b": "shared text.",
+        "c": "shared text.",
+        "d": "typed, as in Google style.",
+    }
+
+
+def test_shown_values_are_what_set_takes_back():
+    defaults = {"s": "", "f": 5e-4, "b": False, "d": {"k": [1, "v"]}, "l": ["x y"]}
+    shown = [f"{k}={cli.format_value(v)}" for k, v in defaults.items()]
+    assert shown == ["s=", "f=0.0005", "b=false", 'd={"k":[1,"v"]}', 'l=["x y"]']
+    assert cli.parse_overrides(shown, defaults) == defaults
+
+
 # ----------------------------------------------------------------------------------------------- run directory
 
 

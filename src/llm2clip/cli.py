@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
+import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 # Pipeline parameters per profile. "default" is the embedded default (SmolLM2-135M, under 15 minutes on 2 CPU
@@ -46,6 +49,74 @@ def pipeline_parameters() -> dict[str, object]:
 
     sig = inspect.signature(llm2clip_pipeline.pipeline_func)
     return {k: p.default for k, p in sig.parameters.items()}
+
+
+# An entry of the pipeline docstring: "name: text", "name (type): text" or "name / other: text" (text shared),
+# continued on lines indented deeper than the entry's first line.
+_DOC_ENTRY = re.compile(r"(?P<names>\w+(?:\s*/\s*\w+)*)\s*(?:\([^)]*\))?\s*:\s*(?P<text>.*)")
+
+
+def pipeline_parameter_docs(pipeline_func: Callable | None = None) -> dict[str, str]:
+    """Each parameter's description as the pipeline's docstring gives it (the one place they are documented), in
+    the docstring's order, whitespace collapsed; parameters described together share one text. Parameters it does
+    not describe are missing from the result."""
+    import inspect
+
+    if pipeline_func is None:
+        from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
+
+        pipeline_func = llm2clip_pipeline.pipeline_func
+    known = set(inspect.signature(pipeline_func).parameters)
+    entries: list[tuple[int, list[str], list[str]]] = []  # (indent, names, lines) of each entry
+    in_entry = False
+    for line in (inspect.getdoc(pipeline_func) or "").splitlines():
+        indent = len(line) - len(line.lstrip())
+        if in_entry and line.strip() and indent > entries[-1][0]:
+            entries[-1][2].append(line)
+            continue
+        match = _DOC_ENTRY.fullmatch(line.strip())
+        names = [n.strip() for n in match["names"].split("/")] if match else []
+        in_entry = bool(names) and set(names) <= known  # any other line (a heading, "Returns ...") ends an entry
+        if in_entry:
+            entries.append((indent, names, [match["text"]]))
+    return {name: " ".join(" ".join(lines).split()) for _, names, lines in entries for name in names}
+
+
+def format_value(value: object) -> str:
+    """A parameter value as `--set KEY=VALUE` takes it back (parse_overrides)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, dict | list) else str(value)
+
+
+def parameters_help() -> str:
+    """`run --help`'s list of pipeline parameters in the docstring's order: each as `--set` takes it, with the
+    pipeline's default and the profiles that change it, then the docstring's description (once per group)."""
+    defaults, docs = pipeline_parameters(), pipeline_parameter_docs()
+    names = [*docs, *(name for name in defaults if name not in docs)]
+    text = [docs.get(name, "(not described in the pipeline's docstring)") for name in names]
+    width = max(min(shutil.get_terminal_size().columns, 120) - 2, 40)
+    out = ["pipeline parameters (--set KEY=VALUE; shown with the pipeline's defaults):"]
+    for i, name in enumerate(names):
+        profiles = ", ".join(f"{p} {format_value(v[name])}" for p, v in PROFILES.items() if name in v)
+        out.append(f"  {name}={format_value(defaults[name])}" + (f"  (--profile {profiles})" if profiles else ""))
+        if i + 1 == len(names) or text[i + 1] != text[i]:  # the last of the parameters described together
+            out += textwrap.wrap(text[i], width, initial_indent=" " * 6, subsequent_indent=" " * 6,
+                                 break_long_words=False, break_on_hyphens=False)  # fmt: skip
+    return "\n".join(out)
+
+
+class ShowRunHelp(argparse.Action):
+    """`run --help`: the options, then every pipeline parameter (importing the pipeline, and with it kfp, only
+    when the list is asked for)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace, values, option_string=None) -> None:
+        parser.epilog = parameters_help()
+        parser.print_help()
+        parser.exit()
 
 
 def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, object]:
@@ -201,7 +272,9 @@ def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm2clip", description="LLM2CLIP as a Kubeflow Pipelines v2 workflow.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline", description="Run the whole LLM2CLIP pipeline.")
+    run = sub.add_parser("run", help="run the whole pipeline", description="Run the whole LLM2CLIP pipeline.",
+                         add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    run.add_argument("-h", "--help", action=ShowRunHelp, help="show this help and every pipeline parameter, then exit")
     run.add_argument(
         "--local",
         action="store_true",
