@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 from open_clip.timm_model import TimmModel
 from torch import nn
 
-from llm2clip import storage
+from llm2clip import model_sources
 
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 DEFAULT_MODEL = "llm2clip-vit-tiny"
@@ -52,17 +50,25 @@ class LLM2CLIPAdapter(nn.Module):
         return self.proj(self.norm(self.blocks(F.normalize(x.float(), dim=-1))))
 
 
-def create_clip(model_name: str, pretrained: str | None, **model_kwargs) -> nn.Module:
-    """open_clip.create_model. `pretrained`: an open_clip pretrained tag, a local checkpoint file (a full open_clip
-    state dict: .pt / .bin / .safetensors, as open_clip.create_model accepts) or an s3:// / minio:// object
-    holding one (streamed to a temporary file first). `model_kwargs` override the model config (e.g. embed_dim)."""
-    if pretrained and storage.is_remote(pretrained):
-        with tempfile.NamedTemporaryFile(suffix=Path(pretrained).suffix or ".pt") as f:
-            with storage.open_read(pretrained) as src:
-                shutil.copyfileobj(src, f, length=1 << 24)
-            f.flush()
-            return open_clip.create_model(model_name, pretrained=f.name, **model_kwargs)
-    return open_clip.create_model(model_name, pretrained=pretrained or None, **model_kwargs)
+def create_clip(model_name: str, pretrained: str | None, allow_hub: bool = False, **model_kwargs) -> nn.Module:
+    """open_clip.create_model with the weights `pretrained` names (see model_sources.resolve_checkpoint): a local
+    checkpoint file (a full open_clip state dict: .pt / .bin / .safetensors, as open_clip.create_model accepts),
+    an s3:// / minio:// object holding one (fetched once into the download cache), or an open_clip pretrained tag
+    (downloaded only with `allow_hub`, else from the local Hugging Face cache). `model_kwargs` override the model
+    config (e.g. embed_dim). The model's `pretrained_source` records where the weights came from and their sha256
+    (None without weights)."""
+    source = model_sources.resolve_checkpoint(pretrained, model_name, allow_hub=allow_hub)
+    if source is None:
+        clip = open_clip.create_model(model_name, pretrained=None, **model_kwargs)
+    elif source.kind == "open_clip-tag":  # by its tag, so open_clip applies the tag's own preprocessing settings
+        with model_sources.hub_access(online=allow_hub):
+            clip = open_clip.create_model(model_name, pretrained=pretrained, **model_kwargs)
+    else:
+        clip = open_clip.create_model(model_name, pretrained=str(source.path), **model_kwargs)
+    clip.pretrained_source = None if source is None else {
+        **source.describe(), "sha256": model_sources.file_sha256(source.path)
+    }  # fmt: skip
+    return clip
 
 
 @dataclass
@@ -73,9 +79,10 @@ class VisionTower:
     visual: nn.Module
     width: int
     logit_scale: float | None
+    source: dict | None = None  # create_clip's pretrained_source
 
 
-def create_vision_tower(model_name: str, pretrained: str | None) -> VisionTower:
+def create_vision_tower(model_name: str, pretrained: str | None, allow_hub: bool = False) -> VisionTower:
     """The open_clip vision tower of `model_name` with its old projection removed, so that the new head is the only
     projection (preprocessing cfg kept on it, see llm2clip.loading.preprocess_of).
 
@@ -86,7 +93,7 @@ def create_vision_tower(model_name: str, pretrained: str | None) -> VisionTower:
       trunk's features are unpooled there.
     - other towers (ModifiedResNet...): kept whole, width measured.
     """
-    clip = create_clip(model_name, pretrained)
+    clip = create_clip(model_name, pretrained, allow_hub)
     visual = clip.visual
     logit_scale = float(clip.logit_scale.detach()) if pretrained else None
     if isinstance(visual, TimmModel):
@@ -99,7 +106,7 @@ def create_vision_tower(model_name: str, pretrained: str | None) -> VisionTower:
         visual.proj = None
     else:
         width = _feature_width(visual)
-    return VisionTower(visual, width, logit_scale)
+    return VisionTower(visual, width, logit_scale, clip.pretrained_source)
 
 
 def _feature_width(visual: nn.Module) -> int:
@@ -126,11 +133,14 @@ class LLM2CLIP(nn.Module):
         llm_dim: int,
         adapter_blocks: int = 4,
         embed_dim: int | None = None,
+        allow_hub: bool = False,
     ) -> None:
-        """embed_dim: width of the joint space (official LLM2CLIP: 1280); None = the open_clip config's."""
+        """embed_dim: width of the joint space (official LLM2CLIP: 1280); None = the open_clip config's.
+        pretrained, allow_hub: see create_clip."""
         super().__init__()
-        tower = create_vision_tower(model_name, pretrained)
+        tower = create_vision_tower(model_name, pretrained, allow_hub)
         self.visual, width = tower.visual, tower.width
+        self.pretrained_source = tower.source
         embed_dim = embed_dim or config_embed_dim(model_name)
         self.head = nn.Linear(width, embed_dim)
         nn.init.normal_(self.head.weight, std=width**-0.5 * 0.5)  # small init: a new head on a tower
@@ -156,14 +166,16 @@ class LLM2CLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
 
-def create_clip_baseline(model_name: str, pretrained: str | None, embed_dim: int | None = None) -> nn.Module:
+def create_clip_baseline(
+    model_name: str, pretrained: str | None, embed_dim: int | None = None, allow_hub: bool = False
+) -> nn.Module:
     """A standard open_clip CLIP with its own text tower (77-token context), for the baseline.
 
     embed_dim other than the config's changes both towers' projections, so it is refused with pretrained
     weights (their projections have the config's width): pass it to the LLM2CLIP models only."""
     native = config_embed_dim(model_name)
     if embed_dim is None or embed_dim == native:
-        return create_clip(model_name, pretrained)
+        return create_clip(model_name, pretrained, allow_hub)
     if pretrained:
         raise ValueError(
             f"embed_dim={embed_dim}: the CLIP baseline with pretrained weights keeps its projections' width "

@@ -272,6 +272,30 @@ def listdir(uri: str | Path, suffix: str = "") -> list[str]:
     return list_files(uri, suffix)
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object as a listing shows it: a changed object has another ETag or size."""
+
+    uri: str
+    size: int
+    etag: str
+
+
+def object_infos(uri: str) -> list[ObjectInfo]:
+    """Every object at the remote `uri` itself (a file) or below it (a prefix), sorted by URI; one LIST, no GET."""
+    bucket, key = split_uri(uri)
+    objects = _retry("list", uri, lambda: list(_s3().list_objects(bucket, prefix=key, recursive=True)))
+    scheme, inside = urlparse(uri).scheme, key.rstrip("/") + "/"
+    return sorted(
+        (
+            ObjectInfo(f"{scheme}://{bucket}/{o.object_name}", o.size, (o.etag or "").strip('"'))
+            for o in objects
+            if not o.is_dir and (o.object_name == key or o.object_name.startswith(inside) or not key)
+        ),
+        key=lambda o: o.uri,
+    )
+
+
 def read_bytes(uri: str | Path) -> bytes:
     uri = str(uri)
     if not is_remote(uri):

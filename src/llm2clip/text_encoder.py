@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +13,9 @@ import torch
 from torch import nn
 
 from llm2clip import devices
+from llm2clip.model_sources import ModelSource, atomic_dir, cache_root, resolve_llm
 
-# Names the project resolves itself; anything else is a Hugging Face model directory or hub id.
+# Names the project resolves itself; anything else is a Hugging Face model directory, s3:// prefix or hub id.
 SMOLLM2 = "smollm2-135m-instruct"
 TINY_LLAMA = "tiny-random-llama"
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -27,11 +24,6 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 # Mistral the BOS attention-sink state would otherwise dominate the mean). A new rule gets a new name, so caches
 # made under an older rule are never mixed with new ones.
 POOLING = "mean-caption-tokens"
-
-
-def cache_root() -> Path:
-    """Where converted models live (LLM2CLIP_CACHE, else ~/.cache/llm2clip)."""
-    return Path(os.environ.get("LLM2CLIP_CACHE", Path.home() / ".cache" / "llm2clip"))
 
 
 @dataclass
@@ -59,22 +51,6 @@ class CaptionEncoder:
 
 
 # ----------------------------------------------------------------------------------------------- loading
-
-
-@contextlib.contextmanager
-def _atomic_dir(final: Path) -> Iterator[Path]:
-    """Build a directory under a temporary name and rename it into place (concurrent loaders race safely)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
-        yield tmp
-        try:
-            tmp.rename(final)
-        except OSError:  # another process won the race; its copy is identical
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def smollm2_dir() -> Path:
@@ -108,7 +84,7 @@ def smollm2_dir() -> Path:
         raise RuntimeError(f"converting {gguf.name}: weights {unloaded} did not load from the GGUF")
     plain.load_state_dict({k: v for k, v in state.items() if not v.is_meta}, strict=False)
     plain.tie_weights()
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         plain.to(torch.bfloat16).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return final
@@ -143,19 +119,26 @@ def tiny_llama_dir(seed: int = 0) -> Path:
         tie_word_embeddings=True,
     )
     model = LlamaForCausalLM(config)
-    with _atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return final
 
 
-def resolve_model_dir(name: str) -> Path | str:
-    """Map a project model name to a local directory; other names pass through to transformers."""
+def model_source(name: str, allow_hub: bool = False) -> ModelSource:
+    """Where the LLM `name` is read from: a project model, a local or mounted directory, an s3:// / minio://
+    prefix fetched once into the download cache, or a hub id (downloaded only with allow_hub; see
+    llm2clip.model_sources)."""
     if name == SMOLLM2:
-        return smollm2_dir()
+        return ModelSource(name, "project", smollm2_dir())
     if name == TINY_LLAMA:
-        return tiny_llama_dir()
-    return name
+        return ModelSource(name, "project", tiny_llama_dir())
+    return resolve_llm(name, allow_hub=allow_hub, parameter="llm")
+
+
+def resolve_model_dir(name: str, allow_hub: bool = False) -> Path:
+    """The local directory holding the LLM `name` (see `model_source`)."""
+    return model_source(name, allow_hub).path
 
 
 def load_caption_encoder(
@@ -167,14 +150,16 @@ def load_caption_encoder(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     instruction: str = "",
+    allow_hub: bool = False,
 ) -> CaptionEncoder:
     """Load the decoder stack of a causal LM (Llama, Qwen2, Mistral...) without its LM head, on `device`.
 
     `dtype` is the weights' storage dtype (fp32 master weights for tuning; bf16 halves memory for inference on a
-    GPU); the compute dtype is the caller's autocast. `instruction`: see `CaptionEncoder`."""
+    GPU); the compute dtype is the caller's autocast. `instruction`: see `CaptionEncoder`. `name`: see
+    `model_source`; a hub id is downloaded only with `allow_hub`."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_model_dir(name)
+    path = resolve_model_dir(name, allow_hub)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -316,13 +301,11 @@ def adapter_fingerprint(adapter_dir: Path) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(name: str) -> str:
-    """Fingerprint of a base model: its config plus weight files when local, else its name."""
-    path = resolve_model_dir(name)
-    if isinstance(path, Path) and path.is_dir():
-        files = sorted(path.glob("*.safetensors")) + [path / "config.json"]
-        return fingerprint_files(files)
-    return hashlib.sha256(json.dumps(name).encode()).hexdigest()
+def model_fingerprint(name: str, allow_hub: bool = False) -> str:
+    """Fingerprint of a base model: its config and weight files, wherever it was resolved from (the same files from
+    a path, an s3:// copy or a hub snapshot give the same fingerprint)."""
+    path = resolve_model_dir(name, allow_hub)
+    return fingerprint_files(sorted(path.glob("*.safetensors")) + [path / "config.json"])
 
 
 def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> list[list[int]]:

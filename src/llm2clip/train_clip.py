@@ -68,6 +68,7 @@ class TrainClipConfig:
     text_source: str = "llm"
     model: str = clip_model.DEFAULT_MODEL  # any open_clip model-config name
     pretrained: str | None = None  # open_clip pretrained tag, or a checkpoint file (local path or s3://)
+    allow_hub: bool = False  # True: the cluster reaches a hub, so a pretrained tag is downloaded (see model_sources)
     embed_dim: int | None = None  # joint embedding width (official LLM2CLIP: 1280); None = the model config's
     adapter_blocks: int = 4
     center_text: bool = True  # subtract the train captions' mean LLM embedding before the adapter (see clip_model)
@@ -125,8 +126,8 @@ class TrainClipConfig:
 
 def build_model(cfg: TrainClipConfig, llm_dim: int | None) -> torch.nn.Module:
     if cfg.text_source == "llm":
-        return clip_model.LLM2CLIP(cfg.model, cfg.pretrained, llm_dim, cfg.adapter_blocks, cfg.embed_dim)
-    return clip_model.create_clip_baseline(cfg.model, cfg.pretrained, cfg.embed_dim)
+        return clip_model.LLM2CLIP(cfg.model, cfg.pretrained, llm_dim, cfg.adapter_blocks, cfg.embed_dim, cfg.allow_hub)
+    return clip_model.create_clip_baseline(cfg.model, cfg.pretrained, cfg.embed_dim, cfg.allow_hub)
 
 
 class ContrastiveStep(torch.nn.Module):
@@ -189,8 +190,10 @@ def _checkpoint_dir(out_dir: str) -> str:
 
 
 def _resumable(cfg: TrainClipConfig) -> dict:
-    """The config fields a checkpoint must agree on to be resumed (not logging or loader settings)."""
-    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("workers", "log_every", "checkpoint_every")}
+    """The config fields a checkpoint must agree on to be resumed (not logging or loader settings, nor allow_hub:
+    it says whether weights may be downloaded, not which)."""
+    skip = ("workers", "log_every", "checkpoint_every", "allow_hub")
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in skip}
 
 
 def save_checkpoint(out_dir: str, state: dict, keep: int = 2) -> None:
@@ -370,6 +373,7 @@ def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: lis
             cache=cache_info,
             compute={**devices.describe(device, dtype), "world_size": world.size, "data_workers": workers},
             recipe=cfg.recipe,
+            pretrained_source=model.pretrained_source,  # where the tower's weights came from, and their sha256
             preprocess=preprocess.to_dict(),
             metrics=metrics,
             losses=losses[:: max(1, len(losses) // 200)],

@@ -31,7 +31,9 @@ CRA_IN_EVALUATE = (
 class TuneConfig:
     """Stage-1 settings; defaults follow the LLM2CLIP code (LoRA r16/alpha32 on all projections, scale 50)."""
 
+    # a project model, a Hugging Face model directory (path, mounted volume, or s3:// prefix) or a hub id
     llm: str = text_encoder.SMOLLM2
+    allow_hub: bool = False  # True: the cluster reaches a hub, so a hub id is downloaded (offline by default)
     bidirectional: bool = True
     max_length: int = 512
     lora_r: int = 16
@@ -234,7 +236,12 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
     device, dtype = devices.setup(cfg.device, cfg.dtype)
     print(f"device {device}, compute dtype {dtype}", flush=True)
     encoder = text_encoder.load_caption_encoder(
-        cfg.llm, bidirectional=cfg.bidirectional, max_length=cfg.max_length, device=device, instruction=cfg.instruction
+        cfg.llm,
+        bidirectional=cfg.bidirectional,
+        max_length=cfg.max_length,
+        device=device,
+        instruction=cfg.instruction,
+        allow_hub=cfg.allow_hub,
     )
     before = cra_untuned(encoder, pairs, draws, dtype) if pairs else None
     if before:
@@ -304,7 +311,8 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
         cfg,
         {"dataset": dataset_dir},
         base_model=cfg.llm,
-        base_fingerprint=text_encoder.model_fingerprint(cfg.llm),
+        base_fingerprint=text_encoder.model_fingerprint(cfg.llm, cfg.allow_hub),
+        base_source=text_encoder.model_source(cfg.llm, cfg.allow_hub).describe(),
         adapter="adapter",
         adapter_fingerprint=adapter_fingerprint,
         pooling=text_encoder.POOLING,
