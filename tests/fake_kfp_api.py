@@ -3,14 +3,35 @@
 No KFP API server can run here (it needs Kubernetes, MySQL and Argo), so the tests talk to this one through the
 real kfp 2.17 client. It implements only the endpoints that client calls for submit, with the paths, query
 parameters, multipart upload and JSON field names of kfp_server_api 2.17: healthz; pipelines list (filter on
-display_name) and create; pipelines/upload_version; pipeline versions list (paged); experiments list (filter,
-namespace) and create; runs create and get; recurring runs list and create. State is in memory; every request is
-recorded in `requests`. It checks far less than a real server (no auth, no pipeline-spec validation, no
-namespaces' access rules): what passes here is the client contract, not the backend's behaviour.
+display_name) and create; pipelines/upload_version; pipeline versions list; experiments list (filter, namespace)
+and create; runs create and get; recurring runs list and create. State is in memory; every request is recorded in
+`requests`.
+
+Where the real server is less accommodating than a naive stand-in, this one follows it (kubeflow/pipelines 2.16.0):
+- healthz is the JSON the API server writes by hand, with the release in `tag_name` (backend/src/apiserver/
+  main.go:380-384);
+- listings come in pages: 20 items unless `page_size` says otherwise, never more than 200 (backend/src/apiserver/
+  list/list.go:383-403), filtered before paging, with an opaque `next_page_token` (base64 JSON, list.go:66-90) that
+  is refused, 400, with a filter other than the one it was made for (server/list_request_util.go:192-211);
+- creating a pipeline whose name exists answers 409 AlreadyExists (storage/pipeline_store.go:609-612); uploading a
+  version name the pipeline already has answers 409 with the upload server's error body (server/
+  pipeline_upload_server.go:307-311, writeErrorToResponse :388-397); `racing=n` holds each pipeline creation and
+  each upload until n of them have arrived, so that n submits race for them;
+- multi-user mode: experiments, runs and recurring runs need the caller's identity, the `kubeflow-userid` header
+  (the multi-user install sets KUBEFLOW_USERID_HEADER to it, with no prefix: manifests/kustomize/base/installs/
+  multi-user/api-service/deployment-patch.yaml:14-17) or else a bearer token that a TokenReview accepts (here:
+  one of `tokens`, token -> user) (backend/src/apiserver/auth/auth.go:35-45, resource/resource_manager.go:1929-1945:
+  401 without one, 403 when the user may not use the namespace, here when `namespaces` says so); an experiment
+  needs a namespace (server/experiment_server.go:356-357); pipelines without a namespace are shared, open to all
+  (server/pipeline_server.go:1094-1097).
+It checks far less than a real server (no pipeline-spec validation, no RBAC beyond `namespaces`): what passes here
+is the client contract, not the backend's behaviour.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import itertools
 import json
 import re
@@ -52,13 +73,27 @@ class State:
 class FakeKfpApi(StubServer):
     """Start with `with FakeKfpApi() as api:`; `api.host` is the endpoint for kfp.Client(host=...).
 
-    `run_states`: what successive GET /runs/{id} report for every run (the last one repeats)."""
+    `run_states`: what successive GET /runs/{id} report for every run (the last one repeats). `tag_name`: the
+    release healthz reports. `multi_user`: identity and namespaces required as described above; `tokens`: the bearer
+    tokens a TokenReview would accept (token -> user); `namespaces`: user -> the namespaces that user may use (a
+    user not listed may use any). `racing`: each POST /pipelines and each upload waits until this many have arrived."""
 
-    def __init__(self, run_states: tuple[str, ...] = ("RUNNING", "SUCCEEDED"), multi_user: bool = False) -> None:
+    def __init__(
+        self,
+        run_states: tuple[str, ...] = ("RUNNING", "SUCCEEDED"),
+        multi_user: bool = False,
+        tag_name: str = "2.16.1",
+        tokens: dict[str, str] | None = None,
+        namespaces: dict[str, set[str]] | None = None,
+        racing: int = 0,
+    ) -> None:
         self.state = State()
         self.requests: list[Request] = []
         self.run_states = run_states
-        self.multi_user = multi_user
+        self.multi_user, self.tag_name = multi_user, tag_name
+        self.tokens, self.namespaces = dict(tokens or {}), dict(namespaces or {})
+        self.races = {("POST", p): threading.Barrier(racing, timeout=30)
+                      for p in ("/pipelines", "/pipelines/upload_version")} if racing > 1 else {}  # fmt: skip
         self._ids = itertools.count(1)
         self._gets: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -73,12 +108,63 @@ class FakeKfpApi(StubServer):
     def new_id(self, kind: str) -> str:
         return f"{kind}-{next(self._ids)}"
 
-    def handle(self, method: str, path: str, query: dict[str, str], body: object) -> tuple[int, dict]:
+    def add_pipeline(self, name: str) -> dict:
+        """A pipeline someone else created (shared: no namespace)."""
+        p = {"display_name": name, "name": name, "pipeline_id": self.new_id("pipeline"), "created_at": NOW}
+        self.state.pipelines[p["pipeline_id"]] = p
+        return p
+
+    def add_version(self, pipeline_id: str, name: str, description: str = "", spec: bytes = b"") -> dict:
+        v = {"pipeline_id": pipeline_id, "pipeline_version_id": self.new_id("version"), "display_name": name,
+             "name": name, "description": description, "created_at": NOW}  # fmt: skip
+        self.state.versions[v["pipeline_version_id"]] = v
+        self.state.files[v["pipeline_version_id"]] = spec
+        return v
+
+    def add_experiment(self, name: str, namespace: str = "") -> dict:
+        e = {"display_name": name, "experiment_id": self.new_id("experiment"), "created_at": NOW,
+             "storage_state": "AVAILABLE", **({"namespace": namespace} if namespace else {})}  # fmt: skip
+        self.state.experiments[e["experiment_id"]] = e
+        return e
+
+    def identity(self, headers: dict[str, str]) -> str | None:
+        """Who sent the request, as the multi-user API server's authenticators find it: the user id header, else a
+        bearer token a TokenReview accepts."""
+        if headers.get("kubeflow-userid"):
+            return headers["kubeflow-userid"]
+        auth = headers.get("authorization", "")
+        return self.tokens.get(auth.removeprefix("Bearer ")) if auth.startswith("Bearer ") else None
+
+    def refusal(self, method: str, path: str, query: dict[str, str], body: object, headers: dict[str, str]):
+        """In multi-user mode, what the API server answers instead for want of an identity, a namespace or the
+        right to use it; else None."""
+        if not self.multi_user or not path.startswith(("/experiments", "/runs", "/recurringruns")):
+            return None
+        user = self.identity(headers)
+        if user is None:
+            return 401, error(16, "Failed to check authorization. User identity is empty in the request header: "
+                              "Request header error: there is no user identity header.")  # fmt: skip
+        namespace = query.get("namespace", "")
+        if path == "/experiments" and method == "POST":
+            namespace = body.get("namespace", "")
+            if not namespace:
+                return 400, error(3, "Invalid input error: An experiment cannot have an empty namespace in "
+                                  "multi-user mode")  # fmt: skip
+        elif path.startswith(("/runs", "/recurringruns")) and method == "POST":
+            namespace = self.state.experiments.get(body.get("experiment_id"), {}).get("namespace", "")
+        if namespace and user in self.namespaces and namespace not in self.namespaces[user]:
+            return 403, error(7, f"User '{user}' is not authorized with reason: (request: namespace {namespace})")
+        return None
+
+    def handle(self, method: str, path: str, query: dict[str, str], body: object, headers: dict[str, str]):
         s = self.state
         if (method, path) == ("GET", "/healthz"):
-            return 200, {"multi_user": self.multi_user, "pipeline_store": "database"}
+            return 200, {"commit_sha": "0" * 40, "tag_name": self.tag_name, "multi_user": self.multi_user,
+                         "pipeline_store": "database"}  # fmt: skip
+        if refused := self.refusal(method, path, query, body, headers):
+            return refused
         if (method, path) == ("GET", "/pipelines"):
-            return 200, page(matching(s.pipelines.values(), query), query, "pipelines")
+            return page(s.pipelines.values(), query, "pipelines")
         if (method, path) == ("POST", "/pipelines"):
             if any(p["display_name"] == body["display_name"] for p in s.pipelines.values()):
                 return 409, error(6, f"pipeline {body['display_name']} already exists")
@@ -91,7 +177,8 @@ class FakeKfpApi(StubServer):
                 return 404, error(5, f"pipeline {pipeline_id} not found")
             versions = [v for v in s.versions.values() if v["pipeline_id"] == pipeline_id]
             if any(v["display_name"] == name for v in versions):
-                return 409, error(6, f"pipeline version {name} already exists")
+                details = f"Already exist error: pipeline version {name} already exists"
+                return 409, {"error_message": "Failed to create a pipeline version", "error_details": details}
             v = {"pipeline_id": pipeline_id, "pipeline_version_id": self.new_id("version"), "display_name": name,
                  "name": name, "description": query.get("description", ""), "created_at": NOW}  # fmt: skip
             s.versions[v["pipeline_version_id"]] = v
@@ -99,10 +186,10 @@ class FakeKfpApi(StubServer):
             return 200, v
         if m := re.fullmatch(r"/pipelines/([^/]+)/versions", path):
             versions = [v for v in s.versions.values() if v["pipeline_id"] == m[1]]
-            return 200, page(matching(versions, query), query, "pipeline_versions")
+            return page(versions, query, "pipeline_versions")
         if (method, path) == ("GET", "/experiments"):
             scoped = [e for e in s.experiments.values() if e.get("namespace", "") == query.get("namespace", "")]
-            return 200, page(matching(scoped, query), query, "experiments")
+            return page(scoped, query, "experiments")
         if (method, path) == ("POST", "/experiments"):
             e = {**body, "experiment_id": self.new_id("experiment"), "created_at": NOW, "storage_state": "AVAILABLE"}
             s.experiments[e["experiment_id"]] = e
@@ -123,7 +210,7 @@ class FakeKfpApi(StubServer):
             return 200, s.runs[m[1]]
         if (method, path) == ("GET", "/recurringruns"):
             scoped = [r for r in s.recurring_runs.values() if r["experiment_id"] == query.get("experiment_id")]
-            return 200, page(matching(scoped, query), query, "recurringRuns")  # sic: kfp_server_api's JSON name
+            return page(scoped, query, "recurringRuns")  # sic: kfp_server_api's JSON name
         if (method, path) == ("POST", "/recurringruns"):
             if problem := self.reference_problem(body):
                 return 400, error(3, problem)
@@ -157,11 +244,33 @@ def matching(items, query: dict[str, str]) -> list[dict]:
     return items
 
 
-def page(items: list[dict], query: dict[str, str], key: str) -> dict:
-    start, size = int(query.get("page_token") or 0), int(query.get("page_size") or 10)
+DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 20, 200  # list.go:383-386
+
+
+def page(items, query: dict[str, str], key: str) -> tuple[int, dict]:
+    """One page of `items` after the request's filter, as the API server pages: page_size 0 -> 20, above 200 ->
+    200; the next page's token carries the filter (and where to go on), and a page token with another filter is
+    refused."""
+    size = int(query.get("page_size") or 0)
+    if size < 0:
+        return 400, error(3, f"Invalid input error: The page size should be greater than 0. Got {size}")
+    size = min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    filter_ = query.get("filter", "")
+    start = 0
+    if query.get("page_token"):
+        try:
+            token = json.loads(base64.b64decode(query["page_token"], validate=True))
+        except ValueError:
+            return 400, error(3, "Invalid input error: Invalid package token")
+        if filter_ and filter_ != token["filter"]:
+            return 400, error(3, "Invalid input error: page token does not match the supplied sort by and/or "
+                              "filtering criteria. Either specify the same criteria or leave the latter empty if page "
+                              "token is specified")  # fmt: skip
+        filter_, start = token["filter"], token["offset"]
+    items = matching(items, {"filter": filter_})
     more = start + size < len(items)
-    return {key: items[start : start + size], "total_size": len(items), "next_page_token": str(start + size) if more
-            else ""}  # fmt: skip
+    token = base64.b64encode(json.dumps({"filter": filter_, "offset": start + size}).encode()).decode()
+    return 200, {key: items[start : start + size], "total_size": len(items), "next_page_token": token if more else ""}
 
 
 def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
@@ -182,12 +291,14 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
             else:
                 body = json.loads(raw) if raw else None
             path = url.path.removeprefix(API) if url.path.startswith(API) else "/not-the-api" + url.path
+            headers = {k.lower(): v for k, v in self.headers.items()}
+            if (race := api.races.get((self.command, path))) is not None:
+                with contextlib.suppress(threading.BrokenBarrierError):  # a racer that never came: go on alone
+                    race.wait()  # every racing request has arrived; then one at a time
             with api._lock:
-                api.requests.append(
-                    Request(self.command, path, query, body, {k.lower(): v for k, v in self.headers.items()})
-                )
+                api.requests.append(Request(self.command, path, query, body, headers))
                 try:
-                    status, payload = api.handle(self.command, path, query, body)
+                    status, payload = api.handle(self.command, path, query, body, headers)
                 except Exception as e:  # answer, so the client fails at once instead of retrying
                     status, payload = 500, error(13, f"fake KFP API: {e!r}")
             send_json(self, status, payload)

@@ -1,13 +1,16 @@
 """`llm2clip submit` through the real kfp 2.17 client against tests/fake_kfp_api.py, which stands in for the KFP API
 server (none can run here): what is checked is the requests the client sends and how submit reacts to the answers,
-not a real backend's behaviour."""
+not a real backend's behaviour. Where the real server is stricter than a naive stand-in (pages, 409s, multi-user
+identity, its release in healthz), the stand-in follows the upstream source it cites."""
 
 import argparse
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import kfp
 import pytest
@@ -18,6 +21,16 @@ from llm2clip import submit
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 git_state = submit.git_state  # the real one; the other tests see a clean checkout at SHA
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = json.loads((ROOT / "manifests" / "names.json").read_text())
+# `llm2clip submit` in a process of its own, from a clean checkout at SHA
+SUBMIT = (
+    "import argparse, sys\n"
+    "from llm2clip import submit\n"
+    "submit.git_state = lambda root: ('" + SHA + "', False)\n"
+    "p = argparse.ArgumentParser(); submit.add_parser(p.add_subparsers(dest='command'))\n"
+    "sys.exit(submit.run(p.parse_args(sys.argv[1:])))\n"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +79,7 @@ def test_first_submit_uploads_pipeline_version_experiment_and_run(api, capsys):
     assert rc == 0
     assert [(r.method, r.path) for r in api.requests] == [
         ("GET", "/healthz"),  # kfp.Client's constructor
+        ("GET", "/healthz"),  # submit: the server's release and mode
         ("GET", "/pipelines"),
         ("POST", "/pipelines"),
         ("GET", "/pipelines/pipeline-1/versions"),
@@ -311,3 +325,165 @@ def test_server_errors_become_a_message(api, monkeypatch):
     monkeypatch.setattr(api, "reference_problem", lambda body: "experiment not found")
     with pytest.raises(SystemExit, match="HTTP 400.*experiment not found"):
         llm2clip_submit("--host", api.host)
+
+
+def test_runs_run_as_the_project_runner_unless_told_otherwise(api):
+    """Single-user KFP runs a pipeline's pods as pipeline-runner (kubeflow/pipelines 2.16.0 backend/src/apiserver/
+    common/const.go:59), whose ClusterRole grants nothing on trainer.kubeflow.org (manifests/kustomize/base/pipeline/
+    pipeline-runner-role.yaml): the multi-node stage 2 would get 403 creating its TrainJob. So runs and recurring
+    runs default to the runner manifests/ deploy (names.json), whose Role may create TrainJobs; '' is the server's."""
+    assert submit.RUNNER_SERVICE_ACCOUNT == NAMES["service_account"]
+    assert llm2clip_submit("--host", api.host) == 0
+    assert llm2clip_submit("--host", api.host, "--schedule", "0 0 3 * * *") == 0
+    assert llm2clip_submit("--host", api.host, "--service-account", "") == 0
+    first, server_default = [r.body for r in api.calls("POST", "/runs")]
+    assert first["service_account"] == NAMES["service_account"]
+    assert api.calls("POST", "/recurringruns")[0].body["service_account"] == NAMES["service_account"]
+    assert not server_default.get("service_account")
+
+
+# ------------------------------------------------------------------------------------------------- the backend
+
+
+@pytest.mark.parametrize("tag", ["2.15.0", "2.5.1", "v2.15.2"])
+def test_an_older_backend_is_refused_naming_both_versions_and_why(tag):
+    with FakeKfpApi(tag_name=tag) as api:
+        with pytest.raises(SystemExit) as e:
+            llm2clip_submit("--host", api.host)
+    message = str(e.value)
+    assert f"is version {tag}; llm2clip needs a Kubeflow Pipelines backend {submit.MIN_KFP_BACKEND} or newer" in message
+    assert submit.MIN_KFP_BACKEND_REASON in message
+    assert [r.path for r in api.requests] == ["/healthz", "/healthz"]  # checked before anything else
+
+
+@pytest.mark.parametrize("tag", [submit.MIN_KFP_BACKEND, "2.17.0", "3.0.0rc1", "unknown"])
+def test_a_current_backend_is_accepted(tag, capsys):
+    with FakeKfpApi(tag_name=tag) as api:
+        assert llm2clip_submit("--host", api.host) == 0
+    warned = "cannot check it is" in capsys.readouterr().err
+    assert warned == (tag == "unknown")  # a build without TAG_NAME: said, not refused
+
+
+def test_a_pipeline_version_and_experiment_beyond_the_first_page_are_found(api, capsys):
+    """The API server pages every listing (20 unless asked, at most 200, kubeflow/pipelines 2.16.0 backend/src/
+    apiserver/list/list.go:383-403). A crowded server: ours come after 45 other pipelines and experiments and 230
+    other versions. The second submit must find all three (the filtered lookups, and every page of versions) and
+    create nothing but the run."""
+    assert llm2clip_submit("--host", api.host) == 0
+    state = api.state
+    ours = {kind: dict(items) for kind, items in (("p", state.pipelines), ("v", state.versions),
+                                                   ("e", state.experiments))}  # fmt: skip
+    for items in (state.pipelines, state.versions, state.experiments):
+        items.clear()
+    for i in range(45):
+        api.add_pipeline(f"other-{i}")
+        api.add_experiment(f"other-{i}")
+    for i in range(230):
+        api.add_version("pipeline-1", f"0.0.{i}-{i:012x}")
+    state.pipelines |= ours["p"]
+    state.versions |= ours["v"]
+    state.experiments |= ours["e"]
+    before = len(api.requests)
+    assert llm2clip_submit("--host", api.host) == 0
+    assert [r.path for r in api.requests[before:] if r.method == "POST"] == ["/runs"]
+    listed = api.calls("GET", "/pipelines/pipeline-1/versions")[-3:]
+    assert [bool(r.query.get("page_token")) for r in listed] == [False, True, True]  # 231 versions, 100 a page
+    assert "version   exists, same sha256" in capsys.readouterr().out
+
+
+def test_two_submits_racing_for_one_version_both_run_it(tmp_path):
+    """Two submits of one checkout at once (two nightly jobs, a person and the nightly job): both find no pipeline
+    and no version, both create and upload; the server keeps the first of each and answers the second 409
+    (kubeflow/pipelines 2.16.0 backend/src/apiserver/storage/pipeline_store.go:609-612, server/
+    pipeline_upload_server.go:307-311). The loser must find what the winner made, check its hash, and run it."""
+    with FakeKfpApi(racing=2) as racing:
+        env = {**os.environ, "HOME": str(tmp_path)}
+        argv = [sys.executable, "-c", SUBMIT, "submit", "--host", racing.host]
+        submits = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for _ in range(2)]  # fmt: skip
+        done = [p.communicate(timeout=300) for p in submits]
+    assert [p.returncode for p in submits] == [0, 0], [err[-2000:] for _, err in done]
+    outs = sorted(out for out, _ in done)
+    assert [o.count("version   uploaded") for o in outs] in ([0, 1], [1, 0])
+    assert sum(o.count("version   exists, same sha256") for o in outs) == 1
+    assert sum(o.count("pipeline  exists") for o in outs) == 1
+    assert len(racing.calls("POST", "/pipelines/upload_version")) == 2  # both raced...
+    assert len(racing.state.pipelines) == len(racing.state.versions) == 1 and len(racing.state.runs) == 2  # ...one won
+
+
+def test_a_multi_user_server_needs_a_namespace_and_an_identity(monkeypatch, tmp_path):
+    """Multi-user KFP: experiments and runs belong to a namespace (kubeflow/pipelines 2.16.0 backend/src/apiserver/
+    server/experiment_server.go:356-357), and each request must say who sends it (resource/resource_manager.go:
+    1929-1945, 401 without): the kubeflow-userid header, which the multi-user install names as the identity header
+    (manifests/kustomize/base/installs/multi-user/api-service/deployment-patch.yaml:14-17), or a bearer token the
+    server checks with a TokenReview (auth/auth.go:35-45). submit refuses to start without a namespace, explains a
+    401, and carries a token, or the header a kfp context sets, on every request."""
+    users = {"alice-token": "alice@example.com"}
+    with FakeKfpApi(multi_user=True, tokens=users, namespaces={"alice@example.com": {"team-a"}}) as api:
+        with pytest.raises(SystemExit, match="multi-user mode.*pass --namespace"):
+            llm2clip_submit("--host", api.host)
+        assert [r.path for r in api.requests] == ["/healthz", "/healthz"]  # refused before any upload
+        with pytest.raises(SystemExit, match="HTTP 401.*bearer token.*kubeflow-userid header"):
+            llm2clip_submit("--host", api.host, "--namespace", "team-a")
+        token = tmp_path / "token"
+        token.write_text("alice-token")
+        with pytest.raises(SystemExit, match="HTTP 403.*User 'alice@example.com' is not authorized"):
+            llm2clip_submit("--host", api.host, "--namespace", "team-b", "--token-file", str(token))
+        api.requests.clear()
+        assert llm2clip_submit("--host", api.host, "--namespace", "team-a", "--token-file", str(token)) == 0
+        assert {r.headers.get("authorization") for r in api.requests} == {"Bearer alice-token"}
+        # a kfp context with the identity header and the namespace, as a person outside the cluster may have
+        context = tmp_path / "context.json"
+        context.write_text(json.dumps({"namespace": "team-a", "client_authentication_header_name": "kubeflow-userid",
+                                       "client_authentication_header_value": "alice@example.com"}))  # fmt: skip
+        monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(context))
+        api.requests.clear()
+        assert llm2clip_submit("--host", api.host) == 0
+        assert {r.headers.get("kubeflow-userid") for r in api.requests} == {"alice@example.com"}
+    experiments = [e for e in api.state.experiments.values() if e["display_name"] == submit.DEFAULT_EXPERIMENT]
+    assert [e["namespace"] for e in experiments] == ["team-a"] and len(api.state.runs) == 2
+
+
+# ----------------------------------------------------------------------------------------- from the built image
+
+
+@pytest.fixture(scope="module")
+def installed_copy(tmp_path_factory) -> Path:
+    """The project installed as images/Dockerfile installs it: its sources copied, then `pip install --no-index
+    --no-deps --no-build-isolation` (not editable), here into a directory of its own with no git checkout above."""
+    root = tmp_path_factory.mktemp("image")
+    source = root / "opt-src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("src", "components", "pipelines"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                           "--no-build-isolation", "--target", str(root / "site"), str(source)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "site"
+
+
+def test_submit_from_the_built_image_names_the_version_after_the_baked_revision(installed_copy, api, tmp_path):
+    """In the image there is no git checkout: `llm2clip submit` (the nightly submitter's command) names the version
+    after LLM2CLIP_REVISION, which images/Dockerfile bakes into ENV, and refuses, saying so, without it."""
+    revision = "fedcba9876543210fedcba9876543210fedcba98"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "KF_PIPELINES_", "LLM2CLIP_"))}
+    env |= {"PYTHONPATH": str(installed_copy), "HOME": str(tmp_path), submit.REVISION_ENV: revision}
+    where = subprocess.run([sys.executable, "-c", "import llm2clip; print(llm2clip.__file__)"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert where.startswith(str(installed_copy))  # the installed copy runs, not this checkout
+    llm2clip_cli = Path(sys.executable).parent / "llm2clip"  # the console script, as the image's PATH has it
+    done = subprocess.run([str(llm2clip_cli), "submit", "--host", api.host], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    upload = api.calls("POST", "/pipelines/upload_version")[0]
+    assert upload.query["name"] == f"{submit.package_version()}-{revision[:12]}"
+    assert f"at git {revision}" in upload.query["description"] and "uncommitted" not in upload.query["description"]
+    before = len(api.requests)
+    del env[submit.REVISION_ENV]
+    done = subprocess.run([str(llm2clip_cli), "submit", "--host", api.host], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode != 0 and len(api.requests) == before  # nothing sent
+    assert f"is not a git checkout and {submit.REVISION_ENV} (unset) is not a commit sha" in done.stderr

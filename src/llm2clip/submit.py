@@ -4,7 +4,12 @@ start a run (or a recurring run) of exactly that version.
 The version is named `<package version>-<git sha12>` and its description carries the compiled pipeline's sha256
 (`spec_sha256`), so a version on the server can always be traced to a commit and checked against what this checkout
 compiles: the same name with the same hash is reused, the same name with another hash is refused. Runs are created
-from the version (not from an inline spec), so every run in the UI links to the version it ran.
+from the version (not from an inline spec), so every run in the UI links to the version it ran, as the project's
+runner ServiceAccount unless told otherwise.
+
+Before anything is uploaded the server's release is checked against MIN_KFP_BACKEND (its healthz), and a
+multi-user server must be given a namespace (each request then carries the caller's identity: a bearer token,
+which the API server checks with a TokenReview, or the kubeflow-userid header the Kubeflow gateway adds).
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from pathlib import Path
 import llm2clip
 
 DEFAULT_EXPERIMENT = "llm2clip"
+# The runs' pods run as the project's runner (manifests/names.json service_account; a test checks they agree): in
+# single-user KFP the server's default, pipeline-runner, may not create TrainJobs (trainer.kubeflow.org), so a
+# multi-node stage 2 would get 403. --service-account '' leaves it to the server.
+RUNNER_SERVICE_ACCOUNT = "llm2clip-runner"
+# The oldest KFP backend (API server and driver) the compiled pipeline runs on, and why: `submit` refuses older ones.
+MIN_KFP_BACKEND = "2.16.0"
+MIN_KFP_BACKEND_REASON = "the pipeline is compiled by the kfp 2.17 SDK, whose fields older API servers and drivers drop"
 TOKEN_ENV = "KF_PIPELINES_TOKEN"  # a bearer token (e.g. `kubectl create token ...`); --token-file wins over it
 REVISION_ENV = "LLM2CLIP_REVISION"  # the commit an installed (non-git) copy was built from, e.g. set in the image
 SA_TOKEN_ENV = "KF_PIPELINES_SA_TOKEN_PATH"  # kfp's own: a projected ServiceAccount token file inside a pod
@@ -191,8 +203,8 @@ def quiet():
 
 
 def find_version(client, pipeline_id: str, name: str):
-    """The pipeline's version named `name`, or None (paged through rather than filtered: no server-side filter key
-    to depend on)."""
+    """The pipeline's version named `name`, or None; every page is read (the API server returns at most 200 items a
+    page, 20 unless asked: kubeflow/pipelines 2.16.0 backend/src/apiserver/list/list.go:383-403)."""
     token = ""
     while True:
         page = client.list_pipeline_versions(pipeline_id, page_token=token, page_size=100)
@@ -202,6 +214,41 @@ def find_version(client, pipeline_id: str, name: str):
         token = page.next_page_token or ""
         if not token:
             return None
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What the KFP API server says of itself: its release (`tag_name`, "unknown" in a build without one) and
+    whether it runs in multi-user mode."""
+
+    version: str
+    multi_user: bool
+
+
+def backend_info(client) -> Backend:
+    """The server's healthz, read as raw JSON: the API server writes `tag_name` into it by hand (kubeflow/pipelines
+    2.16.0 backend/src/apiserver/main.go:380-384, from its TAG_NAME, set at release builds), and kfp_server_api's
+    model of the reply has no such field (backend/api/v2beta1/healthz.proto: multi_user, pipeline_store)."""
+    response = client.healthzs.healthz_service_get_healthz(_preload_content=False)
+    info = json.loads(response.data or b"{}")
+    return Backend(str(info.get("tag_name") or "unknown"), bool(info.get("multi_user")))
+
+
+def check_backend_version(where: str, version: str) -> None:
+    """Refuse a server older than MIN_KFP_BACKEND, naming both versions and why; only warn when it names none."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        found = Version(version.removeprefix("v"))
+    except InvalidVersion:
+        print(f"warning: the KFP API server {where} reports version {version!r}, not a release: cannot check it is "
+              f"{MIN_KFP_BACKEND} or newer ({MIN_KFP_BACKEND_REASON})", file=sys.stderr)  # fmt: skip
+        return
+    if found < Version(MIN_KFP_BACKEND):
+        raise SystemExit(
+            f"the KFP API server {where} is version {version}; llm2clip needs a Kubeflow Pipelines backend "
+            f"{MIN_KFP_BACKEND} or newer: {MIN_KFP_BACKEND_REASON}. Nothing was uploaded"
+        )
 
 
 def recorded_sha256(version) -> str | None:
@@ -229,7 +276,13 @@ def ensure_pipeline(client, name: str, description: str) -> tuple[str, bool]:
     # POST /pipelines creates the pipeline alone; /pipelines/upload would also add a version named "llm2clip" that
     # carries no commit and no hash. Every version of ours arrives through upload_version below.
     body = kfp_server_api.V2beta1Pipeline(name=name, display_name=name, description=description)
-    return client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id, True
+    try:
+        return client.pipelines.pipeline_service_create_pipeline(pipeline=body).pipeline_id, True
+    except kfp_server_api.ApiException as e:
+        pipeline_id = client.get_pipeline_id(name) if e.status == 409 else None  # a concurrent submit created it
+        if not pipeline_id:
+            raise
+        return pipeline_id, False
 
 
 def ensure_version(client, pipeline_id: str, package: Package) -> tuple[str, bool]:
@@ -249,8 +302,10 @@ def ensure_version(client, pipeline_id: str, package: Package) -> tuple[str, boo
                 pipeline_id=pipeline_id,
                 description=package.description,
             )
-    except kfp_server_api.ApiException:
-        existing = find_version(client, pipeline_id, package.version_name)  # a concurrent submit uploaded it first
+    except kfp_server_api.ApiException as e:
+        # 409: a concurrent submit uploaded it first (kubeflow/pipelines 2.16.0 backend/src/apiserver/server/
+        # pipeline_upload_server.go:307-311)
+        existing = find_version(client, pipeline_id, package.version_name) if e.status == 409 else None
         if existing is None:
             raise
         check_same(existing, package)
@@ -324,7 +379,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="upload the pipeline as a versioned pipeline to Kubeflow Pipelines and start a run",
         description="Compile the pipeline, upload it (once) as version <package version>-<git sha12> with the "
         "compiled pipeline's sha256 in its description, get or create the experiment and start a run of that version "
-        "(or a recurring run with --schedule). Needs a KFP API server 2.16 or newer.",
+        f"(or a recurring run with --schedule). Needs a KFP backend {MIN_KFP_BACKEND} or newer.",
     )
     p.add_argument("--host", default=None, metavar="URL",
                    help="KFP API endpoint, e.g. http://localhost:8888 after `kubectl -n kubeflow port-forward "
@@ -334,15 +389,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"file holding a bearer token, read on every request (default: ${TOKEN_ENV}, else a "
                    f"projected ServiceAccount token at ${SA_TOKEN_ENV} or {SA_TOKEN_PATH}, else none)")  # fmt: skip
     p.add_argument("--namespace", default=None, metavar="NS",
-                   help="namespace of the experiment and its runs (multi-user Kubeflow: your profile namespace; "
-                   "default: the kfp context's)")  # fmt: skip
+                   help="namespace of the experiment and its runs (multi-user Kubeflow: your profile namespace, "
+                   "required; default: the kfp context's, or the pod's own in a cluster)")  # fmt: skip
     p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, metavar="NAME",
                    help=f"experiment to run in, created if missing (default {DEFAULT_EXPERIMENT})")  # fmt: skip
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a pipeline parameter for this run, typed as in `llm2clip run` (repeatable)")  # fmt: skip
-    p.add_argument("--service-account", default=None, metavar="SA",
-                   help="Kubernetes ServiceAccount the run's pods use (default: the server's: pipeline-runner, or "
-                   "default-editor in a profile namespace)")  # fmt: skip
+    p.add_argument("--service-account", default=RUNNER_SERVICE_ACCOUNT, metavar="SA",
+                   help=f"Kubernetes ServiceAccount the run's pods use (default {RUNNER_SERVICE_ACCOUNT}, which "
+                   "manifests/ deploy with the rights the pipeline needs, TrainJobs included; '' for the server's "
+                   "default: pipeline-runner, or default-editor in a profile namespace)")  # fmt: skip
     p.add_argument("--schedule", default=None, metavar="CRON",
                    help="create a recurring run instead, on a 6-field cron with seconds first ('0 0 3 * * *' is 03:00 "
                    "daily) or @every 24h; the same schedule of the same version is not created twice")  # fmt: skip
@@ -378,7 +434,15 @@ def api_errors(host: str | None):
         yield
     except kfp_server_api.ApiException as e:
         body = e.body.decode(errors="replace") if isinstance(e.body, bytes) else str(e.body or "")
-        raise SystemExit(f"KFP API server {where}: HTTP {e.status} {e.reason}: {body[:500]}") from None
+        hint = ""
+        if e.status == 401:  # kubeflow/pipelines 2.16.0 backend/src/apiserver/resource/resource_manager.go:1929-1945
+            hint = (
+                ". A multi-user server needs to know who sends each request: a bearer token (--token-file, "
+                f"${TOKEN_ENV}, or a projected ServiceAccount token with audience pipelines.kubeflow.org at "
+                f"${SA_TOKEN_ENV}), or the kubeflow-userid header: the Kubeflow gateway adds it after you log in, or "
+                "a kfp context (~/.config/kfp/context.json) sets it with client_authentication_header_name/_value"
+            )
+        raise SystemExit(f"KFP API server {where}: HTTP {e.status} {e.reason}: {body[:500]}{hint}") from None
     except (urllib3.exceptions.HTTPError, TimeoutError, ConnectionError) as e:
         raise SystemExit(f"cannot reach the KFP API server {where}: {e}") from None
     except ValueError as e:  # kfp: several pipelines or experiments of one name
@@ -394,12 +458,12 @@ def print_plan(args: argparse.Namespace, host: str | None, package: Package, run
     print(f"  create pipeline {PIPELINE_NAME!r} if missing")
     print(f"  upload version {package.version_name!r} if missing (refused if it exists with another hash)")
     print(f"  get or create experiment {args.experiment!r} in namespace {args.namespace or '(context default)'}")
-    print(f"  create {kind} {run_name!r}" + (f" as {args.service_account}" if args.service_account else ""))
+    print(f"  create {kind} {run_name!r} as " + (args.service_account or "the server's default ServiceAccount"))
     print(f"  with parameters {json.dumps(params, sort_keys=True) if params else '(the version defaults)'}")
 
 
 def submit_package(client, args: argparse.Namespace, package: Package, run_name: str, params: dict,
-                   ui: str | None) -> int:  # fmt: skip
+                   ui: str | None, namespace: str | None) -> int:  # fmt: skip
     """Pipeline, version and experiment (each reused if there), then the run or recurring run; the exit code."""
     from llm2clip.pipelines.llm2clip_pipeline import PIPELINE_NAME, llm2clip_pipeline
 
@@ -408,7 +472,7 @@ def submit_package(client, args: argparse.Namespace, package: Package, run_name:
     version_id, uploaded = ensure_version(client, pipeline_id, package)
     print(f"version   {'uploaded' if uploaded else 'exists, same sha256'} ({version_id})")
     with quiet():
-        experiment = client.create_experiment(args.experiment, namespace=args.namespace)  # gets or creates
+        experiment = client.create_experiment(args.experiment, namespace=namespace)  # gets or creates
     print(f"experiment {args.experiment} ({experiment.experiment_id})")
     if args.schedule:
         existing = find_recurring_run(client, experiment.experiment_id, run_name)
@@ -417,15 +481,15 @@ def submit_package(client, args: argparse.Namespace, package: Package, run_name:
             return 0
         recurring = client.create_recurring_run(
             experiment.experiment_id, run_name, cron_expression=args.schedule, params=params,
-            pipeline_id=pipeline_id, version_id=version_id, service_account=args.service_account, no_catchup=True,
-            max_concurrency=1,
+            pipeline_id=pipeline_id, version_id=version_id, service_account=args.service_account or None,
+            no_catchup=True, max_concurrency=1,
         )  # fmt: skip
         print(f"recurring run created: {run_name}\n{link(ui, 'recurringrun', recurring.recurring_run_id)}")
         return 0
     with quiet():
         created_run = client.run_pipeline(
             experiment.experiment_id, run_name, params=params, pipeline_id=pipeline_id, version_id=version_id,
-            service_account=args.service_account,
+            service_account=args.service_account or None,
         )  # fmt: skip
     url = link(ui, "runs", created_run.run_id)
     print(f"run created: {run_name}\n{url}", flush=True)
@@ -457,4 +521,13 @@ def run(args: argparse.Namespace) -> int:
             return 0
         with api_errors(host):
             client = make_client(host, args.token_file)
-            return submit_package(client, args, package, run_name, params, ui_base(host))
+            where = host or "(in-cluster or from the kubeconfig)"
+            backend = backend_info(client)
+            check_backend_version(where, backend.version)
+            namespace = args.namespace or client.get_user_namespace() or None
+            if backend.multi_user and not namespace:
+                raise SystemExit(
+                    f"the KFP API server {where} runs in multi-user mode, where every experiment and run belongs to a "
+                    "namespace: pass --namespace (your Kubeflow profile's namespace). Nothing was uploaded"
+                )
+            return submit_package(client, args, package, run_name, params, ui_base(host), namespace)
