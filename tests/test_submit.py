@@ -329,7 +329,7 @@ def test_server_errors_become_a_message(api, monkeypatch):
 
 def test_runs_run_as_the_project_runner_unless_told_otherwise(api):
     """Single-user KFP runs a pipeline's pods as pipeline-runner (kubeflow/pipelines 2.16.0 backend/src/apiserver/
-    common/const.go:59), whose ClusterRole grants nothing on trainer.kubeflow.org (manifests/kustomize/base/pipeline/
+    common/const.go:59), whose Role grants nothing on trainer.kubeflow.org (2.16.0 manifests/kustomize/base/pipeline/
     pipeline-runner-role.yaml): the multi-node stage 2 would get 403 creating its TrainJob. So runs and recurring
     runs default to the runner manifests/ deploy (names.json), whose Role may create TrainJobs; '' is the server's."""
     assert submit.RUNNER_SERVICE_ACCOUNT == NAMES["service_account"]
