@@ -173,25 +173,39 @@ def test_a_checkpoint_of_another_config_is_refused(tiny_dataset, cache, tmp_path
 # ----------------------------------------------------------------------------------------------- torchrun DDP
 
 
-def _torchrun(nproc: int, *args: str) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=900)
+    return subprocess.run(cmd, env={**_env(), **(env or {})}, capture_output=True, text=True, timeout=900)
 
 
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_dataset, cache, tmp_path):
     """ddp_fixed_batches.py runs the real `python -m llm2clip.train_clip` with one change: every step's global
     batch is fixed (seeded), each rank taking its half. 2 ranks (gloo, DDP, ClipLoss gathering with gradients)
-    must train as 1 process does: the losses of all 3 steps agree within 1e-4 (relative), the final weights within
-    2e-4 (absolute; an AdamW step moves a weight by up to lr = 1e-3). Weights differ at all only where the true
-    gradient is ~0 (e.g. the attention key bias, which softmax ignores): there AdamW's g / sqrt(v) turns
-    float-rounding differences of the gathered features into steps of up to lr (measured: max 1.5e-4)."""
+    must train as 1 process does, all in fp32:
+    - the first step's gradients (after DDP's all-reduce, before clipping) are the same on both ranks, and equal
+      the 1-process gradients to fp32 rounding: per tensor within 2e-5 of its largest entry (the half-batch
+      matmuls and the gather round differently; measured: at most 2.1e-6). This is the check that catches a
+      gradient scaled by the world size (summed instead of averaged over ranks): AdamW divides each step by
+      sqrt(v), so a constant factor on every gradient leaves the losses and weights below unchanged;
+    - the losses of all 3 steps agree within 1e-4 (relative), the final weights within 2e-4 (absolute; an AdamW
+      step moves a weight by up to lr = 1e-3). Weights differ at all only where the true gradient is ~0 (e.g.
+      the attention key bias, which softmax ignores): there AdamW's g / sqrt(v) turns float-rounding differences
+      of the gathered features into steps of up to lr (measured: max 1.5e-4)."""
     args = ["--dataset", tiny_dataset, "--caption-embeddings", cache, "--epochs", "1", "--batch-size", "16",
             "--checkpoint-every", "0", "--warmup-steps", "1", "--log-every", "1",
             "--dtype", "float32"]  # fmt: skip  # an equality check: fp32 on every CPU (bf16 rounds at 4e-3)
-    one = _torchrun(1, str(HERE / "ddp_fixed_batches.py"), *args, "--output", str(tmp_path / "one"))
+    grads = {d: {"DDP_FIRST_GRADS": str(tmp_path / f"grads-{d}")} for d in ("one", "two")}
+    one = _torchrun(1, str(HERE / "ddp_fixed_batches.py"), *args, "--output", str(tmp_path / "one"), env=grads["one"])
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _torchrun(2, str(HERE / "ddp_fixed_batches.py"), *args, "--output", str(tmp_path / "two"))
+    two = _torchrun(2, str(HERE / "ddp_fixed_batches.py"), *args, "--output", str(tmp_path / "two"), env=grads["two"])
     assert two.returncode == 0, two.stderr[-3000:]
+    ga = load_file(str(tmp_path / "grads-one" / "rank-0.safetensors"))
+    gb, gb1 = (load_file(str(tmp_path / "grads-two" / f"rank-{r}.safetensors")) for r in (0, 1))
+    assert ga.keys() == gb.keys() == gb1.keys() and len(ga) > 10
+    assert all(torch.equal(gb[k], gb1[k]) for k in gb)  # DDP gave both ranks the one averaged gradient
+    worst = {k: ((gb[k] - ga[k]).abs().max() / ga[k].abs().max().clamp_min(1e-12)).item() for k in ga}
+    bad = {k: v for k, v in worst.items() if v > 2e-5}
+    assert not bad, f"2-rank gradients differ from 1-rank ones: {dict(sorted(bad.items())[:5])}"
     a, b = (artifacts.read_manifest(str(tmp_path / d), "train_clip") for d in ("one", "two"))
     assert b["compute"]["world_size"] == 2 and a["compute"]["world_size"] == 1
     assert a["metrics"]["steps"] == 3
