@@ -58,6 +58,38 @@ def test_every_pass_deals_each_sample_to_exactly_one_slot(tiny_dataset, cache, s
         assert sorted(seen) == all_keys  # every sample once: none lost, none read by two slots
 
 
+@pytest.mark.parametrize("shard_size", [12, 24])
+def test_two_ranks_of_two_workers_read_every_sample_once_per_pass(tmp_path, shard_size):
+    """Through the real DataLoader: 2 ranks x 2 worker processes = 4 readers over 48 samples, as 4 whole shards
+    (shard_size 12) or 2 shards cut into 2 interleaved parts each (24). Every reader owns 12 samples a pass, so a
+    rank's first 6 batches of 4 are one pass of each of its workers (the DataLoader takes batch j from worker
+    j % 2). Batches carry no keys; each yielded text is a cached vector, random and unique per caption, so it
+    names its sample. Every sample of the pass is read exactly once across the 4 readers."""
+    from llm2clip.data import PrepareDataConfig, prepare_data
+
+    dataset = str(tmp_path / "data")
+    prepare_data(PrepareDataConfig(num_train=48, num_eval=4, shard_size=shard_size), dataset)
+    cache = fake_cache(dataset, tmp_path / "cache")
+    owner = {}  # cached vector (bytes) -> sample key
+    for f in (tmp_path / "cache" / "train").glob("*.safetensors"):
+        for key, rows in load_file(str(f)).items():
+            owner.update({row.numpy().tobytes(): key for row in rows})
+    all_keys = sorted(k for _, k, _ in data.read_captions(storage.join(dataset, "train")))
+    assert len(all_keys) == 48 and len(set(owner.values())) == 48 and len(owner) > 48  # one vector per caption
+    seen: dict[tuple[int, int], list[str]] = {}
+    for rank in range(2):
+        stream = streaming.TrainStream(dataset, "train", ImagePreprocess(size=16), cache_dirs=[cache], rank=rank,
+                                       world=2, batch_size=4)  # fmt: skip
+        batches = iter(streaming.loader(stream, 4, 2, pin_memory=False))
+        for j in range(6):
+            _, texts = next(batches)
+            seen.setdefault((rank, j % 2), []).extend(owner[t.numpy().tobytes()] for t in texts)
+        del batches  # stops the workers
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(len(set(keys)) == 12 for keys in seen.values()), {r: len(set(k)) for r, k in seen.items()}
+    assert sorted(k for keys in seen.values() for k in keys) == all_keys  # none lost, none read twice
+
+
 def test_passes_differ_and_units_follow_the_seed(tiny_dataset):
     sizes = streaming.split_sizes(storage.join(tiny_dataset, "train"))
     assert len(sizes) == 3 and sum(sizes.values()) == 48  # 20 + 20 + 8
@@ -186,7 +218,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_da
       the 1-process gradients to fp32 rounding: per tensor within 2e-5 of its largest entry (the half-batch
       matmuls and the gather round differently; measured: at most 2.1e-6). This is the check that catches a
       gradient scaled by the world size (summed instead of averaged over ranks): AdamW divides each step by
-      sqrt(v), so a constant factor on every gradient leaves the losses and weights below unchanged;
+      sqrt(v), so a constant factor on every gradient leaves the losses and weights below unchanged as long as
+      clipping does not engage (with --grad-clip 1e9 they passed a doubled gradient);
     - the losses of all 3 steps agree within 1e-4 (relative), the final weights within 2e-4 (absolute; an AdamW
       step moves a weight by up to lr = 1e-3). Weights differ at all only where the true gradient is ~0 (e.g.
       the attention key bias, which softmax ignores): there AdamW's g / sqrt(v) turns float-rounding differences
