@@ -163,6 +163,52 @@ def test_the_tune_manifest_records_where_the_llm_came_from(llama_on_s3, tiny_dat
     assert source["key"] == model_sources.resolve_llm(uri).key
 
 
+@pytest.fixture()
+def fake_hub(monkeypatch, tmp_path):
+    """No hub is reachable here: snapshot_download is replaced by one that serves the tiny Llama as the snapshot of
+    any repo when the hub is online for the call, and finds nothing in the local cache otherwise. Yields its calls
+    as (repo id, offline during the call, kwargs)."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    snapshot = tmp_path / "snapshots" / "0123abcd"
+    shutil.copytree(text_encoder.tiny_llama_dir(), snapshot)
+    calls = []
+
+    def snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, constants.is_offline_mode(), kwargs))
+        if kwargs.get("local_files_only") or constants.is_offline_mode():
+            raise LocalEntryNotFoundError(f"{repo_id} is not in the local cache")
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    return calls
+
+
+def test_a_hub_llm_goes_through_tune_and_cache_only_with_allow_hub(fake_hub, tiny_dataset, tmp_path):
+    """Every stage that loads the LLM carries the flag: stage 1 and the caching fan-out (its token count and its
+    encoder)."""
+    from llm2clip import embedding_cache
+
+    tuned = str(tmp_path / "tuned")
+    cfg = tune.TuneConfig(llm="org/tiny", allow_hub=True, steps=1, batch_size=4, lora_r=2, warmup_steps=0)
+    tune.tune_caption_encoder(cfg, tiny_dataset, tuned)
+    source = artifacts.read_manifest(tuned, "tune_caption_encoder")["base_source"]
+    assert (source["reference"], source["kind"], source["key"]) == ("org/tiny", "hub", "0123abcd")
+
+    cache = dict(device="cpu", dtype="float32", store_root=str(tmp_path / "store"))
+    with pytest.raises(ValueError, match=r"llm='org/tiny': a Hugging Face hub id, and this run is offline"):
+        embedding_cache.cache_caption_embeddings(
+            embedding_cache.CacheConfig(**cache), tiny_dataset, tuned, str(tmp_path / "offline")
+        )
+    metrics = embedding_cache.cache_caption_embeddings(
+        embedding_cache.CacheConfig(allow_hub=True, **cache), tiny_dataset, tuned, str(tmp_path / "online")
+    )
+    assert metrics["misses"] > 0
+    assert all(not offline for _, offline, kwargs in fake_hub if not kwargs.get("local_files_only"))
+
+
 # ----------------------------------------------------------------------------------------------- vision tower
 
 

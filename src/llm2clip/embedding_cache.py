@@ -75,6 +75,7 @@ class CacheConfig:
     # the most a killed task loses
     pack_size: int = 2048
     store_root: str | None = None  # default: $LLM2CLIP_STORE/embedding-cache, else the local model cache
+    allow_hub: bool = False  # True: the cluster reaches a hub, so a hub-id base LLM is downloaded (see model_sources)
 
     def __post_init__(self) -> None:
         check = artifacts.check
@@ -125,7 +126,9 @@ def encoder_identity(text_lora_dir: str, use_adapter: bool) -> dict:
     }
 
 
-def base_encoder(identity: dict, device: torch.device, dtype: str) -> text_encoder.CaptionEncoder:
+def base_encoder(
+    identity: dict, device: torch.device, dtype: str, allow_hub: bool = False
+) -> text_encoder.CaptionEncoder:
     """The base LLM (no adapter) set up as an encoder identity says: attention, max length, instruction. On a GPU
     the weights are stored in the compute dtype (an 8B model: 16 GB, not 32); on a CPU they stay fp32 and autocast
     casts per op."""
@@ -136,6 +139,7 @@ def base_encoder(identity: dict, device: torch.device, dtype: str) -> text_encod
         instruction=identity.get("instruction", ""),
         dtype=getattr(torch, dtype) if device.type == "cuda" else torch.float32,
         device=device,
+        allow_hub=allow_hub,
     )
 
 
@@ -183,14 +187,14 @@ class EmbeddingStore:
 # ----------------------------------------------------------------------------------------------- shard groups
 
 
-def shard_token_costs(dataset_dir: str, identity: dict) -> list[tuple[tuple[str, str], int]]:
+def shard_token_costs(dataset_dir: str, identity: dict, allow_hub: bool = False) -> list[tuple[tuple[str, str], int]]:
     """((split path, shard file), tokens) for every shard of `all_shards`: the tokens the encoder runs over, as
     `text_encoder.token_lengths` counts them (instruction and special tokens included, each caption capped at
     max_length). Only the base model's tokenizer is loaded, never its weights. Reads every shard's captions (the
     tar is streamed, images are not decoded), one shard at a time."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(text_encoder.resolve_model_dir(identity["base_model"]))
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder.resolve_model_dir(identity["base_model"], allow_hub))
     out = []
     for split_path, shard in all_shards(dataset_dir):
         texts = [
@@ -246,7 +250,7 @@ def _cache(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str,
                                                                     "store_dtype": cfg.store_dtype})  # fmt: skip
 
     # ---- this task's shards: every task computes the same token-balanced partition
-    costs = shard_token_costs(dataset_dir, identity)
+    costs = shard_token_costs(dataset_dir, identity, cfg.allow_hub)
     tokens = dict(costs)
     mine = shard_groups(costs, cfg.num_groups)[cfg.group_index]
     print(f"group {cfg.group_index}/{cfg.num_groups}: {len(mine)} of {len(costs)} shards, "
@@ -278,7 +282,7 @@ def _cache(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str,
               f"{len(vectors)} cached, {len(missing)} to embed", flush=True)  # fmt: skip
         if missing and encoder is None:
             print(f"device {device}, compute dtype {dtype}", flush=True)
-            encoder = _load_encoder(identity, cfg.use_adapter, text_lora_dir, device, dtype)
+            encoder = _load_encoder(identity, cfg.use_adapter, text_lora_dir, device, dtype, cfg.allow_hub)
         t_embed, padded_before = time.time(), padded_tokens
         for start in range(0, len(missing), cfg.pack_size):
             chunk = missing[start : start + cfg.pack_size]
@@ -333,9 +337,9 @@ def _cache(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str,
 
 
 def _load_encoder(
-    identity: dict, use_adapter: bool, text_lora_dir: str, device: torch.device, dtype: str
+    identity: dict, use_adapter: bool, text_lora_dir: str, device: torch.device, dtype: str, allow_hub: bool
 ) -> text_encoder.CaptionEncoder:
-    encoder = base_encoder(identity, device, dtype)
+    encoder = base_encoder(identity, device, dtype, allow_hub)
     if use_adapter:
         with storage.local_dir(storage.join(text_lora_dir, "adapter")) as adapter_dir:
             text_encoder.load_lora(encoder, adapter_dir)

@@ -259,7 +259,7 @@ def resolve_checkpoint(
     except Exception as e:
         if allow_hub:
             raise RuntimeError(f"{parameter}={reference!r}: downloading the open_clip weights failed: {e}") from e
-        raise offline_error(parameter, reference, "an open_clip pretrained tag") from None
+        raise offline_error(parameter, reference, "an open_clip pretrained tag") from e
     return ModelSource(reference, "open_clip-tag", Path(file))
 
 
