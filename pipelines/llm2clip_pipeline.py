@@ -30,9 +30,9 @@ from llm2clip.components import image as images
 
 PIPELINE_NAME = "llm2clip"
 COMPILED = Path(__file__).parent / "llm2clip.yaml"
-GPU_IMAGE = images.IMAGE_GPU  # images/Dockerfile, VARIANT=cuda
-# The CPU tasks run the same image by default: it runs on CPU nodes, and it builds from the repository's hash-locked
-# files (the VARIANT=cpu image, IMAGE_CPU, is smaller; pass it as cpu_image where you build it).
+GPU_IMAGE = images.IMAGE_GPU  # images/Dockerfile
+# The CPU tasks run the same image by default: the one image the repository builds (hash-locked), which runs on CPU
+# nodes too. A smaller CPU-only image of your own can go in the cpu_image parameter.
 CPU_IMAGE = GPU_IMAGE
 
 # ---- names shared with manifests/ (listed in manifests/names.json; tests check both sides agree)
