@@ -35,7 +35,8 @@ def llama_on_s3(s3_env, downloads) -> tuple[str, Path]:
 
 @pytest.fixture()
 def requests_seen(tmp_path, monkeypatch):
-    """A function returning the (method, path) of every request the moto server received since the fixture began."""
+    """A function returning the (method, path) of every request the moto server received since the fixture began.
+    The log holds each request's body too: request it after large uploads (a 22 MB body came back torn)."""
     from moto.moto_api import recorder
 
     log = tmp_path / "moto-requests.jsonl"
@@ -212,8 +213,7 @@ def test_a_hub_llm_goes_through_tune_and_cache_only_with_allow_hub(fake_hub, tin
 # ----------------------------------------------------------------------------------------------- vision tower
 
 
-def test_a_vision_checkpoint_from_s3_loads_into_the_tower_with_equal_weights(s3_env, downloads, tmp_path,
-                                                                            requests_seen):  # fmt: skip
+def test_a_vision_checkpoint_from_s3_loads_into_the_tower_with_equal_weights(s3_env, downloads, tmp_path, request):
     clip = open_clip.create_model(clip_model.DEFAULT_MODEL)
     with torch.no_grad():
         for p in clip.parameters():
@@ -222,6 +222,7 @@ def test_a_vision_checkpoint_from_s3_loads_into_the_tower_with_equal_weights(s3_
     torch.save(clip.state_dict(), ckpt)
     uri = storage.join(s3_env, "towers", "tower.pt")
     storage.write_bytes(uri, ckpt.read_bytes())
+    requests_seen = request.getfixturevalue("requests_seen")  # from here on: the upload's body is not logged
 
     tower = clip_model.create_vision_tower(clip_model.DEFAULT_MODEL, uri)
     expected = {k: v for k, v in clip.visual.state_dict().items() if k != "proj"}  # the tower drops its projection
