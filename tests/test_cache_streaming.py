@@ -1,7 +1,13 @@
 """The streaming cache stage: token-balanced shard groups, one shard in memory at a time, resume at the first shard
 without output, atomic shard files, and the per-shard readers stage 2 uses."""
 
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +158,99 @@ def test_a_shard_file_torn_mid_write_never_looks_complete(tiny_dataset, lora, tm
     assert resumed["skipped_shards"] == 3  # the shards before the torn one; it and the last are done now
     samples = data.read_captions_of_shard(storage.join(tiny_dataset, "train", "shard-000001.tar"))
     assert embedding_cache.load(storage.read_bytes(torn)).keys() == {key for _, key, _ in samples}
+
+
+# the stage as a process of its own: fp32 on the CPU, 4 new embeddings per pack (several packs per shard)
+CACHE_PROCESS = (
+    "import sys; from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings; "
+    "store, dataset, lora, out = sys.argv[1:]; "
+    "cache_caption_embeddings(CacheConfig(store_root=store, pack_size=4, device='cpu', dtype='float32'), dataset, "
+    "lora, out)"
+)
+
+
+def cache_process(dataset: str, lora: str, out: Path, store: Path) -> list[str]:
+    return [sys.executable, "-c", CACHE_PROCESS, str(store), dataset, lora, str(out)]
+
+
+def assert_store_consistent(store: Path) -> set[str]:
+    """Every pack the store shows (one with a keys file) is whole: it loads and holds exactly its keys. Returns
+    the caption hashes the store holds."""
+    held = set()
+    for keys_file in store.rglob("*.keys.json"):
+        keys = storage.read_json(str(keys_file))["keys"]
+        pack = keys_file.with_name(keys_file.name.removesuffix(".keys.json") + ".safetensors")
+        assert sorted(embedding_cache.load(pack.read_bytes())) == keys, pack
+        held.update(keys)
+    return held
+
+
+def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(lora, tmp_path):
+    """A real caching process over 20 shards is killed with SIGKILL (no exception, no cleanup, unlike the tests
+    above), twice: the moment its fifth shard file appears (were writes not atomic, that file would be half
+    written), then, rerun, in the middle of a shard (after the tenth file, once a pack of the next shard is
+    stored). After each kill every visible shard file and every visible pack is whole. A last run of the same
+    command finishes the job, embedding only what the killed runs had not stored, and its output equals an
+    uninterrupted run's: the same shard files with the same vectors (fp32 both times, so bit for bit), the same
+    manifest shards, the same store contents."""
+    from llm2clip.data import PrepareDataConfig, prepare_data
+
+    dataset = str(tmp_path / "data")
+    prepare_data(PrepareDataConfig(num_train=64, num_eval=8, shard_size=4), dataset)
+    n_shards = len(embedding_cache.all_shards(dataset))
+    assert n_shards == 20  # 16 train + 2 per eval set
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run alike
+    whole = subprocess.run(cache_process(dataset, lora, tmp_path / "whole", tmp_path / "whole-store"), env=env,
+                           capture_output=True, text=True)  # fmt: skip
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    reference = shard_files(str(tmp_path / "whole"))
+    out, store = tmp_path / "killed", tmp_path / "store"
+
+    def shards_out() -> int:
+        return len(list(out.rglob("shard-*.safetensors")))
+
+    def packs_stored() -> int:
+        return len(list(store.rglob("*.keys.json")))
+
+    def run_and_kill(wait) -> tuple[int, set[str]]:
+        """Start the command, `wait(wait_for)`, SIGKILL it; check what it left; (shard files out, hashes stored)."""
+        proc = subprocess.Popen(cache_process(dataset, lora, out, store), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 600
+
+        def wait_for(what: str, condition) -> None:
+            while not condition():
+                assert proc.poll() is None and time.time() < deadline, f"caching ended or stalled before {what}"
+                time.sleep(0.005)
+
+        wait(wait_for)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (out / "manifest.json").exists()
+        done = shard_files(str(out))
+        assert len(done) < n_shards, f"{len(done)} of {n_shards} shards out: the kill was not midway"
+        for name, tensors in done.items():  # what is visible is whole
+            assert tensors.keys() == reference[name].keys() and all(torch.equal(tensors[k], reference[name][k])
+                                                                    for k in tensors), name  # fmt: skip
+        return len(done), assert_store_consistent(store)
+
+    def into_the_next_shard(wait_for) -> None:
+        wait_for("its tenth shard", lambda: shards_out() >= 10)
+        packs = packs_stored()
+        wait_for("another pack", lambda: packs_stored() > packs)
+
+    first, _ = run_and_kill(lambda wait_for: wait_for("its fifth shard", lambda: shards_out() >= 5))
+    done, held = run_and_kill(into_the_next_shard)
+    assert 5 <= first < done and done >= 10
+
+    rerun = subprocess.run(cache_process(dataset, lora, out, store), env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    metrics = artifacts.read_manifest(str(out))["metrics"]
+    everything = assert_store_consistent(tmp_path / "whole-store")
+    assert metrics["skipped_shards"] == done
+    assert metrics["misses"] == len(everything - held) > 0  # what the killed runs stored is not embedded again
+    assert_same_outputs(str(out), str(tmp_path / "whole"))
+    assert assert_store_consistent(store) == everything
 
 
 def test_outputs_of_another_encoder_are_never_resumed(tiny_dataset, lora, tmp_path):
