@@ -130,7 +130,7 @@ def test_cache_file_round_trip_is_exact(tmp_path):
 
 
 def test_raw_and_tuned_caches_refuse_to_mix(chain):
-    with pytest.raises(ValueError, match="another encoder"):
+    with pytest.raises(ValueError, match=r"two encoders.*differ in \['adapter_fingerprint', 'bidirectional'\]"):
         embedding_cache.load_embeddings([chain["caches"][0], chain["dirs"]["raw"]], "train")
 
 

@@ -63,8 +63,10 @@ def test_two_ranks_of_two_workers_read_every_sample_once_per_pass(tmp_path, shar
     """Through the real DataLoader: 2 ranks x 2 worker processes = 4 readers over 48 samples, as 4 whole shards
     (shard_size 12) or 2 shards cut into 2 interleaved parts each (24). Every reader owns 12 samples a pass, so a
     rank's first 6 batches of 4 are one pass of each of its workers (the DataLoader takes batch j from worker
-    j % 2). Batches carry no keys; each yielded text is a cached vector, random and unique per caption, so it
-    names its sample. Every sample of the pass is read exactly once across the 4 readers."""
+    j % 2: torch 2.14.1 torch/utils/data/dataloader.py cycles the workers, line 1260, and returns batches in
+    order, in_order=True by default, line 274). Batches carry no keys; each yielded text is a cached vector,
+    random and unique per caption, so it names its sample. Every sample of the pass is read exactly once across
+    the 4 readers."""
     from llm2clip.data import PrepareDataConfig, prepare_data
 
     dataset = str(tmp_path / "data")
@@ -167,7 +169,8 @@ def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(tiny_dataset, ca
     """The training process is killed (SIGKILL: no cleanup) after its second checkpoint; the same command run again
     resumes from it and ends with the uninterrupted run's losses and weights."""
     args = ["--dataset", tiny_dataset, "--caption-embeddings", cache, "--epochs", "3", "--batch-size", "8",
-            "--checkpoint-every", "4", "--workers", "0", "--log-every", "1"]  # fmt: skip
+            "--checkpoint-every", "4", "--workers", "0", "--log-every", "1",
+            "--dtype", "float32"]  # fmt: skip  # an equality check: fp32 on every CPU
     whole = tmp_path / "whole"
     subprocess.run(_cli(*args, "--output", str(whole)), check=True, env=_env(), capture_output=True)
 
