@@ -28,6 +28,21 @@ def problems(env: dict | None = None, **overrides) -> list[str]:
 # ----------------------------------------------------------------------------------------------- preflight
 
 
+def test_placement_counts_are_checked_before_a_run_or_a_submit():
+    """gpus=-1 used to start a local run (which ignores it) and would fail only in the cluster's format_gpu_limit."""
+    assert preflight.placement_problems(params()) == []
+    assert preflight.placement_problems(params(gpus=-1, train_nproc=0, train_nodes=2)) == [
+        "gpus=-1: must be a whole number >= 0",
+        "train_nproc=0: must be a whole number >= 1",
+    ]
+    with pytest.raises(SystemExit, match="bad pipeline parameter: gpus=-1: must be a whole number >= 0"):
+        cli.validate_parameters(params(gpus=-1))
+    with pytest.raises(SystemExit, match="cache_groups=0: must be a whole number >= 1"):
+        cli.validate_parameters(params(cache_groups=0))
+    with pytest.raises(SystemExit, match="bad pipeline parameter: gpus=-2"):
+        cli.main(["submit", "--dry-run", "--set", "gpus=-2"])
+
+
 def test_models_are_checked_before_anything_runs(tmp_path):
     assert problems() == [] and problems(llm="smollm2-135m-instruct") == []
     assert problems(llm="/nonexistent") == [

@@ -183,8 +183,8 @@ def validate_parameters(params: dict[str, object]) -> None:
         )
         EvaluateConfig(device=params["device"], zero_shot=tuple(params["zero_shot"]))
         devices.resolve_device(params["device"])  # "cuda" on a machine without a GPU fails here, not in a task
-        if params["cache_groups"] < 1:
-            raise ValueError(f"cache_groups={params['cache_groups']!r}: must be >= 1")
+        for problem in preflight.placement_problems(params):
+            raise ValueError(problem)
         if params["train_nodes"] != 1:  # a TrainJob needs Kubeflow Trainer; locally stage 2 is one process tree
             raise ValueError(
                 f"train_nodes={params['train_nodes']!r}: only 1 runs locally; more nodes run on a cluster through "

@@ -49,6 +49,16 @@ def run_problems(params: Mapping[str, object], env: Mapping[str, str]) -> list[s
     return problems
 
 
+def placement_problems(params: Mapping[str, object]) -> list[str]:
+    """Counts the pipeline turns into pod resources and torchrun sizes: caught before a run, not in its first task."""
+    limits = {"gpus": 0, "train_nodes": 1, "train_nproc": 1, "cache_groups": 1}
+    return [
+        f"{name}={params[name]!r}: must be a whole number >= {low}"
+        for name, low in limits.items()
+        if name in params and (not isinstance(params[name], int) or params[name] < low)
+    ]
+
+
 def llm_problems(llm: str, env: Mapping[str, str]) -> list[str]:
     """A project name, a local Hugging Face model directory (with config.json), or a hub id: offline, only one
     that is already in the local Hugging Face cache."""

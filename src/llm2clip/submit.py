@@ -501,6 +501,10 @@ def run(args: argparse.Namespace) -> int:
     from llm2clip.cli import parse_overrides, pipeline_parameters
 
     params = parse_overrides(args.overrides, pipeline_parameters())  # before anything slow or remote
+    from llm2clip.preflight import placement_problems
+
+    if problems := placement_problems(params):
+        raise SystemExit("bad pipeline parameter: " + "; ".join(problems))
     if args.schedule:
         check_schedule(args.schedule)
         if args.wait:
