@@ -282,7 +282,10 @@ def test_a_failed_run_says_so_and_leaves_no_old_summary(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_the_real_cli_takes_its_tasks_down(tmp_path, sig):
     """Ctrl-C: the CLI stops its task and exits 130. kill -9: the task notices and ends itself."""
-    proc = _cli(tmp_path / "run", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    # 3,000 training images: prepare_data renders for tens of seconds (the tiny profile's 64 took ~2 s, and a kill
+    # after the 2 s below met an ended task once)
+    proc = _cli(tmp_path / "run", "--set", "num_train=3000",
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
     # The target: prepare_data's task process (`python -m kfp.dsl.executor_main ...`, its outputs under
     # .../prepare-data/), which runs for many seconds; locate_store before it ends within a second or two.
     task, deadline = [], time.time() + 120
