@@ -158,14 +158,16 @@ def test_the_same_checkout_submitted_from_two_processes_is_one_version(api, tmp_
         "sys.exit(submit.run(p.parse_args(sys.argv[1:])))\n"
     )
     file_hashes = []
-    for seed in ("1", "3"):
+    for seed in ("1", "3", "2", "4", "5"):  # until two seeds compile different bytes (1 and 3 did, not everywhere)
+        if len(set(file_hashes)) > 1:
+            break
         env = {**os.environ, "PYTHONHASHSEED": seed, "HOME": str(tmp_path)}  # HOME: no kfp context file
         done = subprocess.run([sys.executable, "-c", script, "submit", "--host", api.host], env=env,
                               capture_output=True, text=True, timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         file_hashes += [line.split()[1] for line in done.stderr.splitlines() if line.startswith("bytes ")]
-    assert len(file_hashes) == 2 and file_hashes[0] != file_hashes[1]  # the premise: two different files ...
-    assert len(api.state.versions) == 1 and len(api.state.runs) == 2  # ... are one version
+    assert len(set(file_hashes)) > 1  # the premise: different files ...
+    assert len(api.state.versions) == 1 and len(api.state.runs) == len(file_hashes)  # ... are one version
 
 
 def test_the_hash_ignores_comments_and_key_order_but_not_content():
