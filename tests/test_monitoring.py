@@ -19,8 +19,8 @@ from prom_servers import Prometheus, Pushgateway, binary, get
 from s3_servers import free_port
 from test_train_stream import fake_cache
 
-from llm2clip import artifacts, monitoring, text_encoder, train_clip, tune
-from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings
+from llm2clip import artifacts, monitoring, text_encoder, train_clip, tune_caption_encoder
+from llm2clip.cache_caption_embeddings import CacheConfig, cache_caption_embeddings
 
 ROOT = Path(__file__).parents[1]
 DASHBOARD = ROOT / "manifests/components/monitoring/grafana/llm2clip-dashboard.json"
@@ -137,8 +137,10 @@ def test_pushes_are_throttled_and_a_failure_pushes_status_failed(servers, no_env
             m.step(loss=1.0, samples=4)
         assert m.pushes == 0  # the interval has not passed: no running push
     assert m.pushes == 1
-    with pytest.raises(RuntimeError, match="boom"), monitoring.stage("tune_caption_encoder", "throttled", "/runs/2",
-                                                                    push_every_s=0) as m:  # fmt: skip
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        monitoring.stage("tune_caption_encoder", "throttled", "/runs/2", push_every_s=0) as m,
+    ):
         m.step(loss=3.0, samples=4)
         assert (
             pushed(group(pgw, job="llm2clip", variant="throttled"), "llm2clip_run_status")[0][0]["status"] == "running"
@@ -146,9 +148,20 @@ def test_pushes_are_throttled_and_a_failure_pushes_status_failed(servers, no_env
         raise RuntimeError("boom")
     # the second run replaced the first's group (the grouping key has no run id): one group, the failed run's
     g = group(pgw, job="llm2clip", stage="tune_caption_encoder", variant="throttled", rank="0")
-    assert pushed(g, "llm2clip_run_status") == [({"job": "llm2clip", "instance": "", "stage": "tune_caption_encoder",
-                                                 "variant": "throttled", "rank": "0", "status": "failed",
-                                                 "output": "/runs/2"}, 1.0)]  # fmt: skip
+    assert pushed(g, "llm2clip_run_status") == [
+        (
+            {
+                "job": "llm2clip",
+                "instance": "",
+                "stage": "tune_caption_encoder",
+                "variant": "throttled",
+                "rank": "0",
+                "status": "failed",
+                "output": "/runs/2",
+            },
+            1.0,
+        )
+    ]
     assert pushed(g, "llm2clip_run_errors")[0][1] == 1 and pushed(g, "llm2clip_run_steps")[0][1] == 1
 
 
@@ -160,11 +173,33 @@ def test_prometheus_scrapes_a_running_train_clip_and_its_push_matches_the_manife
     it runs (the server stops with the stage), and after the end the pushed step count is the manifest's."""
     cache = fake_cache(tiny_dataset, tmp_path / "cache")
     out = str(tmp_path / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", monitoring.PORT_ENV: str(servers.stage_port),
-           monitoring.PUSHGATEWAY_ENV: f"127.0.0.1:{servers.pushgateway.port}"}  # fmt: skip
-    cmd = [sys.executable, "-m", "llm2clip.train_clip", "--dataset", tiny_dataset, "--caption-embeddings", cache,
-           "--output", out, "--epochs", "20", "--batch-size", "8", "--workers", "0", "--log-every", "1000",
-           "--checkpoint-every", "0"]  # fmt: skip
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        monitoring.PORT_ENV: str(servers.stage_port),
+        monitoring.PUSHGATEWAY_ENV: f"127.0.0.1:{servers.pushgateway.port}",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "llm2clip.train_clip",
+        "--dataset",
+        tiny_dataset,
+        "--caption-embeddings",
+        cache,
+        "--output",
+        out,
+        "--epochs",
+        "20",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--log-every",
+        "1000",
+        "--checkpoint-every",
+        "0",
+    ]
     started = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -190,8 +225,14 @@ def test_prometheus_scrapes_a_running_train_clip_and_its_push_matches_the_manife
     assert float(run[0]["value"][1]) == steps
     # the dashboard's stage-2 panels, run as Grafana runs them (a range query over the run), show this run
     panels = {p["title"]: p for p in json.loads(DASHBOARD.read_text())["panels"]}
-    for title in ("Throughput (samples/s)", "Loss", "Learning rate", "Step time (p50, p95)", "Steps",
-                  "Data wait (p50, p95) and share of step time"):  # fmt: skip
+    for title in (
+        "Throughput (samples/s)",
+        "Loss",
+        "Learning rate",
+        "Step time (p50, p95)",
+        "Steps",
+        "Data wait (p50, p95) and share of step time",
+    ):
         for target in panels[title]["targets"]:
             expr = target["expr"].replace("$__rate_interval", "10s").replace("$stage", "train_clip")
             values = [float(v) for r in servers.query_range(expr, started, time.time()) for _, v in r["values"]]
@@ -206,8 +247,10 @@ def test_stage1_and_the_cache_push_their_own_counts(servers, tiny_dataset, tmp_p
     run's pushed numbers, queried in Prometheus, are the ones the stage itself reports."""
     no_env.setenv(monitoring.PUSHGATEWAY_ENV, servers.pushgateway.url)
     lora = str(tmp_path / "lora")
-    tuned = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=3, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1)
-    tune.tune_caption_encoder(tuned, tiny_dataset, lora)
+    tuned = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA, steps=3, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1
+    )
+    tune_caption_encoder.tune_caption_encoder(tuned, tiny_dataset, lora)
     key = 'job="llm2clip", stage="tune_caption_encoder", variant="default", rank="0"'
     servers.wait_for(f'llm2clip_run_status{{{key}, output="{lora}", status="succeeded"}}', bool, timeout=30)
     assert float(servers.query(f"llm2clip_run_steps{{{key}}}")[0]["value"][1]) == 3
@@ -220,10 +263,16 @@ def test_stage1_and_the_cache_push_their_own_counts(servers, tiny_dataset, tmp_p
         out = str(tmp_path / f"cache{n}")
         metrics = cache_caption_embeddings(CacheConfig(store_root=str(tmp_path / "store")), tiny_dataset, lora, out)
         servers.wait_for(f'llm2clip_run_status{{{key}, output="{out}", status="succeeded"}}', bool, timeout=30)
-        got = {name: float(servers.query(f"llm2clip_run_{name}{{{key}}}")[0]["value"][1])
-               for name in ("cache_hits", "cache_misses", "tokens", "steps")}  # fmt: skip
-        assert got == {"cache_hits": metrics["hits"], "cache_misses": metrics["misses"],
-                       "tokens": metrics["padded_tokens"], "steps": metrics["shards"]}  # fmt: skip
+        got = {
+            name: float(servers.query(f"llm2clip_run_{name}{{{key}}}")[0]["value"][1])
+            for name in ("cache_hits", "cache_misses", "tokens", "steps")
+        }
+        assert got == {
+            "cache_hits": metrics["hits"],
+            "cache_misses": metrics["misses"],
+            "tokens": metrics["padded_tokens"],
+            "steps": metrics["shards"],
+        }
         runs.append(metrics)
     assert runs[0]["misses"] > runs[0]["hits"]  # an empty store (a caption in two shards is a hit the second time)
     assert runs[1]["hits"] == runs[0]["hits"] + runs[0]["misses"] and runs[1]["misses"] == 0  # all found
@@ -264,8 +313,9 @@ def test_the_dashboard_queries_are_promql_prometheus_accepts_over_metrics_monito
         servers.query("sum by (stage (llm2clip_loss)")
 
 
-def test_under_torchrun_each_rank_serves_its_own_port_and_pushes_its_own_group(servers, tiny_dataset, tmp_path,
-                                                                             no_env, capfd):  # fmt: skip
+def test_under_torchrun_each_rank_serves_its_own_port_and_pushes_its_own_group(
+    servers, tiny_dataset, tmp_path, no_env, capfd
+):
     """Stage 2 as the component runs it on a 2-process pod (torchrun): local ranks 0 and 1 serve on port and
     port + 1 (no "cannot serve" warning: no collision), and each rank pushes its own group; the ranks' samples
     add up to the global batch times the steps."""
@@ -276,8 +326,11 @@ def test_under_torchrun_each_rank_serves_its_own_port_and_pushes_its_own_group(s
     cfg = train_clip.TrainClipConfig(epochs=1, batch_size=8, workers=0, checkpoint_every=0)
     metrics = train_clip.launch(cfg, tiny_dataset, out, [fake_cache(tiny_dataset, tmp_path / "cache")], nproc=2)
     assert "cannot serve" not in capfd.readouterr().err
-    groups = [g for g in servers.pushgateway.groups() if g["labels"].get("stage") == "train_clip"
-              and pushed(g, "llm2clip_run_status")[0][0]["output"] == out]  # fmt: skip
+    groups = [
+        g
+        for g in servers.pushgateway.groups()
+        if g["labels"].get("stage") == "train_clip" and pushed(g, "llm2clip_run_status")[0][0]["output"] == out
+    ]
     assert sorted(g["labels"]["rank"] for g in groups) == ["0", "1"]
     for g in groups:
         assert pushed(g, "llm2clip_run_status")[0][0]["status"] == "succeeded"
@@ -318,8 +371,9 @@ def test_a_missing_server_binary_fails_the_test_with_the_install_command():
 
 
 def test_the_metrics_the_readme_names_exist():
-    """README's metrics table names only metrics llm2clip.monitoring defines (a renamed metric breaks dashboards)."""
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The docs' metrics table names only metrics llm2clip.monitoring defines (a renamed metric breaks dashboards)."""
+    root = Path(__file__).resolve().parents[1]
+    readme = "".join((root / name).read_text() for name in ("README.md", "docs/cluster.md"))
     named = set(re.findall(r"`(llm2clip_[a-z_]+)`", readme)) - {"llm2clip_raw_llm", "llm2clip_no_centring"}
     assert "llm2clip_steps_total" in named and len(named) >= 10
     defined = set(monitoring.metric_names())
@@ -333,8 +387,9 @@ def test_the_pipelines_concurrent_trainings_push_to_groups_of_their_own(tmp_path
     caches = {}
     for name, adapter in (("tuned", "sha256:abc"), ("raw", None)):
         (tmp_path / name).mkdir()
-        artifacts.write_manifest(str(tmp_path / name), "cache_caption_embeddings", {}, {},
-                                 encoder={"adapter_fingerprint": adapter}, dim=8)  # fmt: skip
+        artifacts.write_manifest(
+            str(tmp_path / name), "cache_caption_embeddings", {}, {}, encoder={"adapter_fingerprint": adapter}, dim=8
+        )
         caches[name] = [str(tmp_path / name)]
     runs = [(train_clip.TrainClipConfig(text_source="clip"), None)]
     runs += [(train_clip.TrainClipConfig(center_text=c), caches[n]) for n in caches for c in (True, False)]
