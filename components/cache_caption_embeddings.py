@@ -19,7 +19,7 @@ def cache_caption_embeddings(
     """fp16 safetensors per shard keyed by sample key, with a manifest (use_adapter=False: the raw LLM;
     attention "causal": the LLM as it is, the paper's raw-LLM baseline)."""
     from llm2clip.artifacts import output_location, point, resolve
-    from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings
+    from llm2clip.cache_caption_embeddings import CacheConfig, cache_caption_embeddings
 
     cfg = CacheConfig(
         use_adapter=use_adapter,

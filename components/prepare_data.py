@@ -21,7 +21,7 @@ def prepare_data(
     that each loop item compiles as a dict (STRUCT), the type of cache_caption_embeddings' `group` (the KFP driver
     refuses a STRING item there). `store` (LLM2CLIP_STORE, from locate_store) only enters the cache key."""
     from llm2clip.artifacts import output_location, point
-    from llm2clip.data import PrepareDataConfig, prepare_data
+    from llm2clip.prepare_data import PrepareDataConfig, prepare_data
 
     out = output_location(dataset.path, dataset.uri)
     stats = prepare_data(

@@ -34,9 +34,18 @@ def train_clip(
         return out
     from llm2clip.train_clip import TrainClipConfig, launch
 
-    cfg = TrainClipConfig(text_source="llm", model=model, pretrained=pretrained or None, epochs=epochs,
-                          batch_size=batch_size, lr=lr or None, seed=seed, center_text=center_text, device=device,
-                          dtype=dtype)  # lr 0, pretrained "": the recipe's  # fmt: skip
+    cfg = TrainClipConfig(
+        text_source="llm",
+        model=model,
+        pretrained=pretrained or None,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr or None,
+        seed=seed,
+        center_text=center_text,
+        device=device,
+        dtype=dtype,
+    )  # lr 0, pretrained "": the recipe's
     result = launch(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], nproc)
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "llm", "location": out, **result})

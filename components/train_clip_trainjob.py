@@ -38,11 +38,12 @@ def train_clip_trainjob(
         write_manifest(out, "train_clip", fields, {}, skipped="not requested (pipeline parameter ablations=False)")
         point(vision_model.path, out)
         return out
+    from llm2clip.ops.trainjob import NodePlacement, train_on_nodes
     from llm2clip.train_clip import TrainClipConfig
-    from llm2clip.trainjob import NodePlacement, train_on_nodes
 
-    cfg = TrainClipConfig(**fields, pretrained=pretrained or None, batch_size=batch_size, lr=lr or None, device=device,
-                          dtype=dtype)  # fmt: skip
+    cfg = TrainClipConfig(
+        **fields, pretrained=pretrained or None, batch_size=batch_size, lr=lr or None, device=device, dtype=dtype
+    )
     place = NodePlacement(nodes, nproc, image, gpus, node_cpu, node_memory, node_selector, tolerations)
     result = train_on_nodes(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], place)
     point(vision_model.path, out)

@@ -24,7 +24,7 @@ def tune_caption_encoder(
     import json
 
     from llm2clip.artifacts import output_location, point, resolve
-    from llm2clip.tune import TuneConfig, tune_caption_encoder
+    from llm2clip.tune_caption_encoder import TuneConfig, tune_caption_encoder
 
     cfg = TuneConfig(
         llm=llm,

@@ -137,17 +137,36 @@ def train_clip_on_nodes(
     (kubeflow/pipelines issue 13436; 2.16.0 backend/src/v2/driver/resolve.go:1037-1041 takes the last artifact
     selector), while a parameter OneOf takes the first selector whose task completed or was cached (resolve.go:
     1061-1091; a branch not taken is CANCELED, backend/src/v2/metadata/client.go:610)."""
-    args = dict(dataset=dataset, caption_embeddings=caption_embeddings, model=model, pretrained=pretrained,
-                epochs=epochs, batch_size=batch_size, lr=lr, nproc=nproc, seed=seed, center_text=center_text,
-                device=device, dtype=dtype, enabled=enabled)  # fmt: skip
+    args = dict(
+        dataset=dataset,
+        caption_embeddings=caption_embeddings,
+        model=model,
+        pretrained=pretrained,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        nproc=nproc,
+        seed=seed,
+        center_text=center_text,
+        device=device,
+        dtype=dtype,
+        enabled=enabled,
+    )
     with dsl.If(nodes == 1, name="one-node"):
         one = train_clip(**args).set_display_name("train_clip")
         on_pod(one, gpu_image, (gpu_task_cpu,) * 2, (gpu_task_memory,) * 2, GPU_TIMEOUT_H["train_clip"])
         on_gpu(one, gpu_limit, gpu_node_selector, gpu_tolerations)
     with dsl.Else(name="trainjob"):
-        many = train_clip_trainjob(nodes=nodes, gpus=gpus, node_cpu=gpu_task_cpu, node_memory=gpu_task_memory,
-                                   node_selector=gpu_node_selector, tolerations=gpu_tolerations, image=gpu_image,
-                                   **args).set_display_name("train_clip_trainjob")  # fmt: skip
+        many = train_clip_trainjob(
+            nodes=nodes,
+            gpus=gpus,
+            node_cpu=gpu_task_cpu,
+            node_memory=gpu_task_memory,
+            node_selector=gpu_node_selector,
+            tolerations=gpu_tolerations,
+            image=gpu_image,
+            **args,
+        ).set_display_name("train_clip_trainjob")
         cpu_req, cpu_lim, mem_req, mem_lim, timeout_h = CPU_TASKS["train_clip_trainjob"]
         on_pod(many, cpu_image, (cpu_req, cpu_lim), (mem_req, mem_lim), timeout_h)
         many.set_retry(**GPU_RETRY)  # a retried launcher adopts its TrainJob (named after the output location)
@@ -308,9 +327,16 @@ def build_pipeline(on_cluster: bool):
             args.update(center_text=center_text, enabled=enabled, **train_args)
             if not on_cluster:  # kfp.local: one process tree on this machine (run --local refuses train_nodes > 1)
                 return gpu_task(train_clip(**args), "train_clip", display_name).outputs["vision_model"]
-            placement = dict(cpu_image=cpu_image, gpu_image=gpu_image, gpus=gpus, gpu_limit=gpu_limit,
-                             gpu_task_cpu=gpu_task_cpu, gpu_task_memory=gpu_task_memory,
-                             gpu_node_selector=gpu_node_selector, gpu_tolerations=gpu_tolerations)  # fmt: skip
+            placement = dict(
+                cpu_image=cpu_image,
+                gpu_image=gpu_image,
+                gpus=gpus,
+                gpu_limit=gpu_limit,
+                gpu_task_cpu=gpu_task_cpu,
+                gpu_task_memory=gpu_task_memory,
+                gpu_node_selector=gpu_node_selector,
+                gpu_tolerations=gpu_tolerations,
+            )
             return train_clip_on_nodes(nodes=train_nodes, **args, **placement).set_display_name(display_name).output
 
         # LLM2CLIP embeds with the tuned LLM as it was tuned; the raw-LLM baseline with the frozen LLM as it is

@@ -18,7 +18,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory) -> str:
-    from llm2clip.data import PrepareDataConfig, prepare_data
+    from llm2clip.prepare_data import PrepareDataConfig, prepare_data
 
     out = str(tmp_path_factory.mktemp("data"))
     prepare_data(PrepareDataConfig(num_train=48, num_eval=12, shard_size=20), out)
@@ -61,9 +61,11 @@ def s3_env(moto_server, monkeypatch):
 @pytest.fixture(scope="module")
 def lora(tiny_dataset, tmp_path_factory) -> str:
     """A LoRA adapter tuned for 2 steps on the tiny Llama (the caching tests' stage-1 output)."""
-    from llm2clip import text_encoder, tune
+    from llm2clip import text_encoder, tune_caption_encoder
 
     out = str(tmp_path_factory.mktemp("lora"))
-    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1)
-    tune.tune_caption_encoder(cfg, tiny_dataset, out)
+    cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1
+    )
+    tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, out)
     return out

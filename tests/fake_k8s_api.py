@@ -1,5 +1,5 @@
 """A stand-in for the Kubernetes API server (with Kubeflow Trainer's TrainJob CRD) on 127.0.0.1, for testing the
-TrainJob launcher (llm2clip.trainjob) through the real `kubernetes` Python client.
+TrainJob launcher (llm2clip.ops.trainjob) through the real `kubernetes` Python client.
 
 No API server can run here, so the tests talk to this one. It serves only what the launcher calls, with the paths,
 query parameters, status codes and JSON shapes of the Kubernetes API: TrainJob create (201; 409 AlreadyExists,
@@ -137,8 +137,14 @@ class FakeK8sApi(StubServer):
 
     def _store(self, namespace: str, obj: dict) -> dict:
         name = obj["metadata"]["name"]
-        meta = {**obj["metadata"], "namespace": namespace, "uid": str(uuid.uuid4()), "generation": 1,
-                "resourceVersion": str(next(self._ticks)), "creationTimestamp": self.now()[:19] + "Z"}  # fmt: skip
+        meta = {
+            **obj["metadata"],
+            "namespace": namespace,
+            "uid": str(uuid.uuid4()),
+            "generation": 1,
+            "resourceVersion": str(next(self._ticks)),
+            "creationTimestamp": self.now()[:19] + "Z",
+        }
         stored = {**obj, "metadata": meta, "status": {}}
         self.trainjobs[(namespace, name)] = stored
         self._make_pods(namespace, stored, attempt=0, run=0)
@@ -151,9 +157,13 @@ class FakeK8sApi(StubServer):
         name = trainjob["metadata"]["name"]
         for i in nodes or range(trainjob["spec"]["trainer"].get("numNodes", 1)):
             pod_name = f"{name}-node-0-{i}-{uuid.uuid4().hex[:5]}"
-            labels = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": "node",
-                      "jobset.sigs.k8s.io/job-index": "0", "batch.kubernetes.io/job-completion-index": str(i),
-                      "jobset.sigs.k8s.io/restart-attempt": str(attempt)}  # fmt: skip
+            labels = {
+                "jobset.sigs.k8s.io/jobset-name": name,
+                "jobset.sigs.k8s.io/replicatedjob-name": "node",
+                "jobset.sigs.k8s.io/job-index": "0",
+                "batch.kubernetes.io/job-completion-index": str(i),
+                "jobset.sigs.k8s.io/restart-attempt": str(attempt),
+            }
             uid = str(uuid.uuid4())
             self.pods[(namespace, pod_name)] = {
                 "apiVersion": "v1",
@@ -164,7 +174,7 @@ class FakeK8sApi(StubServer):
                     "uid": uid,
                     "labels": labels,
                     "creationTimestamp": self.now()[:19] + "Z",  # seconds: a replacement often ties with the old
-                },  # fmt: skip
+                },
                 "spec": {"containers": [{"name": "node", "image": trainjob["spec"]["trainer"].get("image", "")}]},
                 "status": {"phase": "Pending"},
             }
@@ -220,8 +230,12 @@ class FakeK8sApi(StubServer):
                 return 404, status(404, "NotFound", f'trainjobs.trainer.kubeflow.org "{name}" not found')
             uid = (options.get("preconditions") or {}).get("uid")
             if uid is not None and uid != trainjob["metadata"]["uid"]:
-                return 409, status(409, "Conflict", f"Precondition failed: UID in precondition: {uid}, UID in "
-                                   f"object meta: {trainjob['metadata']['uid']}")  # fmt: skip
+                return 409, status(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: UID in precondition: {uid}, UID in "
+                    f"object meta: {trainjob['metadata']['uid']}",
+                )
             pods = self._pods_of(namespace, name)
             if options.get("propagationPolicy") != "Foreground":  # Background (default) or Orphan: gone at once
                 self._remove_pods(pods)
@@ -248,16 +262,28 @@ class FakeK8sApi(StubServer):
         super().__exit__(*exc)
 
     def _container_state(self, pod: dict, state: str, restart_count: int = 0) -> None:
-        detail = {"waiting": {"reason": "ContainerCreating"}, "running": {"startedAt": self.now()[:19] + "Z"},
-                  "terminated": {"exitCode": 0 if pod["status"].get("phase") != "Failed" else 1,
-                                 "reason": "Completed"}}[state]  # fmt: skip
-        pod["status"]["containerStatuses"] = [{"name": "node", "image": pod["spec"]["containers"][0]["image"],
-                                               "imageID": "", "ready": state == "running",
-                                               "restartCount": restart_count, "state": {state: detail}}]  # fmt: skip
+        detail = {
+            "waiting": {"reason": "ContainerCreating"},
+            "running": {"startedAt": self.now()[:19] + "Z"},
+            "terminated": {"exitCode": 0 if pod["status"].get("phase") != "Failed" else 1, "reason": "Completed"},
+        }[state]
+        pod["status"]["containerStatuses"] = [
+            {
+                "name": "node",
+                "image": pod["spec"]["containers"][0]["image"],
+                "imageID": "",
+                "ready": state == "running",
+                "restartCount": restart_count,
+                "state": {state: detail},
+            }
+        ]
 
     def _pods_of(self, namespace: str, name: str) -> list[dict]:
-        return [p for (ns, _), p in self.pods.items()
-                if ns == namespace and p["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == name]  # fmt: skip
+        return [
+            p
+            for (ns, _), p in self.pods.items()
+            if ns == namespace and p["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"] == name
+        ]
 
     def _set_state(self, namespace: str, trainjob: dict, state: str | None) -> None:
         """The TrainJob's conditions and its pods' phases for a scripted state."""
@@ -273,8 +299,17 @@ class FakeK8sApi(StubServer):
             trainjob["status"] = {}
             return
         reason, message = ("JobSetCompleted", "jobset completed successfully") if state == "Complete" else self.failure
-        trainjob["status"] = {"conditions": [{"type": state, "status": "True", "reason": reason, "message": message,
-                                              "lastTransitionTime": self.now()[:19] + "Z"}]}  # fmt: skip
+        trainjob["status"] = {
+            "conditions": [
+                {
+                    "type": state,
+                    "status": "True",
+                    "reason": reason,
+                    "message": message,
+                    "lastTransitionTime": self.now()[:19] + "Z",
+                }
+            ]
+        }
 
     # --------------------------------------------------------------------------------------------- endpoints
 
@@ -319,8 +354,9 @@ class FakeK8sApi(StubServer):
                 return 200, pod
             state = pod["status"]["containerStatuses"][0]["state"]
             if "waiting" in state:
-                return 400, status(400, "BadRequest", f'container "node" in pod "{pod_name}" is waiting to start: '
-                                   "ContainerCreating")  # fmt: skip
+                return 400, status(
+                    400, "BadRequest", f'container "node" in pod "{pod_name}" is waiting to start: ContainerCreating'
+                )
             return 200, pod
         return 404, status(404, "NotFound", f"the fake Kubernetes API has no {method} {path}")
 
@@ -364,8 +400,10 @@ class FakeK8sApi(StubServer):
                         jobset = pod["metadata"]["labels"]["jobset.sigs.k8s.io/jobset-name"]
                         self._replace_pods(pod["metadata"]["namespace"], jobset, pod)
                     return
-                alive = (self.pods.get((pod["metadata"]["namespace"], pod["metadata"]["name"])) is pod
-                         and "running" in status_["state"])  # fmt: skip
+                alive = (
+                    self.pods.get((pod["metadata"]["namespace"], pod["metadata"]["name"])) is pod
+                    and "running" in status_["state"]
+                )
             if not go_bool(query.get("follow")) or not alive:
                 return
             time.sleep(self.line_delay_s)
@@ -381,14 +419,23 @@ def go_bool(value: str | None) -> bool:
 
 
 def condition_true(trainjob: dict) -> bool:
-    return any(c.get("status") == "True" and c["type"] in ("Complete", "Failed")
-               for c in trainjob.get("status", {}).get("conditions", []))  # fmt: skip
+    return any(
+        c.get("status") == "True" and c["type"] in ("Complete", "Failed")
+        for c in trainjob.get("status", {}).get("conditions", [])
+    )
 
 
 def status(code: int, reason: str, message: str) -> dict:
     """A metav1.Status, as the API server answers an error."""
-    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
-            "reason": reason, "code": code}  # fmt: skip
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
 
 
 def _handler(api: FakeK8sApi) -> type[BaseHTTPRequestHandler]:

@@ -92,8 +92,11 @@ class FakeKfpApi(StubServer):
         self.run_states = run_states
         self.multi_user, self.tag_name = multi_user, tag_name
         self.tokens, self.namespaces = dict(tokens or {}), dict(namespaces or {})
-        self.races = {("POST", p): threading.Barrier(racing, timeout=30)
-                      for p in ("/pipelines", "/pipelines/upload_version")} if racing > 1 else {}  # fmt: skip
+        self.races = (
+            {("POST", p): threading.Barrier(racing, timeout=30) for p in ("/pipelines", "/pipelines/upload_version")}
+            if racing > 1
+            else {}
+        )
         self._ids = itertools.count(1)
         self._gets: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -115,15 +118,26 @@ class FakeKfpApi(StubServer):
         return p
 
     def add_version(self, pipeline_id: str, name: str, description: str = "", spec: bytes = b"") -> dict:
-        v = {"pipeline_id": pipeline_id, "pipeline_version_id": self.new_id("version"), "display_name": name,
-             "name": name, "description": description, "created_at": NOW}  # fmt: skip
+        v = {
+            "pipeline_id": pipeline_id,
+            "pipeline_version_id": self.new_id("version"),
+            "display_name": name,
+            "name": name,
+            "description": description,
+            "created_at": NOW,
+        }
         self.state.versions[v["pipeline_version_id"]] = v
         self.state.files[v["pipeline_version_id"]] = spec
         return v
 
     def add_experiment(self, name: str, namespace: str = "") -> dict:
-        e = {"display_name": name, "experiment_id": self.new_id("experiment"), "created_at": NOW,
-             "storage_state": "AVAILABLE", **({"namespace": namespace} if namespace else {})}  # fmt: skip
+        e = {
+            "display_name": name,
+            "experiment_id": self.new_id("experiment"),
+            "created_at": NOW,
+            "storage_state": "AVAILABLE",
+            **({"namespace": namespace} if namespace else {}),
+        }
         self.state.experiments[e["experiment_id"]] = e
         return e
 
@@ -142,14 +156,18 @@ class FakeKfpApi(StubServer):
             return None
         user = self.identity(headers)
         if user is None:
-            return 401, error(16, "Failed to check authorization. User identity is empty in the request header: "
-                              "Request header error: there is no user identity header.")  # fmt: skip
+            return 401, error(
+                16,
+                "Failed to check authorization. User identity is empty in the request header: "
+                "Request header error: there is no user identity header.",
+            )
         namespace = query.get("namespace", "")
         if path == "/experiments" and method == "POST":
             namespace = body.get("namespace", "")
             if not namespace:
-                return 400, error(3, "Invalid input error: An experiment cannot have an empty namespace in "
-                                  "multi-user mode")  # fmt: skip
+                return 400, error(
+                    3, "Invalid input error: An experiment cannot have an empty namespace in multi-user mode"
+                )
         elif path.startswith(("/runs", "/recurringruns")) and method == "POST":
             namespace = self.state.experiments.get(body.get("experiment_id"), {}).get("namespace", "")
         if namespace and user in self.namespaces and namespace not in self.namespaces[user]:
@@ -159,8 +177,12 @@ class FakeKfpApi(StubServer):
     def handle(self, method: str, path: str, query: dict[str, str], body: object, headers: dict[str, str]):
         s = self.state
         if (method, path) == ("GET", "/healthz"):
-            return 200, {"commit_sha": "0" * 40, "tag_name": self.tag_name, "multi_user": self.multi_user,
-                         "pipeline_store": "database"}  # fmt: skip
+            return 200, {
+                "commit_sha": "0" * 40,
+                "tag_name": self.tag_name,
+                "multi_user": self.multi_user,
+                "pipeline_store": "database",
+            }
         if refused := self.refusal(method, path, query, body, headers):
             return refused
         if (method, path) == ("GET", "/pipelines"):
@@ -179,8 +201,14 @@ class FakeKfpApi(StubServer):
             if any(v["display_name"] == name for v in versions):
                 details = f"Already exist error: pipeline version {name} already exists"
                 return 409, {"error_message": "Failed to create a pipeline version", "error_details": details}
-            v = {"pipeline_id": pipeline_id, "pipeline_version_id": self.new_id("version"), "display_name": name,
-                 "name": name, "description": query.get("description", ""), "created_at": NOW}  # fmt: skip
+            v = {
+                "pipeline_id": pipeline_id,
+                "pipeline_version_id": self.new_id("version"),
+                "display_name": name,
+                "name": name,
+                "description": query.get("description", ""),
+                "created_at": NOW,
+            }
             s.versions[v["pipeline_version_id"]] = v
             s.files[v["pipeline_version_id"]] = body
             return 200, v
@@ -263,9 +291,12 @@ def page(items, query: dict[str, str], key: str) -> tuple[int, dict]:
         except ValueError:
             return 400, error(3, "Invalid input error: Invalid package token")
         if filter_ and filter_ != token["filter"]:
-            return 400, error(3, "Invalid input error: page token does not match the supplied sort by and/or "
-                              "filtering criteria. Either specify the same criteria or leave the latter empty if page "
-                              "token is specified")  # fmt: skip
+            return 400, error(
+                3,
+                "Invalid input error: page token does not match the supplied sort by and/or "
+                "filtering criteria. Either specify the same criteria or leave the latter empty if page "
+                "token is specified",
+            )
         filter_, start = token["filter"], token["offset"]
     items = matching(items, {"filter": filter_})
     more = start + size < len(items)
@@ -285,8 +316,10 @@ def _handler(api: FakeKfpApi) -> type[BaseHTTPRequestHandler]:
             ctype = self.headers.get("Content-Type", "")
             if ctype.startswith("multipart/form-data"):
                 msg = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {ctype}\r\n\r\n".encode() + raw)
-                files = {part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
-                         for part in msg.iter_parts()}  # fmt: skip
+                files = {
+                    part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+                    for part in msg.iter_parts()
+                }
                 body = files.get("uploadfile")
             else:
                 body = json.loads(raw) if raw else None

@@ -106,8 +106,12 @@ class Prometheus(_Server):
             "  - job_name: pushgateway\n    honor_labels: true\n"
             f"    static_configs:\n      - targets: ['127.0.0.1:{self.pushgateway.port}']\n"
         )
-        return [f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"]  # fmt: skip
+        return [
+            f"--config.file={config}",
+            f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
 
     def api(self, path: str, **params: str) -> dict:
         """GET /api/v1/<path>; returns "data", or raises with Prometheus' own error (e.g. a PromQL parse error)."""
@@ -128,8 +132,9 @@ class Prometheus(_Server):
         """A range query as Grafana runs a panel's: [{"metric": {labels}, "values": [[time, "value"], ...]}]."""
         return self.api("query_range", query=expr, start=str(start), end=str(end), step=str(step))["result"]
 
-    def wait_for(self, expr: str, ok: Callable[[list[dict]], bool], timeout: float,
-                 alive: Callable[[], bool] | None = None) -> list[dict]:  # fmt: skip
+    def wait_for(
+        self, expr: str, ok: Callable[[list[dict]], bool], timeout: float, alive: Callable[[], bool] | None = None
+    ) -> list[dict]:
         """Query `expr` every 0.25 s until `ok(result)`; `alive()` (optional) must stay true meanwhile."""
         deadline, result = time.time() + timeout, []
         while time.time() < deadline:

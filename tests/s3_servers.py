@@ -49,8 +49,12 @@ class Moto:
 
     @property
     def env(self) -> dict[str, str]:
-        return {"MINIO_ENDPOINT": f"127.0.0.1:{self.port}", "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing-secret", "AWS_REGION": "us-east-1"}  # fmt: skip
+        return {
+            "MINIO_ENDPOINT": f"127.0.0.1:{self.port}",
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing-secret",
+            "AWS_REGION": "us-east-1",
+        }
 
 
 @contextlib.contextmanager
@@ -59,8 +63,19 @@ def nanio(data_dir: Path, access_key: str, secret_key: str) -> Iterator[int]:
     port = free_port()
     env = {**os.environ, "NANIO_ACCESS_KEY": access_key, "NANIO_SECRET_KEY": secret_key}
     exe = Path(sys.executable).parent / "nanio"
-    cmd = [str(exe), "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir),
-           "--log-level", "warning", "--no-access-log"]  # fmt: skip
+    cmd = [
+        str(exe),
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--log-level",
+        "warning",
+        "--no-access-log",
+    ]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_port(port)
@@ -73,7 +88,12 @@ def nanio(data_dir: Path, access_key: str, secret_key: str) -> Iterator[int]:
 def make_bucket(bucket: str) -> None:
     from minio import Minio
 
-    c = Minio(os.environ["MINIO_ENDPOINT"], os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"],
-              secure=False, region=os.environ.get("AWS_REGION"))  # fmt: skip
+    c = Minio(
+        os.environ["MINIO_ENDPOINT"],
+        os.environ["AWS_ACCESS_KEY_ID"],
+        os.environ["AWS_SECRET_ACCESS_KEY"],
+        secure=False,
+        region=os.environ.get("AWS_REGION"),
+    )
     if not c.bucket_exists(bucket):
         c.make_bucket(bucket)

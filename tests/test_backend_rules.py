@@ -17,7 +17,7 @@ import yaml
 from kfp import compiler, dsl
 from llm2clip.pipelines import llm2clip_pipeline as pipeline
 
-from llm2clip import submit
+from llm2clip.ops import submit
 
 # ---- reading a compiled spec
 
@@ -42,8 +42,12 @@ def component(spec: dict, name: str) -> dict:
 
 def users(spec: dict, component_name: str) -> list[tuple[str, str, dict]]:
     """(dag, task name, task) of every task that runs `component_name`."""
-    return [(d, n, t) for d, c in dags(spec).items() for n, t in c["dag"]["tasks"].items()
-            if t["componentRef"]["name"] == component_name]  # fmt: skip
+    return [
+        (d, n, t)
+        for d, c in dags(spec).items()
+        for n, t in c["dag"]["tasks"].items()
+        if t["componentRef"]["name"] == component_name
+    ]
 
 
 def declared(spec: dict, component_name: str, param: str) -> str:
@@ -168,9 +172,12 @@ def resource_placeholder_problems(spec: dict) -> list[str]:
 
 def artifact_oneofs(spec: dict) -> list[str]:
     """Every DAG output that is a dsl.OneOf over artifacts (more than one artifact selector)."""
-    return [f"{dag} output {key}" for dag, c in dags(spec).items()
-            for key, out in c["dag"].get("outputs", {}).get("artifacts", {}).items()
-            if len(out.get("artifactSelectors", [])) > 1]  # fmt: skip
+    return [
+        f"{dag} output {key}"
+        for dag, c in dags(spec).items()
+        for key, out in c["dag"].get("outputs", {}).get("artifacts", {}).items()
+        if len(out.get("artifactSelectors", [])) > 1
+    ]
 
 
 def version(text) -> tuple[int, ...]:
@@ -186,12 +193,14 @@ def artifact_oneof_problems(spec: dict, minimum: tuple[int, ...] | None) -> list
     if minimum is not None and minimum >= FIXED:
         return []
     stated = "no minimum" if minimum is None else f"minimum {'.'.join(map(str, minimum))}"
-    return [f"{where}: an artifact OneOf, and the code states {stated} for the backend (needs >= 2.17.0)"
-            for where in artifact_oneofs(spec)]  # fmt: skip
+    return [
+        f"{where}: an artifact OneOf, and the code states {stated} for the backend (needs >= 2.17.0)"
+        for where in artifact_oneofs(spec)
+    ]
 
 
 def stated_minimum() -> tuple[int, ...] | None:
-    """The minimum KFP backend the code states (llm2clip.submit.MIN_KFP_BACKEND), None if it states none."""
+    """The minimum KFP backend the code states (llm2clip.ops.submit.MIN_KFP_BACKEND), None if it states none."""
     value = getattr(submit, "MIN_KFP_BACKEND", None)
     return None if value is None else version(value)
 

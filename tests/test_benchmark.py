@@ -9,7 +9,9 @@ from collections import Counter
 import pytest
 import torch
 
-from llm2clip import benchmark, cli, data, text_encoder, train_clip
+from llm2clip import data, text_encoder, train_clip
+from llm2clip.benchmarks import suite as benchmark
+from llm2clip.ops import cli
 
 N = 70  # three batches of the official recipe: 32, 32, 6
 
@@ -66,8 +68,12 @@ def test_caching_benchmark_json(result):
         assert rate["min"] <= rate["median"] <= rate["max"]
         assert 0 <= row["padding_fraction"] < 1
     assert result["official_recipe"]["real_tokens"] == ours["real_tokens"]  # same captions, same tokens
-    for key in ("ratio_ours_vs_official", "ratio_ours_vs_official_in_our_dtype",
-                "ratio_official_in_our_dtype_vs_official", "bucketed_vs_naive_fixed"):  # fmt: skip
+    for key in (
+        "ratio_ours_vs_official",
+        "ratio_ours_vs_official_in_our_dtype",
+        "ratio_official_in_our_dtype_vs_official",
+        "bucketed_vs_naive_fixed",
+    ):
         assert result[key]["min"] <= result[key]["median"] <= result[key]["max"]
     settings = [(r["max_tokens"], r["max_batch"]) for r in result["sweep"]]
     assert settings[:4] == [(256, 16), (256, 256), (1024, 16), (1024, 256)]
@@ -79,9 +85,16 @@ def test_caching_benchmark_json(result):
 # ----------------------------------------------------------------------------------------------- stage 2, memory
 
 TINY_STAGE2 = benchmark.Stage2BenchConfig(
-    images=32, image_size=32, epochs=1, batch_size=16, workers=0, llm=text_encoder.TINY_LLAMA,
-    online_batch=4, online_rounds=2, online_steps=1,
-)  # fmt: skip
+    images=32,
+    image_size=32,
+    epochs=1,
+    batch_size=16,
+    workers=0,
+    llm=text_encoder.TINY_LLAMA,
+    online_batch=4,
+    online_rounds=2,
+    online_steps=1,
+)
 
 
 @pytest.fixture(scope="module")

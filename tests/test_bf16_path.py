@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm2clip import artifacts, data, devices, embedding_cache, storage, text_encoder, train_clip
+from llm2clip import artifacts, cache_caption_embeddings, data, devices, storage, text_encoder, train_clip
 
 pytestmark = pytest.mark.skipif(
     not devices.cpu_has_native_bf16(),
@@ -35,17 +35,17 @@ def test_caching_in_bf16_matches_float32_within_bf16_rounding(tiny_dataset, lora
     is the fp32 encoder's up to bf16 rounding: cosine >= 1 - 8 eps per caption (a few roundings through 2 layers;
     a wrong pooling or mask gives cosines far below)."""
     out = str(tmp_path / "cache")
-    cfg = embedding_cache.CacheConfig(use_adapter=False, store_root=str(tmp_path / "store"))
-    embedding_cache.cache_caption_embeddings(cfg, tiny_dataset, lora, out)  # the raw LLM lora was tuned from
+    cfg = cache_caption_embeddings.CacheConfig(use_adapter=False, store_root=str(tmp_path / "store"))
+    cache_caption_embeddings.cache_caption_embeddings(cfg, tiny_dataset, lora, out)  # the raw LLM lora was tuned from
     manifest = artifacts.read_manifest(out, "cache_caption_embeddings")
     assert manifest["compute"]["dtype"] == "bfloat16"
 
-    cached, _ = embedding_cache.load_embeddings([out], "train")
+    cached, _ = cache_caption_embeddings.load_embeddings([out], "train")
     keys = sorted(cached)[:8]
     metas = {k: m for _, k, m in data.read_captions(storage.join(tiny_dataset, "train"))}
     captions = [text for k in keys for _, text in data.caption_list(metas[k])]
     got = torch.cat([cached[k].float() for k in keys])
-    encoder = embedding_cache.base_encoder(manifest["encoder"], torch.device("cpu"), "float32")
+    encoder = cache_caption_embeddings.base_encoder(manifest["encoder"], torch.device("cpu"), "float32")
     want, _ = text_encoder.encode_all(encoder, captions, "float32")
     cos = F.cosine_similarity(got, want, dim=-1)
     assert cos.min() >= 1 - 8 * BF16_EPS, cos.min()

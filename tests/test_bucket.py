@@ -1,4 +1,4 @@
-"""llm2clip.bucket (`llm2clip storage ensure-bucket`) against real S3-protocol servers (moto; nanio for refusals)."""
+"""llm2clip.ops.bucket (`llm2clip storage ensure-bucket`) against real S3-protocol servers (moto; nanio refuses)."""
 
 import argparse
 import io
@@ -9,7 +9,8 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
-from llm2clip import bucket, storage
+from llm2clip import storage
+from llm2clip.ops import bucket
 
 
 def fresh_bucket_uri(scheme: str = "s3") -> str:

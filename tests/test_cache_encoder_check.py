@@ -3,7 +3,7 @@
 import pytest
 from cache_helpers import run
 
-from llm2clip import artifacts, text_encoder, train_clip, tune
+from llm2clip import artifacts, text_encoder, train_clip, tune_caption_encoder
 
 
 @pytest.fixture(scope="module")
@@ -12,9 +12,10 @@ def caches(tiny_dataset, lora, tmp_path_factory) -> dict[str, str]:
     and the tuned LLM of a second stage-1 run (another seed, so other adapter weights)."""
     root = tmp_path_factory.mktemp("encoders")
     second_lora = str(root / "lora2")
-    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1,
-                          seed=1)  # fmt: skip
-    tune.tune_caption_encoder(cfg, tiny_dataset, second_lora)
+    cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1, seed=1
+    )
+    tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, second_lora)
     run(tiny_dataset, lora, root / "tuned", root / "store")
     run(tiny_dataset, lora, root / "raw", root / "store", use_adapter=False, attention="causal")
     run(tiny_dataset, second_lora, root / "second_run", root / "store")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from cache_helpers import run
 
-from llm2clip import artifacts, data, embedding_cache, storage, text_encoder
-from llm2clip.embedding_cache import shard_groups
+from llm2clip import artifacts, cache_caption_embeddings, data, storage, text_encoder
+from llm2clip.cache_caption_embeddings import shard_groups
 
 # ----------------------------------------------------------------------------------------------- shard groups
 
@@ -63,7 +63,7 @@ def reference(tiny_dataset, lora, tmp_path_factory):
 def shard_files(out: str) -> dict[str, dict[str, torch.Tensor]]:
     """{split path/shard file: {key: [n, D]}} of one stage output, read back file by file."""
     found = storage.list_files(out, ".safetensors", recursive=True)
-    return {f[len(out) + 1 :]: embedding_cache.load(storage.read_bytes(f)) for f in found}
+    return {f[len(out) + 1 :]: cache_caption_embeddings.load(storage.read_bytes(f)) for f in found}
 
 
 def assert_same_outputs(out: str, expected: str) -> None:
@@ -80,8 +80,8 @@ def test_groups_split_the_dataset_by_tokens(tiny_dataset, lora, tmp_path):
     for i, out in enumerate(outs):
         run(tiny_dataset, lora, out, tmp_path / "store", group_index=i, num_groups=2)
     manifests = [artifacts.read_manifest(str(o)) for o in outs]
-    identity = embedding_cache.encoder_identity(lora, use_adapter=True)
-    costs = {f"{p}/{s}": c for (p, s), c in embedding_cache.shard_token_costs(tiny_dataset, identity)}
+    identity = cache_caption_embeddings.encoder_identity(lora, use_adapter=True)
+    costs = {f"{p}/{s}": c for (p, s), c in cache_caption_embeddings.shard_token_costs(tiny_dataset, identity)}
     assert sorted(s for m in manifests for s in m["shards"]) == sorted(costs)  # each shard in one group
     for m in manifests:
         assert m["tokens"] == sum(costs[s] for s in m["shards"]) == sum(x["tokens"] for x in m["shards"].values())
@@ -121,13 +121,13 @@ def test_a_lost_shard_file_is_rebuilt_from_the_store_without_the_llm(
 ):
     run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=1000)
     lost = tmp_path / "x" / "train" / "shard-000001.safetensors"
-    n_captions = sum(len(v) for v in embedding_cache.load(lost.read_bytes()).values())
+    n_captions = sum(len(v) for v in cache_caption_embeddings.load(lost.read_bytes()).values())
     lost.unlink()
 
     def no_llm(*_):
         raise AssertionError("the LLM was loaded although every caption is in the store")
 
-    monkeypatch.setattr(embedding_cache, "base_encoder", no_llm)
+    monkeypatch.setattr(cache_caption_embeddings, "base_encoder", no_llm)
     again = run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=1000)
     assert again["misses"] == 0 and 0 < again["hits"] <= n_captions
     assert again["skipped_shards"] == again["shards"] - 1
@@ -157,12 +157,12 @@ def test_a_shard_file_torn_mid_write_never_looks_complete(tiny_dataset, lora, tm
     resumed = run(tiny_dataset, lora, out, root)
     assert resumed["skipped_shards"] == 3  # the shards before the torn one; it and the last are done now
     samples = data.read_captions_of_shard(storage.join(tiny_dataset, "train", "shard-000001.tar"))
-    assert embedding_cache.load(storage.read_bytes(torn)).keys() == {key for _, key, _ in samples}
+    assert cache_caption_embeddings.load(storage.read_bytes(torn)).keys() == {key for _, key, _ in samples}
 
 
 # the stage as a process of its own: fp32 on the CPU, 4 new embeddings per pack (several packs per shard)
 CACHE_PROCESS = (
-    "import sys; from llm2clip.embedding_cache import CacheConfig, cache_caption_embeddings; "
+    "import sys; from llm2clip.cache_caption_embeddings import CacheConfig, cache_caption_embeddings; "
     "store, dataset, lora, out = sys.argv[1:]; "
     "cache_caption_embeddings(CacheConfig(store_root=store, pack_size=4, device='cpu', dtype='float32'), dataset, "
     "lora, out)"
@@ -180,7 +180,7 @@ def assert_store_consistent(store: Path) -> set[str]:
     for keys_file in store.rglob("*.keys.json"):
         keys = storage.read_json(str(keys_file))["keys"]
         pack = keys_file.with_name(keys_file.name.removesuffix(".keys.json") + ".safetensors")
-        assert sorted(embedding_cache.load(pack.read_bytes())) == keys, pack
+        assert sorted(cache_caption_embeddings.load(pack.read_bytes())) == keys, pack
         held.update(keys)
     return held
 
@@ -193,15 +193,19 @@ def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(lora, tmp_path):
     command finishes the job, embedding only what the killed runs had not stored, and its output equals an
     uninterrupted run's: the same shard files with the same vectors (fp32 both times, so bit for bit), the same
     manifest shards, the same store contents."""
-    from llm2clip.data import PrepareDataConfig, prepare_data
+    from llm2clip.prepare_data import PrepareDataConfig, prepare_data
 
     dataset = str(tmp_path / "data")
     prepare_data(PrepareDataConfig(num_train=64, num_eval=8, shard_size=4), dataset)
-    n_shards = len(embedding_cache.all_shards(dataset))
+    n_shards = len(cache_caption_embeddings.all_shards(dataset))
     assert n_shards == 20  # 16 train + 2 per eval set
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run alike
-    whole = subprocess.run(cache_process(dataset, lora, tmp_path / "whole", tmp_path / "whole-store"), env=env,
-                           capture_output=True, text=True)  # fmt: skip
+    whole = subprocess.run(
+        cache_process(dataset, lora, tmp_path / "whole", tmp_path / "whole-store"),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert whole.returncode == 0, whole.stderr[-2000:]
     reference = shard_files(str(tmp_path / "whole"))
     out, store = tmp_path / "killed", tmp_path / "store"
@@ -214,8 +218,9 @@ def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(lora, tmp_path):
 
     def run_and_kill(wait) -> tuple[int, set[str]]:
         """Start the command, `wait(wait_for)`, SIGKILL it; check what it left; (shard files out, hashes stored)."""
-        proc = subprocess.Popen(cache_process(dataset, lora, out, store), env=env, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            cache_process(dataset, lora, out, store), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.time() + 600
 
         def wait_for(what: str, condition) -> None:
@@ -230,8 +235,9 @@ def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(lora, tmp_path):
         done = shard_files(str(out))
         assert len(done) < n_shards, f"{len(done)} of {n_shards} shards out: the kill was not midway"
         for name, tensors in done.items():  # what is visible is whole
-            assert tensors.keys() == reference[name].keys() and all(torch.equal(tensors[k], reference[name][k])
-                                                                    for k in tensors), name  # fmt: skip
+            assert tensors.keys() == reference[name].keys() and all(
+                torch.equal(tensors[k], reference[name][k]) for k in tensors
+            ), name
         return len(done), assert_store_consistent(store)
 
     def into_the_next_shard(wait_for) -> None:
@@ -267,22 +273,22 @@ def test_shard_readers_agree_with_the_whole_split(tiny_dataset, lora, tmp_path):
     for i, out in enumerate(caches):
         run(tiny_dataset, lora, out, tmp_path / "store", group_index=i, num_groups=2)
     for split in ("train", "synthetic_long"):
-        whole, _ = embedding_cache.load_embeddings(caches, split)
+        whole, _ = cache_caption_embeddings.load_embeddings(caches, split)
         by_shard = {}
-        for split_path, shard in embedding_cache.all_shards(tiny_dataset):
+        for split_path, shard in cache_caption_embeddings.all_shards(tiny_dataset):
             if split_path == data.split_path(split):
-                one = embedding_cache.shard_embeddings(caches, split_path, shard)
-                stem = embedding_cache.shard_embeddings(caches, split_path, shard.removesuffix(".tar"))
+                one = cache_caption_embeddings.shard_embeddings(caches, split_path, shard)
+                stem = cache_caption_embeddings.shard_embeddings(caches, split_path, shard.removesuffix(".tar"))
                 assert one.keys() == stem.keys() and not one.keys() & by_shard.keys()
                 by_shard.update(one)
         assert by_shard.keys() == whole.keys() and all(torch.equal(by_shard[k], whole[k]) for k in whole)
 
-        mean, count = embedding_cache.embedding_mean(caches, split)
+        mean, count = cache_caption_embeddings.embedding_mean(caches, split)
         rows = torch.cat([whole[k] for k in whole]).float()  # brute force: every caption row in memory
         assert count == len(rows) and mean.dtype == torch.float32 and mean.shape == (rows.shape[1],)
         torch.testing.assert_close(mean, rows.mean(0), atol=1e-6, rtol=1e-5)
     with pytest.raises(FileNotFoundError, match="train/shard-000099"):
-        embedding_cache.shard_embeddings(caches, "train", "shard-000099.tar")
+        cache_caption_embeddings.shard_embeddings(caches, "train", "shard-000099.tar")
 
 
 def test_metrics_report_peak_memory(reference):

@@ -1,5 +1,5 @@
-"""The CLI fails in a second on bad parameters (llm2clip.preflight), never leaves an old run looking current, and
-takes its task processes down with it (llm2clip.lifeline): Ctrl-C, SIGTERM and kill -9."""
+"""The CLI fails in a second on bad parameters (llm2clip.ops.preflight), never leaves an old run looking current, and
+takes its task processes down with it (llm2clip.ops.lifeline): Ctrl-C, SIGTERM and kill -9."""
 
 import json
 import os
@@ -14,7 +14,8 @@ import pytest
 import webdataset as wds
 from test_formats import img2dataset_shard, jpeg, karpathy
 
-from llm2clip import cli, data, lifeline, preflight
+from llm2clip import prepare_data
+from llm2clip.ops import cli, lifeline, preflight
 
 
 def params(**overrides) -> dict:
@@ -114,13 +115,14 @@ def test_field_names_are_checked_against_a_first_sample(tmp_path):
 
 
 def test_batch_sizes_are_checked_against_prepared_split_sizes(tmp_path):
-    data.prepare_data(data.PrepareDataConfig(num_train=10, num_eval=4), str(tmp_path / "ds"))
+    prepare_data.prepare_data(prepare_data.PrepareDataConfig(num_train=10, num_eval=4), str(tmp_path / "ds"))
     assert problems(source=str(tmp_path / "ds"), train_batch_size=10) == []
     assert problems(source=str(tmp_path / "ds"), train_batch_size=16) == [
         f"train_batch_size=16: larger than the 10 training images of source '{tmp_path / 'ds'}' (train/sizes.json)"
     ]
-    assert problems(num_train=8) == ["train_batch_size=16: larger than the 8 training images of source "
-                                     "'synthetic' (num_train)"]  # fmt: skip
+    assert problems(num_train=8) == [
+        "train_batch_size=16: larger than the 8 training images of source 'synthetic' (num_train)"
+    ]
 
 
 def test_cli_refuses_bad_parameters_before_any_task_starts(tmp_path, capsys):
@@ -185,7 +187,7 @@ def test_a_new_run_clears_the_previous_results(tmp_path):
 # A stand-in for the CLI under KFP's SubprocessRunner: `sh -c` with Python below it, its output piped through.
 PARENT = """
 import subprocess, sys
-from llm2clip import lifeline
+from llm2clip.ops import lifeline
 with lifeline.on_stop_signal(grace_s=2):
     print("ready", flush=True)
     with subprocess.Popen(["sh", "-c", sys.argv[1] + "; true"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -204,8 +206,9 @@ def _cmdline(pid: int) -> bytes:
 
 
 def _start(script: str, arg: str, **kw) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", script, arg], stdout=subprocess.PIPE, text=True,
-                            start_new_session=True, **kw)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, arg], stdout=subprocess.PIPE, text=True, start_new_session=True, **kw
+    )
     assert proc.stdout.readline().strip() == "ready"
     deadline = time.time() + 20
     while len(lifeline.descendants(proc.pid)) < 2 and time.time() < deadline:  # sh, then python below it
@@ -217,8 +220,11 @@ def _start(script: str, arg: str, **kw) -> subprocess.Popen:
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_stop_signals_end_every_task_process(sig):
     """Started as `cmd &` from a script starts it (SIGINT ignored), the signal still stops the whole tree."""
-    proc = _start(PARENT, f"{sys.executable} -c 'print(\"task\", flush=True); import time; time.sleep(300)'",
-                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    proc = _start(
+        PARENT,
+        f"{sys.executable} -c 'print(\"task\", flush=True); import time; time.sleep(300)'",
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     tree = lifeline.descendants(proc.pid)
     assert len(tree) == 2 and b"time.sleep(300)" in _cmdline(tree[-1])  # `sh -c`, and the task below it
     os.kill(proc.pid, sig)
@@ -227,8 +233,10 @@ def test_stop_signals_end_every_task_process(sig):
 
 
 def test_tasks_end_themselves_after_kill_9_of_the_cli():
-    parent = PARENT.replace("with lifeline.on_stop_signal(grace_s=2):", "if True:\n    import os\n"
-                            "    os.environ[lifeline.PARENT_ENV] = str(os.getpid())")  # fmt: skip
+    parent = PARENT.replace(
+        "with lifeline.on_stop_signal(grace_s=2):",
+        "if True:\n    import os\n    os.environ[lifeline.PARENT_ENV] = str(os.getpid())",
+    )
     proc = _start(parent, CHILD)
     tree = lifeline.descendants(proc.pid)
     task = [p for p in tree if "python" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
@@ -252,9 +260,21 @@ def test_tasks_end_themselves_after_kill_9_of_the_cli():
 
 def _cli(output: Path, *args: str, **kw) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "llm2clip.cli", "run", "--local", "--profile", "tiny", "--output", str(output), *args]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True, **kw)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "llm2clip.ops.cli",
+        "run",
+        "--local",
+        "--profile",
+        "tiny",
+        "--output",
+        str(output),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True, **kw
+    )
 
 
 @pytest.mark.slow
@@ -284,8 +304,9 @@ def test_the_real_cli_takes_its_tasks_down(tmp_path, sig):
     """Ctrl-C: the CLI stops its task and exits 130. kill -9: the task notices and ends itself."""
     # 3,000 training images: prepare_data renders for tens of seconds (the tiny profile's 64 took ~2 s, and a kill
     # after the 2 s below met an ended task once)
-    proc = _cli(tmp_path / "run", "--set", "num_train=3000",
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # fmt: skip
+    proc = _cli(
+        tmp_path / "run", "--set", "num_train=3000", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    )
     # The target: prepare_data's task process (`python -m kfp.dsl.executor_main ...`, its outputs under
     # .../prepare-data/), which runs for many seconds; locate_store before it ends within a second or two.
     task, deadline = [], time.time() + 120

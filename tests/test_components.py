@@ -7,7 +7,7 @@ import pytest
 from kfp import dsl
 from llm2clip.pipelines.llm2clip_pipeline import COMPILED, compile_pipeline
 
-from llm2clip import components, tune
+from llm2clip import components, tune_caption_encoder
 
 
 def art(cls, path: Path):
@@ -114,7 +114,7 @@ def test_prepare_data_component(flow):
 
 def test_tune_component_logs_its_loss(flow):
     assert "loss_last" in flow["metrics"].metadata
-    assert json.loads(Path(flow["metrics"].path).read_text())["cra_note"] == tune.CRA_IN_EVALUATE
+    assert json.loads(Path(flow["metrics"].path).read_text())["cra_note"] == tune_caption_encoder.CRA_IN_EVALUATE
     assert flow["lora"].metadata["base_model"] == "tiny-random-llama"
 
 

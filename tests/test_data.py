@@ -10,7 +10,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from llm2clip import data, synthetic
+from llm2clip import data, prepare_data, synthetic
 
 
 def test_synthetic_is_deterministic_by_seed():
@@ -72,7 +72,7 @@ def test_prepare_data_rejects_bad_records_and_keeps_good_ones(tmp_path):
     ]
     _write_source(tmp_path / "src", train)
     out = tmp_path / "out"
-    stats = data.prepare_data(data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))
+    stats = prepare_data.prepare_data(prepare_data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))
     assert stats["train_kept"] == 2
     kept = [r["key"] for r in data.read_split(str(out / "train"))]
     assert kept == ["good1", "good2"]
@@ -88,9 +88,13 @@ def test_prepare_data_rejects_bad_records_and_keeps_good_ones(tmp_path):
     assert rejects["good1"]["message"] == "duplicate key 'good1' (the first record with it is kept)"
     assert json.loads((out / "train" / "sizes.json").read_text()) == {"shard-000000.tar": 2}
     assert json.loads((out / "stats.json").read_text())["train"]["reject_reasons"] == {
-        "truncated image": 1, "blank caption": 1, "no image": 1, "duplicate key": 1, "image too small": 1,
+        "truncated image": 1,
+        "blank caption": 1,
+        "no image": 1,
+        "duplicate key": 1,
+        "image too small": 1,
         "bad metadata": 1,
-    }  # fmt: skip
+    }
 
 
 def _png(w, h, mode="RGB", color=0, **save):
@@ -172,7 +176,7 @@ def test_every_decodable_image_is_kept_as_rgb(tmp_path):
     train = [_sample(f"k{i}", {"short": [name]}, image=classes[name][0], ext="jpg") for i, name in enumerate(names)]
     _write_source(tmp_path / "src", train)
     out = tmp_path / "out"
-    stats = data.prepare_data(data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))
+    stats = prepare_data.prepare_data(prepare_data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))
     assert stats["train_kept"] == len(classes) and stats["rejected"] == 0
     got = {r["meta"]["captions"]["short"][0]: r["image"] for r in data.read_split(str(out / "train"))}
     for name, (_, rgb, xy) in classes.items():
@@ -190,20 +194,26 @@ def test_unreadable_images_say_what_is_wrong(tmp_path):
     noise = _encoded(Image.effect_noise((64, 64), 40).convert("RGB"), "JPEG")
     cases = {
         "empty": (b"", "empty file", "jpg: empty file"),
-        "html": (b"<html><body>Not found</body></html>", "not an image",
-                 "jpg: not an image (starts with '<html><body>')"),
+        "html": (
+            b"<html><body>Not found</body></html>",
+            "not an image",
+            "jpg: not an image (starts with '<html><body>')",
+        ),
         "truncated": (noise[: len(noise) // 2], "truncated image", "jpg: truncated JPEG (image file is truncated"),
         "header only": (_png(32, 32)[:20], "corrupt image", "jpg: a PNG file whose header cannot be read"),
-        "bomb": (_png(3000, 3000, "L"), "decompression bomb",
-                 "jpg: decompression bomb: 3000 x 3000 exceeds max_pixels=1000000"),
+        "bomb": (
+            _png(3000, 3000, "L"),
+            "decompression bomb",
+            "jpg: decompression bomb: 3000 x 3000 exceeds max_pixels=1000000",
+        ),
         "huge side": (_png(2000, 9, "L"), "image too large", "jpg: 2000 x 9 is above max_side=1024"),
-    }  # fmt: skip
+    }
     train = [_sample("ok", {"short": ["fine"]})]
     train += [_sample(name, {"short": ["x"]}, image=raw, ext="jpg") for name, (raw, _, _) in cases.items()]
     _write_source(tmp_path / "src", train)
     out = tmp_path / "out"
-    cfg = data.PrepareDataConfig(source=str(tmp_path / "src"), max_pixels=1_000_000, max_side=1024)
-    assert data.prepare_data(cfg, str(out))["train_kept"] == 1
+    cfg = prepare_data.PrepareDataConfig(source=str(tmp_path / "src"), max_pixels=1_000_000, max_side=1024)
+    assert prepare_data.prepare_data(cfg, str(out))["train_kept"] == 1
     rejects = _rejects(out)
     assert set(rejects) == set(cases)
     for name, (_, reason, message) in cases.items():
@@ -224,7 +234,10 @@ def test_captions_go_through_one_check(tmp_path):
     ]
     _write_source(tmp_path / "src", train)
     out = tmp_path / "out"
-    assert data.prepare_data(data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))["train_kept"] == 1
+    assert (
+        prepare_data.prepare_data(prepare_data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))["train_kept"]
+        == 1
+    )
     assert next(data.read_split(str(out / "train")))["meta"]["captions"]["long"] == [long_caption.strip()]
     rejects = _rejects(out)
     assert rejects["surrogate"]["reason"] == "caption not UTF-8"
@@ -236,8 +249,8 @@ def test_captions_go_through_one_check(tmp_path):
         "caption short[0] of 'number' (field 'json.captions.short'): a int, not a string (42)"
     )
     assert rejects["tab"]["reason"] == "blank caption"
-    with pytest.raises(data.Reject, match=r"^here: invalid byte 0xc3 at byte 3$"):
-        data.clean_caption(b"caf\xc3", "here")
+    with pytest.raises(prepare_data.Reject, match=r"^here: invalid byte 0xc3 at byte 3$"):
+        prepare_data.clean_caption(b"caf\xc3", "here")
 
 
 def test_unsafe_keys_are_refused_and_keys_normalised(tmp_path):
@@ -251,20 +264,23 @@ def test_unsafe_keys_are_refused_and_keys_normalised(tmp_path):
     ]
     _write_source(tmp_path / "src", train)
     out = tmp_path / "out"
-    assert data.prepare_data(data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))["train_kept"] == 2
+    assert (
+        prepare_data.prepare_data(prepare_data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))["train_kept"]
+        == 2
+    )
     rejects = _rejects(out)
     assert rejects["../../x"]["message"] == "key '../../x' climbs out of its directory with '..'"
     assert rejects["/abs/y"]["message"] == "key '/abs/y' is an absolute path"
     with tarfile.open(out / "train" / "shard-000000.tar") as tf:
         assert sorted(tf.getnames()) == ["a/b.json", "a/b.png", "ok.json", "ok.png"]
-    assert data.safe_key("img.001") == "img_001"  # webdataset would cut "img.001.jpg" at the first dot
+    assert prepare_data.safe_key("img.001") == "img_001"  # webdataset would cut "img.001.jpg" at the first dot
 
 
 def test_source_with_nothing_usable_fails_clearly_and_still_writes_rejects(tmp_path):
     _write_source(tmp_path / "src", [_sample("e", {"short": [""]}), _sample("f", {"short": ["x"]}, image=b"")])
     out = tmp_path / "out"
     with pytest.raises(ValueError) as err:
-        data.prepare_data(data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))
+        prepare_data.prepare_data(prepare_data.PrepareDataConfig(source=str(tmp_path / "src")), str(out))
     assert str(err.value) == (
         f"split 'train' of source '{tmp_path / 'src'}': no usable record; 2 rejected (blank caption: 1, "
         f"empty file: 1); see {out / 'rejects.jsonl'}"
@@ -277,8 +293,8 @@ def test_source_with_nothing_usable_fails_clearly_and_still_writes_rejects(tmp_p
 def test_synthetic_train_with_real_eval_sets_uses_them(tmp_path):
     from test_formats import karpathy
 
-    cfg = data.PrepareDataConfig(num_train=4, num_eval=2, eval_sources=(karpathy(tmp_path / "f30k"),))
-    stats = data.prepare_data(cfg, str(tmp_path / "out"))
+    cfg = prepare_data.PrepareDataConfig(num_train=4, num_eval=2, eval_sources=(karpathy(tmp_path / "f30k"),))
+    stats = prepare_data.prepare_data(cfg, str(tmp_path / "out"))
     assert stats["flickr30k_kept"] == 3 and stats["synthetic_short_kept"] == 2
     assert data.benchmarks(str(tmp_path / "out"))["flickr30k"] == "short"
 
@@ -286,19 +302,19 @@ def test_synthetic_train_with_real_eval_sets_uses_them(tmp_path):
 def test_eval_set_needs_enough_captions(tmp_path):
     """synthetic_short needs two short captions per image (CRA); a record with one is rejected, named."""
     rec = _sample("one", {"short": ["only one"]})
-    verdict = data.validate(rec, data.PrepareDataConfig(), set(), data.BENCHMARKS["synthetic_short"])
+    verdict = prepare_data.validate(rec, prepare_data.PrepareDataConfig(), set(), data.BENCHMARKS["synthetic_short"])
     assert verdict == "json.captions.short: this benchmark needs at least 2"
 
 
 def test_config_names_bad_field():
     with pytest.raises(ValueError, match=r"num_train=1"):
-        data.PrepareDataConfig(num_train=1)
+        prepare_data.PrepareDataConfig(num_train=1)
     with pytest.raises(ValueError, match=r"source='/no/such/dir'"):
-        data.PrepareDataConfig(source="/no/such/dir")
+        prepare_data.PrepareDataConfig(source="/no/such/dir")
     with pytest.raises(ValueError, match=r"short_field='json.short': only read from img2dataset and table"):
-        data.PrepareDataConfig(short_field="json.short")
+        prepare_data.PrepareDataConfig(short_field="json.short")
     with pytest.raises(ValueError, match=r"key_column='id': only read from caption tables"):
-        data.PrepareDataConfig(key_column="id")
+        prepare_data.PrepareDataConfig(key_column="id")
 
 
 def test_prepared_layout(tiny_dataset):

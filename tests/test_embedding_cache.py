@@ -8,7 +8,7 @@ import pytest
 import torch
 from cache_helpers import run
 
-from llm2clip import artifacts, embedding_cache, storage
+from llm2clip import artifacts, cache_caption_embeddings, storage
 
 
 def test_rerun_embeds_nothing_and_gives_the_same_vectors(tiny_dataset, lora, tmp_path):
@@ -16,8 +16,8 @@ def test_rerun_embeds_nothing_and_gives_the_same_vectors(tiny_dataset, lora, tmp
     second = run(tiny_dataset, lora, tmp_path / "b", tmp_path / "store")
     assert first["misses"] > 0
     assert second == {**second, "hits": first["hits"] + first["misses"], "misses": 0}
-    a, _ = embedding_cache.load_embeddings([str(tmp_path / "a")], "train")
-    b, _ = embedding_cache.load_embeddings([str(tmp_path / "b")], "train")
+    a, _ = cache_caption_embeddings.load_embeddings([str(tmp_path / "a")], "train")
+    b, _ = cache_caption_embeddings.load_embeddings([str(tmp_path / "b")], "train")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -39,7 +39,7 @@ def test_another_adapter_embeds_everything_again(tiny_dataset, lora, tmp_path):
 
 def test_killed_task_resumes_from_its_last_pack(tiny_dataset, lora, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real_add = embedding_cache.EmbeddingStore.add
+    real_add = cache_caption_embeddings.EmbeddingStore.add
 
     def add_then_die(self, vectors):
         real_add(self, vectors)
@@ -47,11 +47,11 @@ def test_killed_task_resumes_from_its_last_pack(tiny_dataset, lora, tmp_path, mo
         if calls["n"] == 2:
             raise KeyboardInterrupt("pod killed")
 
-    monkeypatch.setattr(embedding_cache.EmbeddingStore, "add", add_then_die)
+    monkeypatch.setattr(cache_caption_embeddings.EmbeddingStore, "add", add_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=16)
     stored = sum(len(storage.read_json(f)["keys"]) for f in (tmp_path / "store").rglob("*.keys.json"))
-    monkeypatch.setattr(embedding_cache.EmbeddingStore, "add", real_add)
+    monkeypatch.setattr(cache_caption_embeddings.EmbeddingStore, "add", real_add)
     resumed = run(tiny_dataset, lora, tmp_path / "x", tmp_path / "store", pack_size=16)
     reference = run(tiny_dataset, lora, tmp_path / "ref", tmp_path / "fresh-store", pack_size=16)
     assert stored > 0 and resumed["misses"] == reference["misses"] - stored  # the finished packs are not redone
@@ -72,7 +72,7 @@ def test_store_on_s3(tiny_dataset, lora, tmp_path, s3_env):
     first = run(tiny_dataset, lora, storage.join(s3_env, "out1"), root)
     second = run(tiny_dataset, lora, storage.join(s3_env, "out2"), root)
     assert first["misses"] > 0 and second["misses"] == 0 and second["hits"] == first["hits"] + first["misses"]
-    emb, info = embedding_cache.load_embeddings([storage.join(s3_env, "out2")], "synthetic_long")
+    emb, info = cache_caption_embeddings.load_embeddings([storage.join(s3_env, "out2")], "synthetic_long")
     assert len(emb) == 12 and info["dim"] == 64
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from llm2clip import artifacts, data, embedding_cache, evaluate, text_encoder, tune
+from llm2clip import artifacts, cache_caption_embeddings, data, evaluate, text_encoder, tune_caption_encoder
 from llm2clip.metrics import bootstrap_indices, ci95
 
 SPLIT = "synthetic_short"
@@ -21,13 +21,24 @@ def write_cache(cache_dir: Path, vectors: dict[str, torch.Tensor], bidirectional
     shard = cache_dir / data.split_path(SPLIT) / "shard-000000.safetensors"
     shard.parent.mkdir(parents=True)
     save_file({k: v.half() for k, v in vectors.items()}, shard)
-    artifacts.write_manifest(str(cache_dir), "cache_caption_embeddings", {}, {}, encoder=identity, dim=DIM,
-                             dtype="float16", count=sum(len(v) for v in vectors.values()))  # fmt: skip
+    artifacts.write_manifest(
+        str(cache_dir),
+        "cache_caption_embeddings",
+        {},
+        {},
+        encoder=identity,
+        dim=DIM,
+        dtype="float16",
+        count=sum(len(v) for v in vectors.values()),
+    )
     return str(cache_dir)
 
 
 def stage1_manifest(**metrics) -> dict:
-    return {"config": {"cra_max_captions": 5000}, "metrics": {**tune.cra_metrics(None, None, None), **metrics}}
+    return {
+        "config": {"cra_max_captions": 5000},
+        "metrics": {**tune_caption_encoder.cra_metrics(None, None, None), **metrics},
+    }
 
 
 def brute_force_hits(metas: dict[str, dict], vectors: dict[str, torch.Tensor]) -> list[bool]:
@@ -96,21 +107,27 @@ def test_stage1_bidirectional_cra_is_carried_over(tiny_dataset, fake_caches):
 def test_without_both_caches_stage1_cra_stands(tiny_dataset, fake_caches):
     caches = {"llm2clip": fake_caches["caches"]["llm2clip"]}
     got = evaluate.cra_from_caches(tiny_dataset, caches, stage1_manifest(), evaluate.EvaluateConfig())
-    assert got["before"] is None and got["note"] == tune.CRA_SKIPPED
+    assert got["before"] is None and got["note"] == tune_caption_encoder.CRA_SKIPPED
 
 
 def test_cra_from_caches_agrees_with_stage1_on_the_tiny_llama(tiny_dataset, tmp_path):
     """The raw-LLM cache is stage 1's "before" (causal, no adapter), the tuned cache its "after": the same pairs
     and draws, so only fp16 storage differs, which can flip a near-tie at most (one query of 12 here)."""
-    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, device="cpu", dtype="float32",
-                          cra=True)  # fmt: skip
-    stage1 = tune.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
+    cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, device="cpu", dtype="float32", cra=True
+    )
+    stage1 = tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
     dirs = {}
     for name, use_adapter, attention in (("tuned", True, "as_tuned"), ("raw", False, "causal")):
         dirs[name] = str(tmp_path / name)
-        cache_cfg = embedding_cache.CacheConfig(use_adapter=use_adapter, attention=attention, device="cpu",
-                                                dtype="float32", store_root=str(tmp_path / "store"))  # fmt: skip
-        embedding_cache.cache_caption_embeddings(cache_cfg, tiny_dataset, str(tmp_path / "lora"), dirs[name])
+        cache_cfg = cache_caption_embeddings.CacheConfig(
+            use_adapter=use_adapter,
+            attention=attention,
+            device="cpu",
+            dtype="float32",
+            store_root=str(tmp_path / "store"),
+        )
+        cache_caption_embeddings.cache_caption_embeddings(cache_cfg, tiny_dataset, str(tmp_path / "lora"), dirs[name])
     tuned = artifacts.read_manifest(str(tmp_path / "lora"), "tune_caption_encoder")
     got = evaluate.cra_from_caches(
         tiny_dataset, evaluate.pipeline_caches([dirs["tuned"]], [dirs["raw"]]), tuned, evaluate.EvaluateConfig()

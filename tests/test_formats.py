@@ -8,7 +8,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from llm2clip import data, storage
+from llm2clip import data, prepare_data, storage
 
 
 def jpeg(seed: int, size: int = 48) -> bytes:
@@ -85,7 +85,7 @@ def test_img2dataset_dreamlip_shards(tmp_path):
         w.write({"__key__": "corrupt", "jpg": jpeg(1)[:100], "txt": "alt", "json": json.dumps({})})
         w.write({"__key__": "html", "jpg": b"<!DOCTYPE html><html>", "txt": "alt", "json": json.dumps({})})
         w.write({"__key__": "zero", "jpg": b"", "txt": "alt", "json": json.dumps({})})
-    cfg = data.PrepareDataConfig(
+    cfg = prepare_data.PrepareDataConfig(
         source=str(src),
         source_format="img2dataset",
         short_field="json.short_caption",
@@ -93,7 +93,7 @@ def test_img2dataset_dreamlip_shards(tmp_path):
         eval_sources=(karpathy(tmp_path / "f30k"), docci(tmp_path / "docci")),
     )
     out = tmp_path / "out"
-    stats = data.prepare_data(cfg, str(out))
+    stats = prepare_data.prepare_data(cfg, str(out))
     assert stats["train_kept"] == 5 and stats["flickr30k_kept"] == 3 and stats["docci_kept"] == 3
     rec = next(data.read_split(str(out / "train")))
     assert rec["meta"]["captions"] == {"raw": ["alt text 0"], "short": ["short 0"], "long": ["long caption 0"]}
@@ -127,10 +127,12 @@ def test_tar_members_that_climb_out_are_refused(tmp_path):
         ):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
-            tf.addfile(info, io.BytesIO(payload))  # fmt: skip
-    cfg = data.PrepareDataConfig(source=str(src), source_format="img2dataset", eval_sources=(docci(tmp_path / "d"),))
+            tf.addfile(info, io.BytesIO(payload))
+    cfg = prepare_data.PrepareDataConfig(
+        source=str(src), source_format="img2dataset", eval_sources=(docci(tmp_path / "d"),)
+    )
     out = tmp_path / "out"
-    assert data.prepare_data(cfg, str(out))["train_kept"] == 1
+    assert prepare_data.prepare_data(cfg, str(out))["train_kept"] == 1
     reasons = _reasons(out)
     assert reasons["../../x"]["message"] == "key '../../x' climbs out of its directory with '..'"
     assert reasons["/abs/y"]["message"] == "key '/abs/y' is an absolute path"
@@ -143,7 +145,7 @@ def test_caption_table_csv_with_a_missing_image(tmp_path):
     (tmp_path / "captions.csv").write_text(
         "image,caption,dense\nsub/a.jpg,a cat,a long dense caption of a cat\nsub/b.jpg,a dog,\nsub/zz.jpg,ghost,x\n"
     )
-    cfg = data.PrepareDataConfig(
+    cfg = prepare_data.PrepareDataConfig(
         source=str(tmp_path / "captions.csv"),
         source_format="table",
         images=str(tmp_path / "imgs"),
@@ -151,7 +153,7 @@ def test_caption_table_csv_with_a_missing_image(tmp_path):
         eval_sources=(karpathy(tmp_path / "f30k"),),
     )
     out = tmp_path / "out"
-    stats = data.prepare_data(cfg, str(out))
+    stats = prepare_data.prepare_data(cfg, str(out))
     assert stats["train_kept"] == 1  # b has an empty dense caption, zz.jpg does not exist
     reasons = _reasons(out)
     assert reasons["row00000002"]["message"] == (
@@ -190,7 +192,7 @@ def test_caption_tables_in_every_format(tmp_path, fmt):
     write_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg", "e.jpg", "f.jpg"])
     write_images(tmp_path, ["outside.jpg"])
     _write_table(tmp_path / f"captions.{fmt}", fmt)
-    cfg = data.PrepareDataConfig(
+    cfg = prepare_data.PrepareDataConfig(
         source=str(tmp_path / f"captions.{fmt}"),
         source_format="table",
         images=str(tmp_path / "imgs"),
@@ -201,7 +203,7 @@ def test_caption_tables_in_every_format(tmp_path, fmt):
         eval_sources=(karpathy(tmp_path / "f30k"),),
     )
     out = tmp_path / "out"
-    assert data.prepare_data(cfg, str(out))["train_kept"] == 3
+    assert prepare_data.prepare_data(cfg, str(out))["train_kept"] == 3
     kept = {r["key"]: r["meta"]["captions"] for r in data.read_split(str(out / "train"))}
     assert kept == {
         "a": {"raw": ["a cat"], "long": ["a long caption of a cat"]},
@@ -210,8 +212,10 @@ def test_caption_tables_in_every_format(tmp_path, fmt):
     }
     rejects = [json.loads(r) for r in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["key"], r["reason"]) for r in rejects] == [
-        ("a", "duplicate key"), ("d", "unsafe image path"), ("e", "blank caption")
-    ]  # fmt: skip
+        ("a", "duplicate key"),
+        ("d", "unsafe image path"),
+        ("e", "blank caption"),
+    ]
     assert rejects[1]["message"] == f"image path '../outside.jpg' is absolute, a URL or leaves {tmp_path / 'imgs'}"
     assert rejects[2]["message"] == (
         f"caption raw[0] of 'e' (field 'title (row 5 of captions.{fmt})'): empty after stripping whitespace"
@@ -221,16 +225,22 @@ def test_caption_tables_in_every_format(tmp_path, fmt):
 def test_a_bad_row_is_one_reject_not_a_dead_file(tmp_path):
     write_images(tmp_path / "imgs", ["a.jpg", "b.jpg", "c.jpg"])
     (tmp_path / "t.csv").write_bytes(b"image,caption\na.jpg,caf\xe9 au lait\nb.jpg,fine\nc.jpg,one,too many\n")
-    (tmp_path / "t.jsonl").write_bytes(b'{"image": "a.jpg", "caption": "caf\xe9"}\n{"image": "b.jpg", "caption": '
-                                       b'"fine"}\n{"image": "c.jpg", "caption": \n')  # fmt: skip
+    (tmp_path / "t.jsonl").write_bytes(
+        b'{"image": "a.jpg", "caption": "caf\xe9"}\n{"image": "b.jpg", "caption": '
+        b'"fine"}\n{"image": "c.jpg", "caption": \n'
+    )
     for name, bad in (
         ("t.csv", "row 3 of t.csv: 3 values for 2 columns"),
         ("t.jsonl", "row 3 of t.jsonl: not valid JSON"),
     ):
-        cfg = data.PrepareDataConfig(source=str(tmp_path / name), source_format="table", images=str(tmp_path / "imgs"),
-                                     eval_sources=(karpathy(tmp_path / "f30k"),))  # fmt: skip
+        cfg = prepare_data.PrepareDataConfig(
+            source=str(tmp_path / name),
+            source_format="table",
+            images=str(tmp_path / "imgs"),
+            eval_sources=(karpathy(tmp_path / "f30k"),),
+        )
         out = tmp_path / f"out-{name}"
-        assert data.prepare_data(cfg, str(out))["train_kept"] == 1
+        assert prepare_data.prepare_data(cfg, str(out))["train_kept"] == 1
         reasons = _reasons(out)
         assert reasons["row00000001"]["message"] == (
             f"caption raw[0] of 'row00000001' (field 'caption (row 1 of {name})'): lone surrogate U+DCE9, "
@@ -242,27 +252,37 @@ def test_a_bad_row_is_one_reject_not_a_dead_file(tmp_path):
 def test_unknown_table_format_and_field_that_matches_nothing(tmp_path):
     write_images(tmp_path / "imgs", ["a.jpg"])
     (tmp_path / "t.xlsx").write_text("x")
-    cfg = data.PrepareDataConfig(source=str(tmp_path / "t.xlsx"), source_format="table", images=str(tmp_path / "imgs"),
-                                 eval_sources=(karpathy(tmp_path / "f30k"),))  # fmt: skip
+    cfg = prepare_data.PrepareDataConfig(
+        source=str(tmp_path / "t.xlsx"),
+        source_format="table",
+        images=str(tmp_path / "imgs"),
+        eval_sources=(karpathy(tmp_path / "f30k"),),
+    )
     with pytest.raises(ValueError, match=r"t.xlsx: expected one of \['.csv', "):
-        data.prepare_data(cfg, str(tmp_path / "out"))
+        prepare_data.prepare_data(cfg, str(tmp_path / "out"))
     src = tmp_path / "laion"
     img2dataset_shard(src, n=3)
-    cfg = data.PrepareDataConfig(source=str(src), source_format="img2dataset", short_field="json.shrt_caption",
-                                 eval_sources=(karpathy(tmp_path / "f30k"),))  # fmt: skip
+    cfg = prepare_data.PrepareDataConfig(
+        source=str(src),
+        source_format="img2dataset",
+        short_field="json.shrt_caption",
+        eval_sources=(karpathy(tmp_path / "f30k"),),
+    )
     with pytest.raises(ValueError, match=r"short_field='json.shrt_caption': matches nothing in the 3 records"):
-        data.prepare_data(cfg, str(tmp_path / "out2"))
+        prepare_data.prepare_data(cfg, str(tmp_path / "out2"))
 
 
 def test_missing_eval_sets_are_named(tmp_path):
     src = tmp_path / "canonical"
-    data.prepare_data(data.PrepareDataConfig(num_train=4, num_eval=2), str(src))
+    prepare_data.prepare_data(prepare_data.PrepareDataConfig(num_train=4, num_eval=2), str(src))
     for spec, message in (
         (f"u=urban1k:{tmp_path / 'Urban1k'}", "urban1k eval set: no caption/\\*.txt under"),
         (f"k=karpathy:{tmp_path / 'nope.json'}", "karpathy eval set: .*nope.json does not exist"),
     ):
         with pytest.raises(FileNotFoundError, match=message):
-            data.prepare_data(data.PrepareDataConfig(source=str(src), eval_sources=(spec,)), str(tmp_path / "o"))
+            prepare_data.prepare_data(
+                prepare_data.PrepareDataConfig(source=str(src), eval_sources=(spec,)), str(tmp_path / "o")
+            )
 
 
 def test_caption_table_jsonl_on_s3(tmp_path, s3_env):
@@ -271,24 +291,24 @@ def test_caption_table_jsonl_on_s3(tmp_path, s3_env):
     rows = "\n".join(json.dumps({"image": f"{i}.jpg", "caption": f"caption {i}"}) for i in range(3))
     storage.write_bytes(storage.join(s3_env, "table.jsonl"), rows.encode())
     write_images(tmp_path / "f30k" / "images", [])
-    cfg = data.PrepareDataConfig(
+    cfg = prepare_data.PrepareDataConfig(
         source=storage.join(s3_env, "table.jsonl"),
         source_format="table",
         images=storage.join(s3_env, "images"),
         eval_sources=(karpathy(tmp_path / "f30k"),),
     )
-    stats = data.prepare_data(cfg, storage.join(s3_env, "prepared"))
+    stats = prepare_data.prepare_data(cfg, storage.join(s3_env, "prepared"))
     assert stats["train_kept"] == 3
     assert storage.exists(storage.join(s3_env, "prepared", "train", "shard-000000.tar"))
 
 
 def test_bad_source_options_are_named():
     with pytest.raises(ValueError, match="source_format='parquet-ish'"):
-        data.PrepareDataConfig(source_format="parquet-ish")
+        prepare_data.PrepareDataConfig(source_format="parquet-ish")
     with pytest.raises(ValueError, match="eval_sources='coco'"):
-        data.PrepareDataConfig(eval_sources=("coco",))
+        prepare_data.PrepareDataConfig(eval_sources=("coco",))
     with pytest.raises(ValueError, match="images=''"):
-        data.PrepareDataConfig(source="s3://b/t.csv", source_format="table")
+        prepare_data.PrepareDataConfig(source="s3://b/t.csv", source_format="table")
 
 
 def test_urban1k_and_sharegpt4v_eval_sets(tmp_path):
@@ -304,8 +324,8 @@ def test_urban1k_and_sharegpt4v_eval_sets(tmp_path):
     conv = [{"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "A detailed caption."}]
     (tmp_path / "sg" / "share.json").write_text(json.dumps([{"id": "a", "image": "coco/a.jpg", "conversations": conv}]))
     src = tmp_path / "canonical"
-    data.prepare_data(data.PrepareDataConfig(num_train=8, num_eval=4), str(src))
-    cfg = data.PrepareDataConfig(
+    prepare_data.prepare_data(prepare_data.PrepareDataConfig(num_train=8, num_eval=4), str(src))
+    cfg = prepare_data.PrepareDataConfig(
         source=str(src),
         eval_sources=(
             f"urban1k=urban1k:{urban}",
@@ -313,7 +333,7 @@ def test_urban1k_and_sharegpt4v_eval_sets(tmp_path):
         ),
     )
     out = tmp_path / "out"
-    stats = data.prepare_data(cfg, str(out))
+    stats = prepare_data.prepare_data(cfg, str(out))
     assert stats["urban1k_kept"] == 2 and stats["sharegpt4v_kept"] == 1 and stats["synthetic_long_kept"] == 4
     assert _reasons(out)["3"]["message"] == f"image file not found: {urban / 'image' / '3.jpg'}"
     assert (

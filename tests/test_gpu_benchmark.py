@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from llm2clip import gpu_benchmark
+from llm2clip.benchmarks import gpu as gpu_benchmark
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,14 @@ def test_caption_lengths_are_a_short_and_long_mix():
 
 @pytest.mark.parametrize(
     "name,peak",
-    [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA H100 PCIe", 756e12),
-     ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)],
-)  # fmt: skip
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_flops_by_gpu_name(monkeypatch, name, peak):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     assert gpu_benchmark.peak_flops(torch.device("cuda")) == peak
@@ -66,7 +71,7 @@ def test_peak_flops_by_gpu_name(monkeypatch, name, peak):
 
 
 def test_cli_runs_the_smoke_suite(tmp_path):
-    from llm2clip import cli
+    from llm2clip.ops import cli
 
     out = tmp_path / "gpu.json"
     assert cli.main(["benchmark", "--device", "cpu", "--only", "gpu", "--gpu-smoke", "--output", str(out)]) == 0

@@ -198,8 +198,11 @@ def test_revision_is_a_required_build_arg_of_the_final_stage_only():
     for name, body in stages():
         declared = [ins["value"] for ins in body if ins["instruction"] == "ARG" and ins["value"].startswith(REVISION)]
         assert declared == ([REVISION] if name == "final" else []), (name, declared)
-    assert not [i for i in instructions()[: [i["instruction"] for i in instructions()].index("FROM")]
-                if i["instruction"] == "ARG" and REVISION in i["value"]]  # fmt: skip
+    assert not [
+        i
+        for i in instructions()[: [i["instruction"] for i in instructions()].index("FROM")]
+        if i["instruction"] == "ARG" and REVISION in i["value"]
+    ]
     final = stages()[-1][1]
     order = [ins["instruction"] for ins in final]
     assert order.index("RUN") > order.index("ARG"), "the check runs after the ARG is declared"
@@ -208,14 +211,22 @@ def test_revision_is_a_required_build_arg_of_the_final_stage_only():
 
 @pytest.mark.parametrize(
     "value, ok",
-    [("", False), ("unknown", False), ("HEAD", False), ("0123456789a", False), ("0" * 41, False),
-     ("0123456789AB", False), ("0123456789ab", True), ("3f" * 20, True)],
-)  # fmt: skip
+    [
+        ("", False),
+        ("unknown", False),
+        ("HEAD", False),
+        ("0123456789a", False),
+        ("0" * 41, False),
+        ("0123456789AB", False),
+        ("0123456789ab", True),
+        ("3f" * 20, True),
+    ],
+)
 def test_the_build_refuses_a_missing_or_malformed_revision(value, ok):
     """The RUN step itself, under the stage's SHELL (bash -o pipefail -c), with the build arg in its environment
-    as BuildKit passes it: it accepts a commit sha as `git rev-parse` prints it (what llm2clip.submit accepts,
+    as BuildKit passes it: it accepts a commit sha as `git rev-parse` prints it (what llm2clip.ops.submit accepts,
     lowercase) and stops the build otherwise, saying which --build-arg to pass."""
-    from llm2clip import submit
+    from llm2clip.ops import submit
 
     final = stages()[-1][1]
     shell = json.loads([ins["value"] for ins in final if ins["instruction"] == "SHELL"][-1])
@@ -230,7 +241,7 @@ def test_the_build_refuses_a_missing_or_malformed_revision(value, ok):
 def test_submit_in_the_image_environment_names_the_version_after_the_baked_revision(tmp_path, monkeypatch):
     """The final stage's ENV, with the build arg filled in, is what `llm2clip submit` reads where the code is no
     git checkout (the image installs it from /opt/src, and has no git)."""
-    from llm2clip import submit
+    from llm2clip.ops import submit
 
     sha = "9c" * 20
     env: dict[str, str] = {}
@@ -302,8 +313,13 @@ def test_submit_in_the_installed_image_uploads_a_version_named_after_the_baked_r
 
     sha = "5ab1e" * 8
     context = tmp_path / "context"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for rel in files:
         if dockerignore_admits(rel) and (ROOT / rel).is_file():
             (context / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -319,14 +335,25 @@ def test_submit_in_the_installed_image_uploads_a_version_named_after_the_baked_r
     env = {k: expand(v, {REVISION: sha, "PATH": os.environ["PATH"]}) for k, v in env.items()}
     env = {k: v.replace("/tmp", str(tmp_path)) if v.startswith("/tmp") else v for k, v in env.items()}
     env |= {"PATH": os.environ["PATH"], "PYTHONPATH": str(site), "KF_PIPELINES_ENDPOINT": ""}
-    code = "import sys; from llm2clip.cli import main; sys.exit(main())"
+    code = "import sys; from llm2clip.ops.cli import main; sys.exit(main())"
     with FakeKfpApi(tag_name="2.17.0") as api:
-        done = subprocess.run([sys.executable, "-c", code, "submit", "--host", api.host], env=env, cwd=tmp_path,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", code, "submit", "--host", api.host],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         uploads = api.calls("POST", "/pipelines/upload_version")
-    where = subprocess.run([sys.executable, "-c", "import llm2clip; print(llm2clip.__file__)"], env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    where = subprocess.run(
+        [sys.executable, "-c", "import llm2clip; print(llm2clip.__file__)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert where == str(site / "llm2clip" / "__init__.py"), f"the installed copy must run, not {where}"
     assert [u.query["name"] for u in uploads] == [f"{PROJECT['project']['version']}-{sha[:12]}"]
 

@@ -11,21 +11,32 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from llm2clip import data, embedding_cache, evaluate, inference, loading, storage, text_encoder, train_clip, tune
+from llm2clip import (
+    cache_caption_embeddings,
+    data,
+    evaluate,
+    inference,
+    loading,
+    storage,
+    text_encoder,
+    train_clip,
+    tune_caption_encoder,
+)
 
 
 @pytest.fixture(scope="module")
 def run(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     out = {k: str(root / k) for k in ("lora", "cache", "raw", "llm2clip", "llm2clip_raw_llm", "clip_baseline")}
-    cfg = tune.TuneConfig(
+    cfg = tune_caption_encoder.TuneConfig(
         llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, lora_alpha=8, device="cpu", dtype="float32"
     )
-    tune.tune_caption_encoder(cfg, tiny_dataset, out["lora"])
+    tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, out["lora"])
     for key, use_adapter, attention in (("cache", True, "as_tuned"), ("raw", False, "causal")):
-        ccfg = embedding_cache.CacheConfig(use_adapter=use_adapter, attention=attention, device="cpu",
-                                           dtype="float32", store_root=str(root / "store"))  # fmt: skip
-        embedding_cache.cache_caption_embeddings(ccfg, tiny_dataset, out["lora"], out[key])
+        ccfg = cache_caption_embeddings.CacheConfig(
+            use_adapter=use_adapter, attention=attention, device="cpu", dtype="float32", store_root=str(root / "store")
+        )
+        cache_caption_embeddings.cache_caption_embeddings(ccfg, tiny_dataset, out["lora"], out[key])
     tcfg = dict(epochs=1, batch_size=8, device="cpu", dtype="float32")
     train_clip.train_clip(train_clip.TrainClipConfig(**tcfg), tiny_dataset, out["llm2clip"], [out["cache"]])
     train_clip.train_clip(train_clip.TrainClipConfig(**tcfg), tiny_dataset, out["llm2clip_raw_llm"], [out["raw"]])
@@ -51,7 +62,7 @@ def eval_captions(dataset: str, split: str = "synthetic_long") -> tuple[list[str
 def test_encode_text_runs_the_llm_as_the_cache_did_then_the_adapter(run, tiny_dataset, name, cache):
     enc = inference.load_model(run[name], device="cpu", dtype="float32")
     assert enc.llm is not None and enc.llm.bidirectional == (name == "llm2clip")  # raw: causal, as the paper
-    cached, _ = embedding_cache.load_embeddings([run[cache]], "synthetic_long")
+    cached, _ = cache_caption_embeddings.load_embeddings([run[cache]], "synthetic_long")
     keys, metas = eval_captions(tiny_dataset)
     texts = [t for m in metas for _, t in data.caption_list(m)]
     expected_llm = torch.cat([cached[k] for k in keys]).float()  # fp16 storage
@@ -108,8 +119,9 @@ def test_images_rank_for_a_sentence_as_evaluation_ranks_them(run, tiny_dataset, 
         return real_hits(image_emb, text_emb, *args, **kwargs)
 
     monkeypatch.setattr(evaluate, "retrieval_hits", spy)
-    evaluate.score_model(run["llm2clip"], tiny_dataset, "synthetic_short", [run["cache"]],
-                         evaluate.EvaluateConfig(device="cpu"))  # fmt: skip
+    evaluate.score_model(
+        run["llm2clip"], tiny_dataset, "synthetic_short", [run["cache"]], evaluate.EvaluateConfig(device="cpu")
+    )
     want = F.normalize(captured["texts"], dim=-1) @ F.normalize(captured["images"], dim=-1).T  # [M, N]
 
     split = str(Path(tiny_dataset) / data.split_path("synthetic_short"))
@@ -149,8 +161,9 @@ def test_from_run_loads_every_model_from_s3(run, s3_env):
         uris[key] = storage.join(s3_env, key)
         storage.upload_dir(run[key], uris[key])
     models = {k: uris[k] for k in ("llm2clip", "llm2clip_raw_llm", "clip_baseline")}
-    storage.write_json(storage.join(s3_env, "eval", "summary.json"),
-                       {"artifacts": {"text_lora": uris["lora"], "models": models}})  # fmt: skip
+    storage.write_json(
+        storage.join(s3_env, "eval", "summary.json"), {"artifacts": {"text_lora": uris["lora"], "models": models}}
+    )
     texts = ["a red circle and a blue square"]
     for name in models:
         remote = inference.from_run(storage.join(s3_env, "eval"), name, device="cpu", dtype="float32")

@@ -104,8 +104,10 @@ def pod_templates(obj: dict) -> list[tuple[str, dict]]:
     runtime's JobSet."""
     where = f"{obj['kind']}/{obj['metadata']['name']}"
     if obj["kind"] == "TrainingRuntime":
-        return [(f"{where} job {job['name']}", job["template"]["spec"]["template"])
-                for job in obj["spec"]["template"]["spec"]["replicatedJobs"]]  # fmt: skip
+        return [
+            (f"{where} job {job['name']}", job["template"]["spec"]["template"])
+            for job in obj["spec"]["template"]["spec"]["replicatedJobs"]
+        ]
     template = pod_template(obj)
     return [] if template is None else [(where, template)]
 
@@ -152,8 +154,10 @@ def test_every_object_passes_its_schema(rendered):
             try:
                 validate_builtin(obj)
             except Exception as e:
-                pytest.fail(f"{where} fails kubernetes-validate --strict {KUBERNETES_VERSION} (a custom resource "
-                            f"needs its CRD in tests/fixtures/crds): {e}")  # fmt: skip
+                pytest.fail(
+                    f"{where} fails kubernetes-validate --strict {KUBERNETES_VERSION} (a custom resource "
+                    f"needs its CRD in tests/fixtures/crds): {e}"
+                )
     kinds = {o["kind"] for _, o in overlay_objects(rendered) if (o["apiVersion"], o["kind"]) in crd_schemas()}
     assert kinds == {"PodMonitor", "ServiceMonitor", "TrainingRuntime"} and custom >= 3 * len(OVERLAYS), kinds
 
@@ -286,15 +290,18 @@ def test_rbac_is_least_privilege(rendered):
 # Exactly what a KFP v2 step needs, plus what the multi-node launcher needs: its TrainJob (never updated or patched
 # in place) and node 0's log. No Secret other than KFP's artifact-store credentials.
 RUNNER_RULES = [
-    {"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["kfp-launcher"],
-     "verbs": ["get", "list", "watch"]},
+    {
+        "apiGroups": [""],
+        "resources": ["configmaps"],
+        "resourceNames": ["kfp-launcher"],
+        "verbs": ["get", "list", "watch"],
+    },
     {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["mlpipeline-minio-artifact"], "verbs": ["get"]},
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     {"apiGroups": ["argoproj.io"], "resources": ["workflowtaskresults"], "verbs": ["create", "patch"]},
-    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"],
-     "verbs": ["create", "get", "delete"]},
+    {"apiGroups": ["trainer.kubeflow.org"], "resources": ["trainjobs"], "verbs": ["create", "get", "delete"]},
     {"apiGroups": [""], "resources": ["pods/log"], "verbs": ["get"]},
-]  # fmt: skip
+]
 
 
 def matches(selector: dict, labels: dict[str, str]) -> bool:
@@ -303,8 +310,12 @@ def matches(selector: dict, labels: dict[str, str]) -> bool:
         return False
     for e in selector.get("matchExpressions", []):
         key, op, values = e["key"], e["operator"], e.get("values", [])
-        ok = {"In": key in labels and labels[key] in values, "NotIn": labels.get(key) not in values,
-              "Exists": key in labels, "DoesNotExist": key not in labels}[op]  # fmt: skip
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
         if not ok:
             return False
     return True
@@ -318,8 +329,11 @@ def admitted(policy: dict, labels: dict[str, str], namespace_labels: dict[str, s
         if rule.get("ports") and port not in [p["port"] for p in rule["ports"]]:
             continue
         for peer in rule["from"]:
-            in_ns = (matches(peer["namespaceSelector"], namespace_labels) if "namespaceSelector" in peer
-                     else namespace_labels.get("kubernetes.io/metadata.name") == own)  # fmt: skip
+            in_ns = (
+                matches(peer["namespaceSelector"], namespace_labels)
+                if "namespaceSelector" in peer
+                else namespace_labels.get("kubernetes.io/metadata.name") == own
+            )
             if in_ns and matches(peer.get("podSelector", {}), labels):
                 return True
     return False
@@ -370,8 +384,11 @@ def test_secret_and_configmap_are_what_the_pipeline_expects(rendered):
         assert config["data"]["MINIO_SECURE"] in ("true", "false")
         for o in objs:
             for where, template in pod_templates(o):
-                env_from = [e.get("configMapRef", e.get("secretRef"))["name"] for c in template["spec"]["containers"]
-                            for e in c.get("envFrom", [])]  # fmt: skip
+                env_from = [
+                    e.get("configMapRef", e.get("secretRef"))["name"]
+                    for c in template["spec"]["containers"]
+                    for e in c.get("envFrom", [])
+                ]
                 assert set(env_from) <= {NAMES["secret"]["name"], NAMES["configmap"]["name"]}, f"{overlay}: {where}"
 
 
@@ -425,12 +442,16 @@ def test_submitter_arguments_use_only_variables_it_defines(rendered):
 def submitter_overrides(rendered: dict[str, list[dict]], overlay: str) -> dict[str, object]:
     """The pipeline parameters the overlay's CronJob sets: its arguments with its variables filled in as the kubelet
     would, parsed by `llm2clip submit`'s own parser and typed as `--set` types them (cli.parse_overrides)."""
-    from llm2clip import cli, submit
+    from llm2clip.ops import cli, submit
 
     c = pod_template(find(rendered[overlay], "CronJob", "llm2clip-submit"))["spec"]["containers"][0]
     placement = find(rendered[overlay], "ConfigMap", "llm2clip-placement")["data"]
-    env = {e["name"]: e.get("value") or placement.get(e["valueFrom"].get("configMapKeyRef", {}).get("key"))
-           or "some-namespace" for e in c["env"]}  # fmt: skip
+    env = {
+        e["name"]: e.get("value")
+        or placement.get(e["valueFrom"].get("configMapKeyRef", {}).get("key"))
+        or "some-namespace"
+        for e in c["env"]
+    }
     argv = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in c["args"]]
     parser = argparse.ArgumentParser(prog="llm2clip")
     submit.add_parser(parser.add_subparsers(dest="command"))
@@ -451,8 +472,14 @@ def test_submitter_command_parses_with_the_real_cli(rendered):
 
 # kfp's pipeline_spec.proto ParameterType (kubeflow/pipelines 2.17.0, api/v2alpha1/pipeline_spec.proto:428-448)
 # for the Python value `--set` produces; bool before int (a bool is an int in Python).
-PARAMETER_TYPE = [(bool, "BOOLEAN"), (int, "NUMBER_INTEGER"), (float, "NUMBER_DOUBLE"), (str, "STRING"),
-                  (dict, "STRUCT"), (list, "LIST")]  # fmt: skip
+PARAMETER_TYPE = [
+    (bool, "BOOLEAN"),
+    (int, "NUMBER_INTEGER"),
+    (float, "NUMBER_DOUBLE"),
+    (str, "STRING"),
+    (dict, "STRUCT"),
+    (list, "LIST"),
+]
 
 
 def test_every_parameter_the_submitter_sets_is_a_pipeline_parameter_of_that_type(rendered):
@@ -511,8 +538,13 @@ def test_no_pod_of_ours_gets_an_istio_sidecar(rendered):
         assert metadata.get("labels", {}).get("sidecar.istio.io/inject") == "false", f"{overlay}: {where} label"
         assert metadata.get("annotations", {}).get("sidecar.istio.io/inject") == "false", f"{overlay}: {where}"
         checked.add(where.split()[0])
-    assert {"CronJob/llm2clip-submit", "Job/llm2clip-ensure-bucket", "StatefulSet/llm2clip-minio",
-            "Deployment/llm2clip-pushgateway", "TrainingRuntime/llm2clip-torch"} <= checked, checked  # fmt: skip
+    assert {
+        "CronJob/llm2clip-submit",
+        "Job/llm2clip-ensure-bucket",
+        "StatefulSet/llm2clip-minio",
+        "Deployment/llm2clip-pushgateway",
+        "TrainingRuntime/llm2clip-torch",
+    } <= checked, checked
 
 
 def test_the_profile_overlay_reaches_kfps_seaweedfs(rendered):
@@ -554,8 +586,13 @@ def test_kubeflow_profile_leaves_kubeflows_objects_alone(rendered):
 
 
 def committed(pattern: str) -> list[Path]:
-    proc = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", pattern], cwd=ROOT,
-                          capture_output=True, text=True, check=True)  # fmt: skip
+    proc = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", pattern],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return [ROOT / p for p in proc.stdout.split()]
 
 
@@ -703,10 +740,10 @@ def test_network_lets_trainers_rendezvous_push_and_be_scraped(rendered, overlay)
 
 
 def test_training_runtime_and_the_launchers_trainjob_agree(rendered):
-    """What llm2clip.trainjob's TrainJob relies on in the runtime. Trainer merges the TrainJob's runtimePatches into
+    """What llm2clip.ops.trainjob's TrainJob relies on in the runtime. Trainer merges the TrainJob's runtimePatches into
     the runtime's JobSet by strategic merge (containers and volumes by name, mounts by path): the /dev/shm volume
     must have the same name on both sides, or the pod would get two volumes on one mount path."""
-    from llm2clip import trainjob
+    from llm2clip.ops import trainjob
 
     runtime = find(rendered["gpu"], "TrainingRuntime", NAMES["training_runtime"])
     assert trainjob.RUNTIME == runtime["metadata"]["name"] and trainjob.NODE == TRAINER_NODE
@@ -750,19 +787,26 @@ def operator_relabel_configs(monitor: dict, endpoint: int = 0) -> list[dict]:
         s, values = sanitize(e["key"]), "|".join(e.get("values", []))
         both = [f"__meta_kubernetes_pod_label_{s}", f"__meta_kubernetes_pod_labelpresent_{s}"]
         present = [f"__meta_kubernetes_pod_labelpresent_{s}"]
-        configs.append({
-            "In": {"action": "keep", "source_labels": both, "regex": f"({values});true"},
-            "NotIn": {"action": "drop", "source_labels": both, "regex": f"({values});true"},
-            "Exists": {"action": "keep", "source_labels": present, "regex": "true"},
-            "DoesNotExist": {"action": "drop", "source_labels": present, "regex": "true"},
-        }[e["operator"]])  # fmt: skip
+        configs.append(
+            {
+                "In": {"action": "keep", "source_labels": both, "regex": f"({values});true"},
+                "NotIn": {"action": "drop", "source_labels": both, "regex": f"({values});true"},
+                "Exists": {"action": "keep", "source_labels": present, "regex": "true"},
+                "DoesNotExist": {"action": "drop", "source_labels": present, "regex": "true"},
+            }[e["operator"]]
+        )
     if ep.get("port"):
         configs.append(
             {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": ep["port"]}
         )
     elif ep.get("portNumber"):
-        configs.append({"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_number"],
-                        "regex": str(ep["portNumber"])})  # fmt: skip
+        configs.append(
+            {
+                "action": "keep",
+                "source_labels": ["__meta_kubernetes_pod_container_port_number"],
+                "regex": str(ep["portNumber"]),
+            }
+        )
     configs += [
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
         {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
@@ -829,9 +873,15 @@ def discovered_targets(pod: dict) -> list[dict[str, str]]:
         if not ports:
             targets.append({**container, "__address__": pod["ip"]})
         for port_name, number in ports:
-            targets.append({**container, "__address__": f"{host}:{number}", "__meta_kubernetes_pod_container_port_name":
-                            port_name, "__meta_kubernetes_pod_container_port_number": str(number),
-                            "__meta_kubernetes_pod_container_port_protocol": "TCP"})  # fmt: skip
+            targets.append(
+                {
+                    **container,
+                    "__address__": f"{host}:{number}",
+                    "__meta_kubernetes_pod_container_port_name": port_name,
+                    "__meta_kubernetes_pod_container_port_number": str(number),
+                    "__meta_kubernetes_pod_container_port_protocol": "TCP",
+                }
+            )
     return targets
 
 
@@ -863,15 +913,32 @@ def cluster_pods(rendered: dict[str, list[dict]], overlay: str, kfp_ip: str = "1
     runtime = find(objs, "TrainingRuntime", NAMES["training_runtime"])
     trainer_ports = [(p["name"], p["containerPort"]) for p in trainer_node(runtime)["ports"]] + [("", TORCHRUN_PORT)]
     pods = [
-        {"name": "run-train-clip", "ip": kfp_ip, "labels": kfp,
-         "containers": [("wait", []), ("main", []), ("kfp-launcher", [])]},
-        {"name": "trainjob-node-0-0", "ip": "10.1.0.8", "labels": trainer_pod_labels(runtime),
-         "containers": [(TRAINER_NODE, trainer_ports)]},
-        {"name": "run-tune", "ip": "10.1.0.9", "labels": kfp, "phase": "Succeeded",
-         "containers": [("wait", []), ("main", [])]},
-    ]  # fmt: skip
-    for kind, name in [("CronJob", "llm2clip-submit"), ("Job", "llm2clip-ensure-bucket"),
-                       ("StatefulSet", "llm2clip-minio"), ("Deployment", "llm2clip-pushgateway")]:  # fmt: skip
+        {
+            "name": "run-train-clip",
+            "ip": kfp_ip,
+            "labels": kfp,
+            "containers": [("wait", []), ("main", []), ("kfp-launcher", [])],
+        },
+        {
+            "name": "trainjob-node-0-0",
+            "ip": "10.1.0.8",
+            "labels": trainer_pod_labels(runtime),
+            "containers": [(TRAINER_NODE, trainer_ports)],
+        },
+        {
+            "name": "run-tune",
+            "ip": "10.1.0.9",
+            "labels": kfp,
+            "phase": "Succeeded",
+            "containers": [("wait", []), ("main", [])],
+        },
+    ]
+    for kind, name in [
+        ("CronJob", "llm2clip-submit"),
+        ("Job", "llm2clip-ensure-bucket"),
+        ("StatefulSet", "llm2clip-minio"),
+        ("Deployment", "llm2clip-pushgateway"),
+    ]:
         matching = [o for o in objs if o["kind"] == kind and o["metadata"]["name"] == name]
         for o in matching:
             t = pod_template(o)
@@ -955,20 +1022,32 @@ def test_real_prometheus_relabels_the_discovered_pods_as_the_model_does(rendered
     registry = CollectorRegistry()
     Gauge("llm2clip_relabel_probe", "set by this test", registry=registry).set(1)
     server, thread = start_http_server(NAMES["metrics_port"], addr=pod_ip, registry=registry)
-    groups = [{"targets": [t["__address__"]], "labels": {k: v for k, v in t.items() if k != "__address__"}}
-              for pod in pods for t in discovered_targets(pod)]  # fmt: skip
+    groups = [
+        {"targets": [t["__address__"]], "labels": {k: v for k, v in t.items() if k != "__address__"}}
+        for pod in pods
+        for t in discovered_targets(pod)
+    ]
     (tmp_path / "targets.json").write_text(json.dumps(groups))
     job = f"podMonitor/{monitor['metadata']['namespace']}/{monitor['metadata']['name']}/0"
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": job, "metrics_path": "/metrics",
-                            "file_sd_configs": [{"files": [str(tmp_path / "targets.json")], "refresh_interval": "1s"}],
-                            "relabel_configs": operator_relabel_configs(monitor)}],
-    }  # fmt: skip
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "metrics_path": "/metrics",
+                "file_sd_configs": [{"files": [str(tmp_path / "targets.json")], "refresh_interval": "1s"}],
+                "relabel_configs": operator_relabel_configs(monitor),
+            }
+        ],
+    }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    argv = [exe, f"--config.file={tmp_path / 'prometheus.yml'}", f"--web.listen-address=127.0.0.1:{port}",
-            f"--storage.tsdb.path={tmp_path / 'data'}"]  # fmt: skip
+    argv = [
+        exe,
+        f"--config.file={tmp_path / 'prometheus.yml'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+    ]
     with open(tmp_path / "prometheus.log", "w") as log_file:
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log_file)
     try:

@@ -140,8 +140,9 @@ def test_bootstrap_intervals_cover_the_estimate_and_shrink_with_n():
         lo, hi = ci95(reps[name])
         assert lo < h.float().mean().item() < hi
         assert 0.05 < hi - lo < 0.15  # binomial: 2 * 1.96 * sqrt(.3 * .7 / 400) = 0.09
-    small = bootstrap_retrieval({k: v[: len(v) // 4] for k, v in hits.items()}, owner[:200],
-                                bootstrap_indices(100, 1000, seed=0))  # fmt: skip
+    small = bootstrap_retrieval(
+        {k: v[: len(v) // 4] for k, v in hits.items()}, owner[:200], bootstrap_indices(100, 1000, seed=0)
+    )
     assert np.ptp(ci95(small["image_to_text_R@1"])) > np.ptp(ci95(reps["image_to_text_R@1"]))
     # seeded: the same draws give the same interval
     again = bootstrap_retrieval(hits, owner, bootstrap_indices(400, 1000, seed=0))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from llm2clip import artifacts, clip_model, model_sources, storage, text_encoder, train_clip, tune
+from llm2clip import artifacts, clip_model, model_sources, storage, text_encoder, train_clip, tune_caption_encoder
 
 CAPTIONS = ["a red circle and a blue square", "a picture of a green triangle", "an orange cross on grey"]
 
@@ -154,8 +154,8 @@ def test_allow_hub_downloads_with_the_hub_online_for_that_call_only(monkeypatch,
 def test_the_tune_manifest_records_where_the_llm_came_from(llama_on_s3, tiny_dataset, tmp_path):
     uri, local = llama_on_s3
     out = str(tmp_path / "tuned")
-    cfg = tune.TuneConfig(llm=uri, steps=1, batch_size=4, lora_r=2, warmup_steps=0)
-    tune.tune_caption_encoder(cfg, tiny_dataset, out)
+    cfg = tune_caption_encoder.TuneConfig(llm=uri, steps=1, batch_size=4, lora_r=2, warmup_steps=0)
+    tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, out)
     manifest = json.loads(Path(out, "manifest.json").read_text())
     assert manifest["base_model"] == uri
     assert manifest["base_fingerprint"] == text_encoder.model_fingerprint(str(local))
@@ -190,21 +190,23 @@ def fake_hub(monkeypatch, tmp_path):
 def test_a_hub_llm_goes_through_tune_and_cache_only_with_allow_hub(fake_hub, tiny_dataset, tmp_path):
     """Every stage that loads the LLM carries the flag: stage 1 and the caching fan-out (its token count and its
     encoder)."""
-    from llm2clip import embedding_cache
+    from llm2clip import cache_caption_embeddings
 
     tuned = str(tmp_path / "tuned")
-    cfg = tune.TuneConfig(llm="org/tiny", allow_hub=True, steps=1, batch_size=4, lora_r=2, warmup_steps=0)
-    tune.tune_caption_encoder(cfg, tiny_dataset, tuned)
+    cfg = tune_caption_encoder.TuneConfig(
+        llm="org/tiny", allow_hub=True, steps=1, batch_size=4, lora_r=2, warmup_steps=0
+    )
+    tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, tuned)
     source = artifacts.read_manifest(tuned, "tune_caption_encoder")["base_source"]
     assert (source["reference"], source["kind"], source["key"]) == ("org/tiny", "hub", "0123abcd")
 
     cache = dict(device="cpu", dtype="float32", store_root=str(tmp_path / "store"))
     with pytest.raises(ValueError, match=r"llm='org/tiny': a Hugging Face hub id, and this run is offline"):
-        embedding_cache.cache_caption_embeddings(
-            embedding_cache.CacheConfig(**cache), tiny_dataset, tuned, str(tmp_path / "offline")
+        cache_caption_embeddings.cache_caption_embeddings(
+            cache_caption_embeddings.CacheConfig(**cache), tiny_dataset, tuned, str(tmp_path / "offline")
         )
-    metrics = embedding_cache.cache_caption_embeddings(
-        embedding_cache.CacheConfig(allow_hub=True, **cache), tiny_dataset, tuned, str(tmp_path / "online")
+    metrics = cache_caption_embeddings.cache_caption_embeddings(
+        cache_caption_embeddings.CacheConfig(allow_hub=True, **cache), tiny_dataset, tuned, str(tmp_path / "online")
     )
     assert metrics["misses"] > 0
     assert all(not offline for _, offline, kwargs in fake_hub if not kwargs.get("local_files_only"))

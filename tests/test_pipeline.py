@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from llm2clip import cli
+from llm2clip.ops import cli
 
 
 def test_whole_pipeline_tiny_profile(tmp_path):
@@ -44,7 +44,9 @@ def test_whole_pipeline_tiny_profile(tmp_path):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "llm2clip.cli", *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "llm2clip.ops.cli", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_cli_help(capsys):
@@ -135,7 +137,9 @@ def test_whole_pipeline_on_s3_then_rerun_hits_the_cache(tmp_path, s3_env, monkey
 
 
 def test_cli_rejects_an_unusable_store(tmp_path, s3_env):
-    for store, message in (("s3://no-such-bucket/x", "bucket 'no-such-bucket' does not exist"),
-                           ("/local/dir", "not an object-store URI")):  # fmt: skip
+    for store, message in (
+        ("s3://no-such-bucket/x", "bucket 'no-such-bucket' does not exist"),
+        ("/local/dir", "not an object-store URI"),
+    ):
         with pytest.raises(SystemExit, match=message):
             cli.main(["run", "--local", "--profile", "tiny", "--output", str(tmp_path), "--store", store])

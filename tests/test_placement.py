@@ -130,8 +130,11 @@ def test_every_parameter_a_task_reads_is_an_input_of_its_dag(compiled):
     inputs |= {k: set(c["inputDefinitions"]["parameters"]) for k, c in spec["components"].items() if "dag" in c}
     placeholder = re.compile(r"\{\{\$\.inputs\.parameters\['([^']+)'\]\}\}")
     for dag, name, task in compiled["tasks"]:
-        read = {p["componentInputParameter"] for p in task["inputs"].get("parameters", {}).values()
-                if "componentInputParameter" in p}  # fmt: skip
+        read = {
+            p["componentInputParameter"]
+            for p in task["inputs"].get("parameters", {}).values()
+            if "componentInputParameter" in p
+        }
         label = executor(compiled, task)
         if label:
             k8s = json.dumps(compiled["k8s"][label])
@@ -291,8 +294,10 @@ def test_train_nodes_picks_one_pod_or_a_trainjob_whose_launcher_has_no_gpu(compi
     branches = spec["components"][sub["dag"]["tasks"][location["producerTask"]]["componentRef"]["name"]]
     [oneof] = branches["dag"]["outputs"]["parameters"].values()
     chosen = {(s["producerSubtask"], s["outputParameterKey"]) for s in oneof["valueFromOneof"]["parameterSelectors"]}
-    assert chosen == {("condition-2", "pipelinechannel--train-clip-Output"),
-                      ("condition-3", "pipelinechannel--train-clip-trainjob-Output")}  # fmt: skip
+    assert chosen == {
+        ("condition-2", "pipelinechannel--train-clip-Output"),
+        ("condition-3", "pipelinechannel--train-clip-trainjob-Output"),
+    }
 
 
 def test_the_local_pipeline_has_the_same_parameters_and_no_pod_settings():

@@ -56,7 +56,7 @@ def test_a_lead_outside_the_noise(monkeypatch):
             "llm2clip": hits_of(list(range(160))),
             "clip_baseline": hits_of(list(range(40))),
             "llm2clip_raw_llm": hits_of(list(range(N))),
-        },  # fmt: skip
+        },
         monkeypatch,
     )
     ahead, behind = sentence_for(summary, "clip_baseline"), sentence_for(summary, "llm2clip_raw_llm")

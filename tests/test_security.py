@@ -7,7 +7,8 @@ import json
 import pytest
 from llm2clip.pipelines.llm2clip_pipeline import COMPILED, compile_pipeline
 
-from llm2clip import artifacts, cli, storage
+from llm2clip import artifacts, storage
+from llm2clip.ops import cli
 
 # Known fake credentials, distinctive enough that any copy of them shows up in a byte search.
 ACCESS_KEY = "LLM2CLIPFAKEKEY7Q3ZX9"
@@ -29,8 +30,12 @@ def test_credentials_appear_in_no_output_of_a_run(tmp_path, monkeypatch, capfd):
 
     out, store = tmp_path / "run", "s3://llm2clip-run/prefix"
     with nanio(tmp_path / "s3-data", ACCESS_KEY, SECRET_KEY) as port:  # refuses any other credentials
-        for key, value in {"MINIO_ENDPOINT": f"127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                           "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1"}.items():  # fmt: skip
+        for key, value in {
+            "MINIO_ENDPOINT": f"127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1",
+        }.items():
             monkeypatch.setenv(key, value)
         monkeypatch.setenv(artifacts.STORE_ENV, store)  # restored after the test (the CLI sets it for its tasks)
         make_bucket("llm2clip-run")

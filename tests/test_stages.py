@@ -12,7 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm2clip import artifacts, clip_model, data, embedding_cache, evaluate, loading, text_encoder, train_clip, tune
+from llm2clip import (
+    artifacts,
+    cache_caption_embeddings,
+    clip_model,
+    data,
+    evaluate,
+    loading,
+    text_encoder,
+    train_clip,
+    tune_caption_encoder,
+)
 
 
 @pytest.fixture(scope="module")
@@ -20,23 +30,28 @@ def chain(tiny_dataset, tmp_path_factory):
     root = tmp_path_factory.mktemp("chain")
     names = ("lora", "cache_a", "cache_b", "raw", "llm2clip", "rawm", "clip", "nocenter", "skipped", "eval")
     out = {k: str(root / k) for k in names}
-    tuned = tune.tune_caption_encoder(
-        tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=6, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1,
-                        dtype="float32"),
+    tuned = tune_caption_encoder.tune_caption_encoder(
+        tune_caption_encoder.TuneConfig(
+            llm=text_encoder.TINY_LLAMA, steps=6, batch_size=4, lr=1e-3, lora_r=4, warmup_steps=1, dtype="float32"
+        ),
         tiny_dataset,
         out["lora"],
-    )  # fmt: skip
+    )
     caches = []
     for i, key in enumerate(("cache_a", "cache_b")):  # two shard groups, as the pipeline fans out
-        embedding_cache.cache_caption_embeddings(
-            embedding_cache.CacheConfig(group_index=i, num_groups=2, dtype="float32"), tiny_dataset, out["lora"],
+        cache_caption_embeddings.cache_caption_embeddings(
+            cache_caption_embeddings.CacheConfig(group_index=i, num_groups=2, dtype="float32"),
+            tiny_dataset,
+            out["lora"],
             out[key],
-        )  # fmt: skip
+        )
         caches.append(out[key])
-    embedding_cache.cache_caption_embeddings(
-        embedding_cache.CacheConfig(use_adapter=False, attention="causal", dtype="float32"), tiny_dataset,
-        out["lora"], out["raw"],
-    )  # fmt: skip
+    cache_caption_embeddings.cache_caption_embeddings(
+        cache_caption_embeddings.CacheConfig(use_adapter=False, attention="causal", dtype="float32"),
+        tiny_dataset,
+        out["lora"],
+        out["raw"],
+    )
     tcfg = dict(epochs=2, batch_size=8, warmup_steps=2, dtype="float32")
     trained = {}  # the models as training left them in memory, for the reload test
     real_build = train_clip.build_model
@@ -76,7 +91,7 @@ def chain(tiny_dataset, tmp_path_factory):
 
 
 def test_tuning_writes_adapter_and_leaves_cra_to_evaluate(chain):
-    assert chain["tuned"]["cra_before"] is None and chain["tuned"]["cra_note"] == tune.CRA_IN_EVALUATE
+    assert chain["tuned"]["cra_before"] is None and chain["tuned"]["cra_note"] == tune_caption_encoder.CRA_IN_EVALUATE
     cra = chain["summary"]["cra"]
     assert 0.0 <= cra["before"] <= 1.0 and 0.0 <= cra["after"] <= 1.0 and cra["pool_size"] >= 2
     assert chain["tuned"]["loss_last"] < chain["tuned"]["loss_first"]
@@ -111,7 +126,7 @@ def test_cache_round_trip_matches_a_fresh_encoding(chain):
     lora = chain["dirs"]["lora"]
     enc = text_encoder.load_caption_encoder(text_encoder.TINY_LLAMA)
     text_encoder.load_lora(enc, Path(lora) / "adapter")
-    emb, _ = embedding_cache.load_embeddings(chain["caches"], "synthetic_long")
+    emb, _ = cache_caption_embeddings.load_embeddings(chain["caches"], "synthetic_long")
     metas = {k: m for _, k, m in data.read_captions(str(Path(chain["data"]) / "eval/synthetic_long"))}
     keys = sorted(metas)[:3]
     caps = [t for k in keys for _, t in data.caption_list(metas[k])]
@@ -124,14 +139,14 @@ def test_cache_round_trip_matches_a_fresh_encoding(chain):
 def test_cache_file_round_trip_is_exact(tmp_path):
     tensors = {"k1": torch.randn(3, 16).half(), "k2": torch.randn(1, 16).half()}
     path = tmp_path / "x.safetensors"
-    path.write_bytes(embedding_cache._serialize(tensors))
+    path.write_bytes(cache_caption_embeddings._serialize(tensors))
     back = load_file(path)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
 
 
 def test_raw_and_tuned_caches_refuse_to_mix(chain):
     with pytest.raises(ValueError, match=r"two encoders.*differ in \['adapter_fingerprint', 'bidirectional'\]"):
-        embedding_cache.load_embeddings([chain["caches"][0], chain["dirs"]["raw"]], "train")
+        cache_caption_embeddings.load_embeddings([chain["caches"][0], chain["dirs"]["raw"]], "train")
 
 
 def test_summary_contract(chain):
@@ -208,9 +223,9 @@ def test_configs_name_the_bad_field():
     with pytest.raises(ValueError, match="model='no-such-model'"):
         train_clip.TrainClipConfig(model="no-such-model")
     with pytest.raises(ValueError, match="batch_size=1"):
-        tune.TuneConfig(batch_size=1)
+        tune_caption_encoder.TuneConfig(batch_size=1)
     with pytest.raises(ValueError, match="group_index=2"):
-        embedding_cache.CacheConfig(group_index=2, num_groups=2)
+        cache_caption_embeddings.CacheConfig(group_index=2, num_groups=2)
 
 
 # ----------------------------------------------------------------------------------------------- stage 2 recipe

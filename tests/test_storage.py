@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from llm2clip import data, storage
+from llm2clip import data, prepare_data, storage
 
 
 def test_round_trip_list_exists_delete(s3_env):
@@ -98,7 +98,7 @@ def test_settings_repr_hides_secrets(s3_env):
 
 def test_prepared_shards_stream_from_s3(s3_env):
     out = storage.join(s3_env, "prepared")
-    data.prepare_data(data.PrepareDataConfig(num_train=10, num_eval=4, shard_size=4), out)
+    prepare_data.prepare_data(prepare_data.PrepareDataConfig(num_train=10, num_eval=4, shard_size=4), out)
     shards = storage.list_files(storage.join(out, "train"), ".tar")
     assert [s.rsplit("/", 1)[1] for s in shards] == ["shard-000000.tar", "shard-000001.tar", "shard-000002.tar"]
     keys = [r["key"] for r in data.read_split(storage.join(out, "train"))]

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from fake_kfp_api import FakeKfpApi
 
-from llm2clip import submit
+from llm2clip.ops import submit
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 git_state = submit.git_state  # the real one; the other tests see a clean checkout at SHA
@@ -26,7 +26,7 @@ NAMES = json.loads((ROOT / "manifests" / "names.json").read_text())
 # `llm2clip submit` in a process of its own, from a clean checkout at SHA
 SUBMIT = (
     "import argparse, sys\n"
-    "from llm2clip import submit\n"
+    "from llm2clip.ops import submit\n"
     "submit.git_state = lambda root: ('" + SHA + "', False)\n"
     "p = argparse.ArgumentParser(); submit.add_parser(p.add_subparsers(dest='command'))\n"
     "sys.exit(submit.run(p.parse_args(sys.argv[1:])))\n"
@@ -37,8 +37,13 @@ SUBMIT = (
 def isolated(monkeypatch, tmp_path):
     """No kfp context file, no endpoint or token from the environment, a clean checkout at SHA, no polling delay."""
     monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(tmp_path / "no-kfp-context.json"))
-    for var in ("KF_PIPELINES_ENDPOINT", "KF_PIPELINES_UI_ENDPOINT", submit.TOKEN_ENV, submit.SA_TOKEN_ENV,
-                submit.REVISION_ENV):  # fmt: skip
+    for var in (
+        "KF_PIPELINES_ENDPOINT",
+        "KF_PIPELINES_UI_ENDPOINT",
+        submit.TOKEN_ENV,
+        submit.SA_TOKEN_ENV,
+        submit.REVISION_ENV,
+    ):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(submit, "git_state", lambda root: (SHA, False))
     monkeypatch.setattr(submit, "POLL_SECONDS", 0.0)
@@ -74,8 +79,18 @@ def all_tasks(spec: dict) -> dict[tuple[str, str], dict]:
 
 
 def test_first_submit_uploads_pipeline_version_experiment_and_run(api, capsys):
-    rc = llm2clip_submit("--host", api.host, "--set", "num_train=32", "--set", "zero_shot=[]",
-                         "--set", "center_text=false", "--service-account", "llm2clip-runner")  # fmt: skip
+    rc = llm2clip_submit(
+        "--host",
+        api.host,
+        "--set",
+        "num_train=32",
+        "--set",
+        "zero_shot=[]",
+        "--set",
+        "center_text=false",
+        "--service-account",
+        "llm2clip-runner",
+    )
     assert rc == 0
     assert [(r.method, r.path) for r in api.requests] == [
         ("GET", "/healthz"),  # kfp.Client's constructor
@@ -144,7 +159,7 @@ def test_the_same_checkout_submitted_from_two_processes_is_one_version(api, tmp_
         "import argparse, hashlib, sys\n"
         "from pathlib import Path\n"
         "from kfp import compiler\n"
-        "from llm2clip import submit\n"
+        "from llm2clip.ops import submit\n"
         "from llm2clip.pipelines import llm2clip_pipeline as m\n"
         "def compile_pipeline(path):\n"
         "    options = {'source_format': 'img2dataset', 'short_field': 'txt', 'long_field': 'json.long'}\n"
@@ -162,8 +177,13 @@ def test_the_same_checkout_submitted_from_two_processes_is_one_version(api, tmp_
         if len(set(file_hashes)) > 1:
             break
         env = {**os.environ, "PYTHONHASHSEED": seed, "HOME": str(tmp_path)}  # HOME: no kfp context file
-        done = subprocess.run([sys.executable, "-c", script, "submit", "--host", api.host], env=env,
-                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-c", script, "submit", "--host", api.host],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-2000:]
         file_hashes += [line.split()[1] for line in done.stderr.splitlines() if line.startswith("bytes ")]
     assert len(set(file_hashes)) > 1  # the premise: different files ...
@@ -223,9 +243,12 @@ def test_without_git_the_revision_comes_from_the_environment(api, monkeypatch):
 
 @pytest.mark.parametrize(
     "pair, message",
-    [("num_train=many", "--set num_train='many': expected an int"), ("zero_shot=synthetic", "--set zero_shot="),
-     ("nonsense=1", "--set nonsense: unknown pipeline parameter")],
-)  # fmt: skip
+    [
+        ("num_train=many", "--set num_train='many': expected an int"),
+        ("zero_shot=synthetic", "--set zero_shot="),
+        ("nonsense=1", "--set nonsense: unknown pipeline parameter"),
+    ],
+)
 def test_set_typing_errors_name_the_key_before_any_request(api, pair, message):
     with pytest.raises(SystemExit) as e:
         llm2clip_submit("--host", api.host, "--set", pair)
@@ -373,8 +396,9 @@ def test_a_pipeline_version_and_experiment_beyond_the_first_page_are_found(api, 
     create nothing but the run."""
     assert llm2clip_submit("--host", api.host) == 0
     state = api.state
-    ours = {kind: dict(items) for kind, items in (("p", state.pipelines), ("v", state.versions),
-                                                   ("e", state.experiments))}  # fmt: skip
+    ours = {
+        kind: dict(items) for kind, items in (("p", state.pipelines), ("v", state.versions), ("e", state.experiments))
+    }
     for items in (state.pipelines, state.versions, state.experiments):
         items.clear()
     for i in range(45):
@@ -401,8 +425,9 @@ def test_two_submits_racing_for_one_version_both_run_it(tmp_path):
     with FakeKfpApi(racing=2) as racing:
         env = {**os.environ, "HOME": str(tmp_path)}
         argv = [sys.executable, "-c", SUBMIT, "submit", "--host", racing.host]
-        submits = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                   for _ in range(2)]  # fmt: skip
+        submits = [
+            subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)
+        ]
         done = [p.communicate(timeout=300) for p in submits]
     assert [p.returncode for p in submits] == [0, 0], [err[-2000:] for _, err in done]
     outs = sorted(out for out, _ in done)
@@ -436,8 +461,15 @@ def test_a_multi_user_server_needs_a_namespace_and_an_identity(monkeypatch, tmp_
         assert {r.headers.get("authorization") for r in api.requests} == {"Bearer alice-token"}
         # a kfp context with the identity header and the namespace, as a person outside the cluster may have
         context = tmp_path / "context.json"
-        context.write_text(json.dumps({"namespace": "team-a", "client_authentication_header_name": "kubeflow-userid",
-                                       "client_authentication_header_value": "alice@example.com"}))  # fmt: skip
+        context.write_text(
+            json.dumps(
+                {
+                    "namespace": "team-a",
+                    "client_authentication_header_name": "kubeflow-userid",
+                    "client_authentication_header_value": "alice@example.com",
+                }
+            )
+        )
         monkeypatch.setattr(kfp.Client, "_LOCAL_KFP_CONTEXT", str(context))
         api.requests.clear()
         assert llm2clip_submit("--host", api.host) == 0
@@ -460,9 +492,24 @@ def installed_copy(tmp_path_factory) -> Path:
         shutil.copy(ROOT / name, source / name)
     for name in ("src", "components", "pipelines"):
         shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-    done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
-                           "--no-build-isolation", "--target", str(root / "site"), str(source)],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-index",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(root / "site"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "site"
 
@@ -473,19 +520,37 @@ def test_submit_from_the_built_image_names_the_version_after_the_baked_revision(
     revision = "fedcba9876543210fedcba9876543210fedcba98"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("GIT_", "KF_PIPELINES_", "LLM2CLIP_"))}
     env |= {"PYTHONPATH": str(installed_copy), "HOME": str(tmp_path), submit.REVISION_ENV: revision}
-    where = subprocess.run([sys.executable, "-c", "import llm2clip; print(llm2clip.__file__)"], env=env,
-                           cwd=tmp_path, capture_output=True, text=True, check=True).stdout  # fmt: skip
+    where = subprocess.run(
+        [sys.executable, "-c", "import llm2clip; print(llm2clip.__file__)"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert where.startswith(str(installed_copy))  # the installed copy runs, not this checkout
     llm2clip_cli = Path(sys.executable).parent / "llm2clip"  # the console script, as the image's PATH has it
-    done = subprocess.run([str(llm2clip_cli), "submit", "--host", api.host], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [str(llm2clip_cli), "submit", "--host", api.host],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     upload = api.calls("POST", "/pipelines/upload_version")[0]
     assert upload.query["name"] == f"{submit.package_version()}-{revision[:12]}"
     assert f"at git {revision}" in upload.query["description"] and "uncommitted" not in upload.query["description"]
     before = len(api.requests)
     del env[submit.REVISION_ENV]
-    done = subprocess.run([str(llm2clip_cli), "submit", "--host", api.host], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    done = subprocess.run(
+        [str(llm2clip_cli), "submit", "--host", api.host],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode != 0 and len(api.requests) == before  # nothing sent
     assert f"is not a git checkout and {submit.REVISION_ENV} (unset) is not a commit sha" in done.stderr

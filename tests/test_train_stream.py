@@ -26,13 +26,16 @@ def fake_cache(dataset_dir: str, out: Path) -> str:
     gen = torch.Generator().manual_seed(0)
     split, count = storage.join(dataset_dir, "train"), 0
     for shard in storage.listdir(split, ".tar"):
-        rows = {key: torch.randn(len(data.caption_list(meta)), DIM, generator=gen).half()
-                for _, key, meta in data.read_captions_of_shard(shard)}  # fmt: skip
+        rows = {
+            key: torch.randn(len(data.caption_list(meta)), DIM, generator=gen).half()
+            for _, key, meta in data.read_captions_of_shard(shard)
+        }
         count += sum(len(r) for r in rows.values())
         (out / "train").mkdir(parents=True, exist_ok=True)
         save_file(rows, str(out / "train" / Path(shard).name.replace(".tar", ".safetensors")))
-    artifacts.write_manifest(str(out), "cache_caption_embeddings", {}, {}, encoder={"base_model": "fake"}, dim=DIM,
-                            count=count)  # fmt: skip
+    artifacts.write_manifest(
+        str(out), "cache_caption_embeddings", {}, {}, encoder={"base_model": "fake"}, dim=DIM, count=count
+    )
     return str(out)
 
 
@@ -67,7 +70,7 @@ def test_two_ranks_of_two_workers_read_every_sample_once_per_pass(tmp_path, shar
     order, in_order=True by default, line 274). Batches carry no keys; each yielded text is a cached vector,
     random and unique per caption, so it names its sample. Every sample of the pass is read exactly once across
     the 4 readers."""
-    from llm2clip.data import PrepareDataConfig, prepare_data
+    from llm2clip.prepare_data import PrepareDataConfig, prepare_data
 
     dataset = str(tmp_path / "data")
     prepare_data(PrepareDataConfig(num_train=48, num_eval=4, shard_size=shard_size), dataset)
@@ -80,8 +83,9 @@ def test_two_ranks_of_two_workers_read_every_sample_once_per_pass(tmp_path, shar
     assert len(all_keys) == 48 and len(set(owner.values())) == 48 and len(owner) > 48  # one vector per caption
     seen: dict[tuple[int, int], list[str]] = {}
     for rank in range(2):
-        stream = streaming.TrainStream(dataset, "train", ImagePreprocess(size=16), cache_dirs=[cache], rank=rank,
-                                       world=2, batch_size=4)  # fmt: skip
+        stream = streaming.TrainStream(
+            dataset, "train", ImagePreprocess(size=16), cache_dirs=[cache], rank=rank, world=2, batch_size=4
+        )
         batches = iter(streaming.loader(stream, 4, 2, pin_memory=False))
         for j in range(6):
             _, texts = next(batches)
@@ -116,8 +120,9 @@ def test_a_resumed_stream_continues_exactly(tiny_dataset, cache, workers):
     prep = ImagePreprocess(size=32)
 
     def batches(skip_batches: int, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        stream = streaming.TrainStream(tiny_dataset, "train", prep, cache_dirs=[cache], shuffle_buffer=10,
-                                       start_batch=skip_batches, batch_size=8)  # fmt: skip
+        stream = streaming.TrainStream(
+            tiny_dataset, "train", prep, cache_dirs=[cache], shuffle_buffer=10, start_batch=skip_batches, batch_size=8
+        )
         it = iter(streaming.loader(stream, 8, workers, pin_memory=False))
         return [next(it) for _ in range(n)]
 
@@ -135,8 +140,9 @@ def test_stream_refuses_a_missing_embedding(tiny_dataset, tmp_path):
     rows = load_file(str(first))
     dropped = sorted(rows)[0]
     save_file({k: v for k, v in rows.items() if k != dropped}, str(first))
-    stream = streaming.TrainStream(tiny_dataset, "train", ImagePreprocess(size=32), cache_dirs=[cache],
-                                   shuffle_buffer=1)  # fmt: skip
+    stream = streaming.TrainStream(
+        tiny_dataset, "train", ImagePreprocess(size=32), cache_dirs=[cache], shuffle_buffer=1
+    )
     with pytest.raises(KeyError, match=dropped):
         for _ in zip(range(48), stream, strict=False):
             pass
@@ -160,23 +166,42 @@ def test_help_documents_every_setting():
 
 
 def test_cli_names_a_bad_setting(tiny_dataset, tmp_path):
-    r = subprocess.run(_cli("--dataset", tiny_dataset, "--output", str(tmp_path), "--text-source", "bert"),
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        _cli("--dataset", tiny_dataset, "--output", str(tmp_path), "--text-source", "bert"),
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode != 0 and "text_source" in r.stderr
 
 
 def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(tiny_dataset, cache, tmp_path):
     """The training process is killed (SIGKILL: no cleanup) after its second checkpoint; the same command run again
     resumes from it and ends with the uninterrupted run's losses and weights."""
-    args = ["--dataset", tiny_dataset, "--caption-embeddings", cache, "--epochs", "3", "--batch-size", "8",
-            "--checkpoint-every", "4", "--workers", "0", "--log-every", "1",
-            "--dtype", "float32"]  # fmt: skip  # an equality check: fp32 on every CPU
+    args = [
+        "--dataset",
+        tiny_dataset,
+        "--caption-embeddings",
+        cache,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "8",
+        "--checkpoint-every",
+        "4",
+        "--workers",
+        "0",
+        "--log-every",
+        "1",
+        "--dtype",
+        "float32",
+    ]  # an equality check: fp32 on every CPU
     whole = tmp_path / "whole"
     subprocess.run(_cli(*args, "--output", str(whole)), check=True, env=_env(), capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli(*args, "--output", str(killed)), env=_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        _cli(*args, "--output", str(killed)), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     latest = killed / "checkpoints" / "latest.json"
     deadline = time.time() + 600
     while not (latest.exists() and json.loads(latest.read_text())["step"] >= 8):
@@ -227,9 +252,24 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_da
       step moves a weight by up to lr = 1e-3). Weights differ at all only where the true gradient is ~0 (e.g.
       the attention key bias, which softmax ignores): there AdamW's g / sqrt(v) turns float-rounding differences
       of the gathered features into steps of up to lr (measured: max 1.5e-4)."""
-    args = ["--dataset", tiny_dataset, "--caption-embeddings", cache, "--epochs", "1", "--batch-size", "16",
-            "--checkpoint-every", "0", "--warmup-steps", "1", "--log-every", "1",
-            "--dtype", "float32"]  # fmt: skip  # an equality check: fp32 on every CPU (bf16 rounds at 4e-3)
+    args = [
+        "--dataset",
+        tiny_dataset,
+        "--caption-embeddings",
+        cache,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--checkpoint-every",
+        "0",
+        "--warmup-steps",
+        "1",
+        "--log-every",
+        "1",
+        "--dtype",
+        "float32",
+    ]  # an equality check: fp32 on every CPU (bf16 rounds at 4e-3)
     grads = {d: {"DDP_FIRST_GRADS": str(tmp_path / f"grads-{d}")} for d in ("one", "two")}
     one = _torchrun(1, str(HERE / "ddp_fixed_batches.py"), *args, "--output", str(tmp_path / "one"), env=grads["one"])
     assert one.returncode == 0, one.stderr[-3000:]

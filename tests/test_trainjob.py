@@ -1,4 +1,4 @@
-"""Stage 2 on several nodes (llm2clip.trainjob and the train_clip_trainjob component).
+"""Stage 2 on several nodes (llm2clip.ops.trainjob and the train_clip_trainjob component).
 
 The TrainJob is checked against Kubeflow Trainer v2.3.0's CRD schema (a committed fixture), strictly. The API
 side runs through the real `kubernetes` client against tests/fake_k8s_api.py, which stands in for the Kubernetes
@@ -33,24 +33,30 @@ from crd_schema import validate
 from fake_k8s_api import FakeK8sApi
 from s3_servers import free_port
 
-from llm2clip import artifacts, storage, trainjob
-from llm2clip.trainjob import NodePlacement
+from llm2clip import artifacts, storage
+from llm2clip.ops import trainjob
+from llm2clip.ops.trainjob import NodePlacement
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = json.loads((ROOT / "manifests" / "names.json").read_text())
 RUNTIME = ROOT / "manifests" / "components" / "trainer" / "trainingruntime.yaml"  # the TrainingRuntime we refer to
 NS = "team-a"
 CONFIG = {"text_source": "llm", "epochs": 2, "batch_size": 64, "lr": 1e-3}
-GPU_NODES = NodePlacement(nodes=4, nproc=8, image="ghcr.io/llm2clip-kfp/llm2clip:0.1.0", gpus=8, cpu="64",
-                          memory="512Gi", node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
-                          tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule",
-                                        "tolerationSeconds": 300.0}])  # fmt: skip
+GPU_NODES = NodePlacement(
+    nodes=4,
+    nproc=8,
+    image="ghcr.io/llm2clip-kfp/llm2clip:0.1.0",
+    gpus=8,
+    cpu="64",
+    memory="512Gi",
+    node_selector={"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+    tolerations=[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 300.0}],
+)
 CPU_NODES = NodePlacement(nodes=2, nproc=1, image="llm2clip-cpu:0.1.0", gpus=0, cpu="500m", memory="2Gi")
 
 
 def build(placement: NodePlacement = GPU_NODES, output: str = "s3://b/runs/1/train/vision_model", **kw) -> dict:
-    return trainjob.build_trainjob(CONFIG, "s3://b/data", output, ["s3://b/cache-0", "s3://b/cache-1"], placement,
-                                   **kw)  # fmt: skip
+    return trainjob.build_trainjob(CONFIG, "s3://b/data", output, ["s3://b/cache-0", "s3://b/cache-1"], placement, **kw)
 
 
 def client(api: FakeK8sApi) -> kubernetes.client.ApiClient:
@@ -123,8 +129,11 @@ def test_the_schema_check_rejects_typos_and_wrong_types():
 def test_resources_placement_and_labels():
     obj = build()
     trainer, meta = obj["spec"]["trainer"], obj["metadata"]
-    assert obj["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime",
-                                         "name": "llm2clip-torch"}  # fmt: skip
+    assert obj["spec"]["runtimeRef"] == {
+        "apiGroup": "trainer.kubeflow.org",
+        "kind": "TrainingRuntime",
+        "name": "llm2clip-torch",
+    }
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (4, 8)
     per_node = {"cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}
     assert trainer["resourcesPerNode"] == {"requests": per_node, "limits": per_node}
@@ -145,8 +154,10 @@ def test_the_name_follows_the_output_only():
     assert a["metadata"]["name"] == build(CPU_NODES)["metadata"]["name"]  # a retry (same output) finds it
     assert a["metadata"]["name"] != b["metadata"]["name"]
     assert a["metadata"]["name"] == trainjob.trainjob_name("s3://b/runs/1/train/vision_model")
-    assert a["metadata"]["annotations"][trainjob.SPEC_ANNOTATION] != build(CPU_NODES)["metadata"]["annotations"][
-        trainjob.SPEC_ANNOTATION]  # fmt: skip
+    assert (
+        a["metadata"]["annotations"][trainjob.SPEC_ANNOTATION]
+        != build(CPU_NODES)["metadata"]["annotations"][trainjob.SPEC_ANNOTATION]
+    )
 
 
 def test_the_command_is_torchrun_taking_the_world_from_trainer():
@@ -156,8 +167,9 @@ def test_the_command_is_torchrun_taking_the_world_from_trainer():
     from llm2clip.train_clip import TrainClipConfig, parser
 
     cfg = TrainClipConfig(epochs=3, batch_size=32, pretrained=None, center_text=False, seed=7)
-    obj = trainjob.build_trainjob(dataclasses.asdict(cfg), "s3://b/d", "s3://b/o", ["s3://b/c0", "s3://b/c1"],
-                                  CPU_NODES)  # fmt: skip
+    obj = trainjob.build_trainjob(
+        dataclasses.asdict(cfg), "s3://b/d", "s3://b/o", ["s3://b/c0", "s3://b/c1"], CPU_NODES
+    )
     command, args = obj["spec"]["trainer"]["command"], obj["spec"]["trainer"]["args"]
     assert command == ["python", "-m", "torch.distributed.run", "--module", "llm2clip.train_clip"]
     assert not [a for a in command + args if re.match(r"--(standalone|nnodes|nproc|node.rank|master|rdzv)", a)]
@@ -187,7 +199,8 @@ def test_the_trainjob_fits_the_committed_runtime():
     assert trainjob.RUNTIME == NAMES["training_runtime"] and "torch" in runtime["spec"]["mlPolicy"]
     rjob = runtime["spec"]["template"]["spec"]["replicatedJobs"][0]
     assert rjob["name"] == "node" and rjob["template"]["metadata"]["labels"] == {
-        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"}  # fmt: skip
+        "trainer.kubeflow.org/trainjob-ancestor-step": "trainer"
+    }
     sources = {(k, v["name"]) for e in node.get("envFrom", []) for k, v in e.items()}
     assert sources == {("configMapRef", pipeline.CONFIG_MAP), ("secretRef", pipeline.S3_SECRET)}
     values = {e["name"]: e.get("value") for e in node["env"]}
@@ -317,8 +330,9 @@ def test_a_trainjob_deleted_under_the_launcher_is_reported_at_once():
     obj = build()
 
     def someone_deletes_it(api: FakeK8sApi, namespace: str, created: dict) -> None:
-        threading.Timer(0.1, api.delete_trainjob, (namespace, created["metadata"]["name"],
-                                                   {"propagationPolicy": "Foreground"})).start()  # fmt: skip
+        threading.Timer(
+            0.1, api.delete_trainjob, (namespace, created["metadata"]["name"], {"propagationPolicy": "Foreground"})
+        ).start()
 
     with FakeK8sApi(states=(None,), on_create=someone_deletes_it, gc_delay_s=5) as api:
         with pytest.raises(RuntimeError, match=rf"TrainJob {NS}/{obj['metadata']['name']} is being deleted"):
@@ -327,7 +341,7 @@ def test_a_trainjob_deleted_under_the_launcher_is_reported_at_once():
 
 LAUNCHER = """
 import json, sys
-from llm2clip import trainjob
+from llm2clip.ops import trainjob
 trainjob.run_trainjob(trainjob.load_client(), trainjob.current_namespace(), json.loads(sys.argv[1]), poll_s=0.05)
 """
 
@@ -344,8 +358,13 @@ def test_sigterm_deletes_the_trainjob_and_exits_nonzero(tmp_path):
     with FakeK8sApi(states=(None,), gc_delay_s=0.3) as api:
         env = {k: v for k, v in os.environ.items() if k != "KUBERNETES_SERVICE_HOST"}
         env["KUBECONFIG"] = str(kubeconfig(tmp_path, api.host, NS))
-        launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(obj)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        launcher = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, json.dumps(obj)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             polls = rf"^{re.escape(trainjobs_path(name))}$"
             deadline = time.monotonic() + 120
@@ -375,8 +394,9 @@ def test_the_launcher_and_its_trainjob_end_before_the_launcher_pod_is_killed():
     and the nodes released while the launcher still runs."""
     docs = list(yaml.safe_load_all((ROOT / "pipelines" / "llm2clip.yaml").read_text()))
     executors = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
-    pod_timeouts = [int(e["activeDeadlineSeconds"]) for n, e in executors.items()
-                    if n.startswith("exec-train-clip-trainjob")]  # fmt: skip
+    pod_timeouts = [
+        int(e["activeDeadlineSeconds"]) for n, e in executors.items() if n.startswith("exec-train-clip-trainjob")
+    ]
     assert pod_timeouts and set(pod_timeouts) == {trainjob.TASK_TIMEOUT_S}
     margin = trainjob.DEADLINE_MARGIN_S
     assert margin >= 600 and trainjob.TIMEOUT_S == trainjob.TASK_TIMEOUT_S - margin
@@ -452,15 +472,28 @@ def test_the_runner_role_allows_every_request_the_launcher_sends():
     with FakeK8sApi(states=(None, "Complete"), drop_after=1) as api:
         api.add_trainjob(NS, obj, state="Failed")  # replace: create, get, delete
         run(api, obj)
-    role = next(d for d in yaml.safe_load_all((ROOT / "manifests" / "base" / "runner-rbac.yaml").read_text())
-                if d and d["kind"] == "Role")  # fmt: skip
+    role = next(
+        d
+        for d in yaml.safe_load_all((ROOT / "manifests" / "base" / "runner-rbac.yaml").read_text())
+        if d and d["kind"] == "Role"
+    )
     needed = {rbac_request(r) for r in api.requests}
-    assert needed == {("create", "trainer.kubeflow.org", "trainjobs"), ("get", "trainer.kubeflow.org", "trainjobs"),
-                      ("delete", "trainer.kubeflow.org", "trainjobs"), ("list", "", "pods"), ("get", "", "pods"),
-                      ("get", "", "pods/log")}  # fmt: skip
+    assert needed == {
+        ("create", "trainer.kubeflow.org", "trainjobs"),
+        ("get", "trainer.kubeflow.org", "trainjobs"),
+        ("delete", "trainer.kubeflow.org", "trainjobs"),
+        ("list", "", "pods"),
+        ("get", "", "pods"),
+        ("get", "", "pods/log"),
+    }
     for verb, group, resource in sorted(needed):
-        assert any(group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
-                   and not rule.get("resourceNames") for rule in role["rules"]), (verb, group, resource)  # fmt: skip
+        assert any(
+            group in rule["apiGroups"]
+            and resource in rule["resources"]
+            and verb in rule["verbs"]
+            and not rule.get("resourceNames")
+            for rule in role["rules"]
+        ), (verb, group, resource)
     # ... and the rules added for the launcher grant nothing it does not send
     for rule in role["rules"]:
         if rule["resources"] in (["trainjobs"], ["pods/log"]):
@@ -525,11 +558,27 @@ def test_the_component_trains_on_two_nodes_through_its_trainjob(tiny_dataset, s3
     with FakeK8sApi(on_create=trainer) as api:
         monkeypatch.setenv("KUBECONFIG", str(kubeconfig(tmp_path, api.host, NS)))
         components.train_clip_trainjob.python_func(
-            dataset=artifact["dataset"], caption_embeddings=[artifact["cache"]], vision_model=vision,
-            model="llm2clip-vit-tiny", pretrained="", epochs=1, batch_size=8, lr=1e-3, seed=0, center_text=True,
-            device="cpu", dtype="auto", nodes=2, nproc=1, gpus=0, node_cpu="1", node_memory="2Gi",
-            node_selector={}, tolerations=[], image="llm2clip-cpu:test",
-        )  # fmt: skip
+            dataset=artifact["dataset"],
+            caption_embeddings=[artifact["cache"]],
+            vision_model=vision,
+            model="llm2clip-vit-tiny",
+            pretrained="",
+            epochs=1,
+            batch_size=8,
+            lr=1e-3,
+            seed=0,
+            center_text=True,
+            device="cpu",
+            dtype="auto",
+            nodes=2,
+            nproc=1,
+            gpus=0,
+            node_cpu="1",
+            node_memory="2Gi",
+            node_selector={},
+            tolerations=[],
+            image="llm2clip-cpu:test",
+        )
     assert all(p.returncode == 0 for p in nodes), nodes[0].stdout[-3000:] + nodes[1].stdout[-3000:]
     assert "rank 0/2" in nodes[0].stdout and "rank 1/2" in nodes[1].stdout  # one world of two nodes
     location = json.loads((Path(vision.path) / "location.json").read_text())["uri"]
@@ -570,7 +619,7 @@ def run_nodes(obj: dict, config_map: dict, secret: dict) -> list[subprocess.Comp
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-        )  # fmt: skip
+        )
         for rank in range(spec["numNodes"])
     ]
     done = []
@@ -587,12 +636,20 @@ def run_nodes(obj: dict, config_map: dict, secret: dict) -> list[subprocess.Comp
 
 def kubeconfig(tmp_path: Path, server: str, namespace: str) -> Path:
     path = tmp_path / "kubeconfig"
-    path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": server}}],
-        "users": [{"name": "launcher", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "launcher", "namespace": namespace}}],
-    }))  # fmt: skip
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "current-context": "fake",
+                "clusters": [{"name": "fake", "cluster": {"server": server}}],
+                "users": [{"name": "launcher", "user": {"token": "not-a-secret"}}],
+                "contexts": [
+                    {"name": "fake", "context": {"cluster": "fake", "user": "launcher", "namespace": namespace}}
+                ],
+            }
+        )
+    )
     return path
 
 
@@ -603,6 +660,25 @@ def test_the_component_is_thin_and_its_pod_asks_for_no_gpu():
     assert len(path.read_text().splitlines()) <= 50
     spec = components.train_clip_trainjob.component_spec
     assert spec.implementation.container.resources is None  # GPUs are the TrainJob's nodes', set by trainjob.py
-    assert list(spec.inputs) == ["dataset", "caption_embeddings", "model", "pretrained", "epochs", "batch_size", "lr",
-                                 "seed", "center_text", "device", "dtype", "nodes", "nproc", "gpus", "node_cpu",
-                                 "node_memory", "node_selector", "tolerations", "image", "enabled"]  # fmt: skip
+    assert list(spec.inputs) == [
+        "dataset",
+        "caption_embeddings",
+        "model",
+        "pretrained",
+        "epochs",
+        "batch_size",
+        "lr",
+        "seed",
+        "center_text",
+        "device",
+        "dtype",
+        "nodes",
+        "nproc",
+        "gpus",
+        "node_cpu",
+        "node_memory",
+        "node_selector",
+        "tolerations",
+        "image",
+        "enabled",
+    ]

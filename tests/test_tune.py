@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm2clip import artifacts, data, embedding_cache, metrics, text_encoder, tune
+from llm2clip import artifacts, cache_caption_embeddings, data, metrics, text_encoder, tune_caption_encoder
 
 KINDS = ("raw", "short", "long")
 
@@ -47,7 +47,7 @@ def test_hard_negatives_are_outside_the_batch_and_of_the_positives_kind():
     groups, rng = LazyGroups(50), random.Random(0)
     kinds_seen = set()
     for _ in range(200):
-        anchors, positives, negatives = tune.sample_batch(groups, 16, True, rng)
+        anchors, positives, negatives = tune_caption_encoder.sample_batch(groups, 16, True, rng)
         batch = {owner(a)[1] for a in anchors}
         assert len(batch) == 16 and len(negatives) == 16
         for a, p, n in zip(anchors, positives, negatives, strict=True):
@@ -64,7 +64,7 @@ def test_sampling_a_million_images_costs_the_batch_not_the_dataset():
     tracemalloc.start()
     try:
         for _ in range(5):
-            tune.sample_batch(groups, 32, True, rng)
+            tune_caption_encoder.sample_batch(groups, 32, True, rng)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -75,21 +75,25 @@ def test_sampling_a_million_images_costs_the_batch_not_the_dataset():
 
 def test_negative_draws_give_up_when_no_image_qualifies():
     groups = LazyGroups(4)
-    assert tune.draw_negative(groups, "short", {0, 1, 2, 3}, random.Random(0)) is None
-    assert tune.draw_negative(groups, "raw", {0}, random.Random(0)) is None  # only image 0 has a raw caption
-    assert tune.draw_negative(groups, "long", {0}, random.Random(0)) == "long 3 a"
+    assert tune_caption_encoder.draw_negative(groups, "short", {0, 1, 2, 3}, random.Random(0)) is None
+    assert (
+        tune_caption_encoder.draw_negative(groups, "raw", {0}, random.Random(0)) is None
+    )  # only image 0 has a raw caption
+    assert tune_caption_encoder.draw_negative(groups, "long", {0}, random.Random(0)) == "long 3 a"
 
 
 def test_cra_pairs_come_from_short_captions_up_to_the_limit(tiny_dataset):
-    pairs = tune.cra_pairs(tiny_dataset, 5)
+    pairs = tune_caption_encoder.cra_pairs(tiny_dataset, 5)
     assert pairs.source == "synthetic_short" and len(pairs.queries) == len(pairs.pool) == 5
     assert all(q != p for q, p in zip(pairs.queries, pairs.pool, strict=True))
-    assert len(tune.cra_pairs(tiny_dataset, 5000).pool) == 12  # every eval image, when fewer than the cap
+    assert (
+        len(tune_caption_encoder.cra_pairs(tiny_dataset, 5000).pool) == 12
+    )  # every eval image, when fewer than the cap
 
 
 def test_cra_pairs_name_their_rows_in_the_cache_order(tiny_dataset):
     """Each pair's rows index its two captions in data.caption_list order, the order of the cached embeddings."""
-    pairs = tune.cra_pairs(tiny_dataset, 5000)
+    pairs = tune_caption_encoder.cra_pairs(tiny_dataset, 5000)
     metas = {k: m for _, k, m in data.read_captions(f"{tiny_dataset}/{data.split_path(pairs.source)}")}
     assert len(pairs.rows) == len(pairs.queries)
     for (key, q, p), query, pooled in zip(pairs.rows, pairs.queries, pairs.pool, strict=True):
@@ -101,19 +105,19 @@ def test_cra_pairs_name_their_rows_in_the_cache_order(tiny_dataset):
 def test_cra_is_skipped_with_a_note_without_short_pairs(tmp_path):
     splits = {"synthetic_long": {"path": "eval/synthetic_long", "caption_kind": "long"}}
     artifacts.write_manifest(str(tmp_path), "prepare_data", {}, {}, splits=splits)
-    assert tune.cra_pairs(str(tmp_path), 5000) is None
-    m = tune.cra_metrics(None, None, None)
+    assert tune_caption_encoder.cra_pairs(str(tmp_path), 5000) is None
+    m = tune_caption_encoder.cra_metrics(None, None, None)
     assert m["cra_note"] and m["cra_before"] is None and m["cra_after_ci95"] is None and m["cra_pool_size"] == 0
 
 
 def test_cra_matches_brute_force_and_restores_attention(tiny_encoder):
-    pairs = tune.CraPairs(
+    pairs = tune_caption_encoder.CraPairs(
         ["a red circle", "a picture of a blue square", "a dark image with a green cross", "an orange triangle"],
         ["a red circle and nothing else", "a blue square", "a green cross on dark", "a yellow triangle"],
         "test",
     )
     draws = metrics.bootstrap_indices(4, 200, 0)
-    got = tune.cra_untuned(tiny_encoder, pairs, draws, "float32")
+    got = tune_caption_encoder.cra_untuned(tiny_encoder, pairs, draws, "float32")
     assert tiny_encoder.bidirectional  # back in the mode it was loaded in
     for name, bidirectional in (("causal", False), ("bidirectional", True)):
         text_encoder.set_attention(tiny_encoder, bidirectional)
@@ -128,11 +132,17 @@ def test_cra_matches_brute_force_and_restores_attention(tiny_encoder):
 
 
 def test_tune_reports_cra_before_both_ways_and_after_with_intervals(tiny_dataset, tmp_path):
-    cfg = tune.TuneConfig(
-        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, lora_alpha=8, device="cpu", dtype="float32",
+    cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA,
+        steps=2,
+        batch_size=4,
+        lora_r=4,
+        lora_alpha=8,
+        device="cpu",
+        dtype="float32",
         cra=True,
-    )  # fmt: skip
-    result = tune.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
+    )
+    result = tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
     for name in ("cra_before", "cra_before_bidirectional", "cra_after"):
         lo, hi = result[f"{name}_ci95"]
         assert 0.0 <= lo <= result[name] <= hi <= 1.0, name
@@ -151,31 +161,43 @@ def test_tune_spends_no_llm_pass_on_cra_by_default(tiny_dataset, tmp_path, monke
         raise AssertionError("stage 1 measured CRA with cra=False")
 
     for name in ("cra_pairs", "cra", "cra_untuned"):
-        monkeypatch.setattr(tune, name, refuse)
-    cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, device="cpu", dtype="float32")
+        monkeypatch.setattr(tune_caption_encoder, name, refuse)
+    cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, device="cpu", dtype="float32"
+    )
     assert cfg.cra is False
-    result = tune.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
-    assert result["cra_note"] == tune.CRA_IN_EVALUATE and "evaluate" in result["cra_note"]
+    result = tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
+    assert result["cra_note"] == tune_caption_encoder.CRA_IN_EVALUATE and "evaluate" in result["cra_note"]
     assert result["cra_before"] is None and result["cra_after"] is None and result["cra_pool_size"] == 0
     assert math.isfinite(result["loss_first"]) and math.isfinite(result["loss_last"])
     manifest = artifacts.read_manifest(str(tmp_path / "lora"), "tune_caption_encoder")
-    assert manifest["metrics"]["cra_note"] == tune.CRA_IN_EVALUATE and manifest["config"]["cra"] is False
+    assert (
+        manifest["metrics"]["cra_note"] == tune_caption_encoder.CRA_IN_EVALUATE and manifest["config"]["cra"] is False
+    )
     assert len(manifest["losses"]) == 2
 
 
 def test_the_instruction_is_part_of_the_cache_key(tmp_path):
     keys = []
     for i, instruction in enumerate(["", "Describe the image: "]):
-        cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, instruction=instruction)
+        cfg = tune_caption_encoder.TuneConfig(llm=text_encoder.TINY_LLAMA, instruction=instruction)
         d = str(tmp_path / str(i))
-        artifacts.write_manifest(d, "tune_caption_encoder", cfg, {}, base_model=cfg.llm, base_fingerprint="f",
-                                 adapter_fingerprint="a", pooling=text_encoder.POOLING)  # fmt: skip
-        identity = embedding_cache.encoder_identity(d, use_adapter=True)
+        artifacts.write_manifest(
+            d,
+            "tune_caption_encoder",
+            cfg,
+            {},
+            base_model=cfg.llm,
+            base_fingerprint="f",
+            adapter_fingerprint="a",
+            pooling=text_encoder.POOLING,
+        )
+        identity = cache_caption_embeddings.encoder_identity(d, use_adapter=True)
         assert identity["instruction"] == instruction and identity["pooling"] == text_encoder.POOLING
-        keys.append(embedding_cache.EmbeddingStore(str(tmp_path / "store"), identity).key)
+        keys.append(cache_caption_embeddings.EmbeddingStore(str(tmp_path / "store"), identity).key)
     assert keys[0] != keys[1]
 
 
 def test_an_instruction_ending_in_a_word_is_refused():
     with pytest.raises(ValueError, match="instruction"):
-        tune.TuneConfig(instruction="Describe the image")
+        tune_caption_encoder.TuneConfig(instruction="Describe the image")

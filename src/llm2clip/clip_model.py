@@ -65,9 +65,9 @@ def create_clip(model_name: str, pretrained: str | None, allow_hub: bool = False
             clip = open_clip.create_model(model_name, pretrained=pretrained, **model_kwargs)
     else:
         clip = open_clip.create_model(model_name, pretrained=str(source.path), **model_kwargs)
-    clip.pretrained_source = None if source is None else {
-        **source.describe(), "sha256": model_sources.file_sha256(source.path)
-    }  # fmt: skip
+    clip.pretrained_source = (
+        None if source is None else {**source.describe(), "sha256": model_sources.file_sha256(source.path)}
+    )
     return clip
 
 

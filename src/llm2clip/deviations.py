@@ -100,8 +100,10 @@ def markdown_table(rows: tuple[Deviation, ...] = DEVIATIONS) -> str:
     for row in rows:
         for field, text in row._asdict().items():
             if "|" in text or "\n" in text:
-                raise ValueError(f"deviation {row.what!r}: field {field!r} contains '|' or a newline, which breaks "
-                                 "the Markdown table")  # fmt: skip
+                raise ValueError(
+                    f"deviation {row.what!r}: field {field!r} contains '|' or a newline, which breaks "
+                    "the Markdown table"
+                )
     lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"

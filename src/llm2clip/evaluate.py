@@ -11,15 +11,15 @@ import torch
 
 from llm2clip import (
     artifacts,
+    cache_caption_embeddings,
     data,
     devices,
-    embedding_cache,
     inference,
     loading,
     report,
     storage,
     train_clip,
-    tune,
+    tune_caption_encoder,
     zeroshot,
 )
 from llm2clip.metrics import bootstrap_indices, bootstrap_retrieval, caption_retrieval_hits, ci95, retrieval_hits
@@ -145,8 +145,11 @@ def average_over_benchmarks(retrieval: dict[str, dict[str, dict]]) -> dict[str, 
     models = [m for m in retrieval[benches[0]] if all(m in retrieval[b] for b in benches)] if benches else []
     out = {}
     for m in models:
-        metrics = [k for k, v in retrieval[benches[0]][m].items() if k.startswith(("image_to_text", "text_to_image"))
-                   and not k.endswith("_ci95")]  # fmt: skip
+        metrics = [
+            k
+            for k, v in retrieval[benches[0]][m].items()
+            if k.startswith(("image_to_text", "text_to_image")) and not k.endswith("_ci95")
+        ]
         out[m] = {k: float(np.mean([retrieval[b][m][k] for b in benches])) for k in metrics}
     return out
 
@@ -274,8 +277,8 @@ def cra_from_caches(dataset_dir: str, caches: dict[str, list[str]], tuned: dict,
     """CRA of the raw and the tuned LLM, read from the caption-embedding caches the pipeline embeds anyway.
 
     "before": the raw-LLM cache (frozen LLM, causal, no adapter: the paper's raw-LLM row); "after": the tuned cache.
-    The pairs and the metric are stage 1's (`tune.cra_pairs` up to its cra_max_captions; caption 1 of each image
-    retrieves caption 2 among all, ties counted against the query), and both are resampled with the same
+    The pairs and the metric are stage 1's (`tune_caption_encoder.cra_pairs` up to its cra_max_captions; caption 1
+    of each image retrieves caption 2 among all, ties counted against the query), and both are resampled with the same
     bootstrap draws of the queries, so "difference" (after - before) has a paired 95% interval.
     "before_bidirectional" (mask removed, untuned) has no cache: it is stage 1's, when stage 1 measured it
     (TuneConfig.cra), with stage 1's draws. Without both caches, stage 1's own CRA (or its note) is returned.
@@ -287,15 +290,22 @@ def cra_from_caches(dataset_dir: str, caches: dict[str, list[str]], tuned: dict,
     stage1 = cra_summary(tuned["metrics"])
     if MAIN not in caches or RAW not in caches:
         return stage1
-    pairs = tune.cra_pairs(dataset_dir, tuned["config"].get("cra_max_captions", 5000))
+    pairs = tune_caption_encoder.cra_pairs(dataset_dir, tuned["config"].get("cra_max_captions", 5000))
     if pairs is None:
-        return {"before": None, "before_ci95": None, "after": None, "after_ci95": None, "pool_size": 0,
-                "source": None, "note": tune.CRA_SKIPPED}  # fmt: skip
+        return {
+            "before": None,
+            "before_ci95": None,
+            "after": None,
+            "after_ci95": None,
+            "pool_size": 0,
+            "source": None,
+            "note": tune_caption_encoder.CRA_SKIPPED,
+        }
     draws = bootstrap_indices(len(pairs.rows), cfg.bootstrap, cfg.seed)
     out: dict = {}
     replicates, encoders = {}, {}
     for name, model in (("before", RAW), ("after", MAIN)):
-        emb, encoders[name] = embedding_cache.load_embeddings(caches[model], pairs.source)
+        emb, encoders[name] = cache_caption_embeddings.load_embeddings(caches[model], pairs.source)
         # The caches store float16 vectors (CacheConfig.store_dtype), stage 1 measured in its compute dtype. CRA
         # is a ranking, so the rounding can only flip near-ties (cosines within ~1e-3 of each other).
         queries = torch.stack([emb[key][q] for key, q, _ in pairs.rows])  # [N, D]

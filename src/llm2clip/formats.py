@@ -1,7 +1,7 @@
 """Readers for real input layouts, each yielding raw records for prepare_data's validation:
 {"__key__", <image ext>: bytes, "json": {"captions": {kind: [text]}}, "__fields__": {kind: source field}} or, when
 the record cannot be read, {"__key__", "__error__": message, "__reason__": class} so that it is counted and written
-to the rejects file, never silently lost. Readers do not judge captions or images: `data.check_record` does, the
+to the rejects file, never silently lost. Readers do not judge captions or images: `prepare_data.check_record` does, the
 same way for every layout.
 
 Train sources: img2dataset webdataset tars (jpg/txt/json; which fields hold which caption kind is configurable,
@@ -26,8 +26,15 @@ import webdataset as wds
 from llm2clip import storage
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".jsonlines": "jsonl",
-                 ".ndjson": "jsonl", ".parquet": "parquet"}  # fmt: skip
+TABLE_FORMATS = {
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".jsonl": "jsonl",
+    ".jsonlines": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+}
 
 
 def _error(key: str, reason: str, message: str) -> dict:
@@ -85,7 +92,7 @@ def sample_fields(sample: dict) -> list[str]:
 
 def field_values(sample: dict, spec: str) -> list:
     """A caption field of a webdataset sample: "txt" (a file), or "json.key" / "json.a.b" (a JSON field); values
-    are returned undecoded (bytes or JSON values) for data.clean_caption to judge."""
+    are returned undecoded (bytes or JSON values) for prepare_data.clean_caption to judge."""
     ext, _, path = spec.partition(".")
     value = sample.get(ext)
     if value is None:
@@ -132,8 +139,11 @@ def img2dataset_records(uri: str, raw: str = "txt", short: str = "", long: str =
             try:
                 captions = {k: field_values(sample, spec) for k, spec in fields.items()}
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                yield _error(key, "bad metadata", f"{_name(shard)}: a caption field's JSON is not valid UTF-8 JSON "
-                             f"({e.__class__.__name__}: {e})")  # fmt: skip
+                yield _error(
+                    key,
+                    "bad metadata",
+                    f"{_name(shard)}: a caption field's JSON is not valid UTF-8 JSON ({e.__class__.__name__}: {e})",
+                )
                 continue
             record = {"__key__": key, "json": {"captions": {k: v for k, v in captions.items() if v}}}
             record["__fields__"] = fields
@@ -248,8 +258,15 @@ def table_row_count(uri: str) -> int | None:
     return lines - 1 if fmt in ("csv", "tsv") else lines
 
 
-def table_records(uri: str, images: str, image_column: str = "image", key_column: str = "", raw: str = "caption",
-                  short: str = "", long: str = "") -> Iterator[dict]:  # fmt: skip
+def table_records(
+    uri: str,
+    images: str,
+    image_column: str = "image",
+    key_column: str = "",
+    raw: str = "caption",
+    short: str = "",
+    long: str = "",
+) -> Iterator[dict]:
     """Rows of a caption table; image paths are relative to `images` (a directory or s3:// prefix). Records are
     keyed by `key_column` (default: the row number, "row00000001"); a cell that is empty is a blank caption."""
     _must_exist(uri, "caption table")
@@ -307,8 +324,13 @@ def docci_records(uri: str, images: str, split: str = "test") -> Iterator[dict]:
             continue
         key = str(row.get("example_id") or row["image_file"].rsplit(".", 1)[0])
         caption = row.get("description")
-        yield _image_record(key, images, row["image_file"], {"long": [caption] if caption is not None else []},
-                            {"long": f"description ({_name(uri)})"})  # fmt: skip
+        yield _image_record(
+            key,
+            images,
+            row["image_file"],
+            {"long": [caption] if caption is not None else []},
+            {"long": f"description ({_name(uri)})"},
+        )
 
 
 def urban1k_records(uri: str, images: str = "") -> Iterator[dict]:
@@ -317,11 +339,13 @@ def urban1k_records(uri: str, images: str = "") -> Iterator[dict]:
     image_root = images or storage.join(uri, "image")
     caption_files = storage.list_files(storage.join(uri, "caption"), ".txt")
     if not caption_files:
-        raise FileNotFoundError(f"urban1k eval set: no caption/*.txt under {uri} (expected <root>/caption/<name>.txt "
-                                "and <root>/image/<name>.jpg)")  # fmt: skip
+        raise FileNotFoundError(
+            f"urban1k eval set: no caption/*.txt under {uri} (expected <root>/caption/<name>.txt "
+            "and <root>/image/<name>.jpg)"
+        )
     for caption_file in caption_files:
         stem = _name(caption_file).removesuffix(".txt")
-        text = storage.read_bytes(caption_file)  # bytes: data.clean_caption decodes and names the file
+        text = storage.read_bytes(caption_file)  # bytes: prepare_data.clean_caption decodes and names the file
         yield _image_record(stem, image_root, f"{stem}.jpg", {"long": [text]}, {"long": f"caption/{stem}.txt"})
 
 

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from llm2clip import artifacts, devices, embedding_cache, loading, storage, text_encoder, train_clip
+from llm2clip import artifacts, cache_caption_embeddings, devices, loading, storage, text_encoder, train_clip
 
 
 @dataclass
@@ -148,7 +148,7 @@ def caption_encoder_of(
         )
     if text_encoder.model_fingerprint(identity["base_model"]) != identity["base_fingerprint"]:
         raise ValueError(f"{model_dir}: the local {identity['base_model']!r} differs from the model its cache used")
-    llm = embedding_cache.base_encoder(identity, device, dtype)  # exactly as the cache built it
+    llm = cache_caption_embeddings.base_encoder(identity, device, dtype)  # exactly as the cache built it
     if identity["adapter_fingerprint"] is None:  # the raw-LLM baseline: no adapter
         return llm
     lora = text_lora_dir or recorded_text_lora(manifest)

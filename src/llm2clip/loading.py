@@ -23,7 +23,7 @@ import torch
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-from llm2clip import data, embedding_cache
+from llm2clip import cache_caption_embeddings, data
 
 RESIZE_MODES = ("shortest", "longest", "squash")
 TRAIN_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop aspect-ratio range (torchvision / open_clip default)
@@ -235,7 +235,7 @@ class CaptionTable:
 
 def llm_text_table(cache_dirs: list[str], split: str, keys: list[str], metas: list[dict]) -> CaptionTable:
     """Cached embeddings for each sample, stacked in key order; a missing key is an error naming it."""
-    emb, _ = embedding_cache.load_embeddings(cache_dirs, split)
+    emb, _ = cache_caption_embeddings.load_embeddings(cache_dirs, split)
     missing = [k for k in keys if k not in emb]
     if missing:
         raise KeyError(f"{len(missing)} samples of split {split!r} have no cached embedding, e.g. {missing[:3]}")

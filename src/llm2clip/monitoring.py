@@ -61,24 +61,38 @@ _VARIANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)
 _L = ["stage"]
-STEPS = Counter("llm2clip_steps", "Steps this process ran (optimizer steps; cache: shards embedded)", _L,
-                registry=REGISTRY)  # fmt: skip
-SAMPLES = Counter("llm2clip_samples", "Samples this process consumed: images (train_clip), anchor captions "
-                  "(tune), captions embedded (cache)", _L, registry=REGISTRY)  # fmt: skip
+STEPS = Counter(
+    "llm2clip_steps", "Steps this process ran (optimizer steps; cache: shards embedded)", _L, registry=REGISTRY
+)
+SAMPLES = Counter(
+    "llm2clip_samples",
+    "Samples this process consumed: images (train_clip), anchor captions (tune), captions embedded (cache)",
+    _L,
+    registry=REGISTRY,
+)
 TOKENS = Counter("llm2clip_tokens", "Tokens the LLM ran over, padding included (tune, cache)", _L, registry=REGISTRY)
 LOSS = Gauge("llm2clip_loss", "Loss of the last step (train_clip: the mean over ranks)", _L, registry=REGISTRY)
-LR = Gauge("llm2clip_learning_rate", "Learning rate of the last step (largest parameter group)", _L,
-           registry=REGISTRY)  # fmt: skip
-STEP_TIME = Histogram("llm2clip_step_seconds", "Wall time of one step, data wait included (seconds)", _L,
-                      buckets=STEP_BUCKETS_S, registry=REGISTRY)  # fmt: skip
-DATA_WAIT = Histogram("llm2clip_data_wait_seconds", "Time a step waited for its data (seconds)", _L,
-                      buckets=WAIT_BUCKETS_S, registry=REGISTRY)  # fmt: skip
+LR = Gauge("llm2clip_learning_rate", "Learning rate of the last step (largest parameter group)", _L, registry=REGISTRY)
+STEP_TIME = Histogram(
+    "llm2clip_step_seconds",
+    "Wall time of one step, data wait included (seconds)",
+    _L,
+    buckets=STEP_BUCKETS_S,
+    registry=REGISTRY,
+)
+DATA_WAIT = Histogram(
+    "llm2clip_data_wait_seconds",
+    "Time a step waited for its data (seconds)",
+    _L,
+    buckets=WAIT_BUCKETS_S,
+    registry=REGISTRY,
+)
 CACHE_HITS = Counter("llm2clip_cache_hits", "Distinct captions found in the embedding store", _L, registry=REGISTRY)
-CACHE_MISSES = Counter("llm2clip_cache_misses", "Distinct captions embedded (not in the store)", _L,
-                       registry=REGISTRY)  # fmt: skip
+CACHE_MISSES = Counter("llm2clip_cache_misses", "Distinct captions embedded (not in the store)", _L, registry=REGISTRY)
 ERRORS = Counter("llm2clip_errors", "Errors: a stage that raised counts one", _L, registry=REGISTRY)
-GPU_ALLOCATED = Gauge("llm2clip_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated at the last step", _L,
-                      registry=REGISTRY)  # fmt: skip
+GPU_ALLOCATED = Gauge(
+    "llm2clip_gpu_memory_allocated_bytes", "torch.cuda.memory_allocated at the last step", _L, registry=REGISTRY
+)
 GPU_PEAK = Gauge("llm2clip_gpu_memory_peak_bytes", "torch.cuda.max_memory_allocated so far", _L, registry=REGISTRY)
 STAGE_INFO = Info("llm2clip_stage", "The running stage: variant, output URI, rank", _L, registry=REGISTRY)
 
@@ -104,8 +118,12 @@ _servers: dict[int, object] = {}  # port -> the HTTP server this process runs th
 
 def metric_names() -> set[str]:
     """Every llm2clip_* sample name this module serves or pushes, e.g. llm2clip_step_seconds_bucket."""
-    suffixes = {"counter": ("_total", "_created"), "gauge": ("",), "info": ("_info",),
-                "histogram": ("_bucket", "_sum", "_count", "_created")}  # fmt: skip
+    suffixes = {
+        "counter": ("_total", "_created"),
+        "gauge": ("",),
+        "info": ("_info",),
+        "histogram": ("_bucket", "_sum", "_count", "_created"),
+    }
     names = {f.name + end for f in REGISTRY.collect() if f.name.startswith("llm2clip_") for end in suffixes[f.type]}
     return names | {f"llm2clip_run_{k}" for k in SUMMARY} | {"llm2clip_run_status"}
 
@@ -141,8 +159,13 @@ class StageMetrics:
         """Record one finished step: its loss and learning rate, the samples and tokens it consumed, its wall
         time and data wait (seconds), the cache hits and misses it saw. Pushes when `push_every_s` has passed."""
         t, s = self.totals, self.stage
-        counted = {"steps": (STEPS, 1), "samples": (SAMPLES, samples), "tokens": (TOKENS, tokens),
-                   "cache_hits": (CACHE_HITS, hits), "cache_misses": (CACHE_MISSES, misses)}  # fmt: skip
+        counted = {
+            "steps": (STEPS, 1),
+            "samples": (SAMPLES, samples),
+            "tokens": (TOKENS, tokens),
+            "cache_hits": (CACHE_HITS, hits),
+            "cache_misses": (CACHE_MISSES, misses),
+        }
         for key, (metric, value) in counted.items():
             metric.labels(s).inc(value)
             t[key] += value
@@ -183,14 +206,22 @@ class StageMetrics:
         registry = CollectorRegistry()
         for key, help_text in SUMMARY.items():
             Gauge(f"llm2clip_run_{key}", help_text, registry=registry).set(self.totals[key])
-        Gauge("llm2clip_run_status", "1 for the status of the last push (running, succeeded, failed)",
-              ["status", "output"], registry=registry).labels(status, self.output).set(1)  # fmt: skip
+        Gauge(
+            "llm2clip_run_status",
+            "1 for the status of the last push (running, succeeded, failed)",
+            ["status", "output"],
+            registry=registry,
+        ).labels(status, self.output).set(1)
         key = {"stage": self.stage, "variant": self.variant, "rank": str(self.rank)}
         try:
             push_to_gateway(self.pushgateway, JOB, registry, grouping_key=key, timeout=PUSH_TIMEOUT_S)
         except Exception as e:  # a monitoring outage must never stop training
-            log.warning("llm2clip metrics: push to the Pushgateway %s failed (%s: %s); training goes on",
-                        self.pushgateway, type(e).__name__, e)  # fmt: skip
+            log.warning(
+                "llm2clip metrics: push to the Pushgateway %s failed (%s: %s); training goes on",
+                self.pushgateway,
+                type(e).__name__,
+                e,
+            )
             self.failures += 1
             return False
         self.pushes, self.failures = self.pushes + 1, 0
@@ -219,8 +250,14 @@ def stop_serving(port: int) -> None:
 
 
 @contextmanager
-def stage(name: str, variant: str = "default", output: str = "", rank: int = 0, local_rank: int = 0,
-          push_every_s: float = PUSH_EVERY_S) -> Iterator[StageMetrics]:  # fmt: skip
+def stage(
+    name: str,
+    variant: str = "default",
+    output: str = "",
+    rank: int = 0,
+    local_rank: int = 0,
+    push_every_s: float = PUSH_EVERY_S,
+) -> Iterator[StageMetrics]:
     """Observe one stage run: serve the metrics on LLM2CLIP_METRICS_PORT + local_rank while it runs, push its
     summary to LLM2CLIP_PUSHGATEWAY at the end (and every `push_every_s` seconds at step ends). A stage that raises
     counts an error and pushes status "failed"; the exception goes on. Without the two variables: no server, no

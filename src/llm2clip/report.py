@@ -153,8 +153,7 @@ def plot_png(summary: dict) -> bytes:
             v = summary["retrieval"][b][m]
             vals = [100 * v[k] for k in R1]
             errs = [[100 * (v[k] - v[f"{k}_ci95"][0]) for k in R1], [100 * (v[f"{k}_ci95"][1] - v[k]) for k in R1]]
-            bars = ax.bar([x + j * width for x in range(2)], vals, width, yerr=errs, capsize=3,
-                          label=LABELS.get(m, m))  # fmt: skip
+            bars = ax.bar([x + j * width for x in range(2)], vals, width, yerr=errs, capsize=3, label=LABELS.get(m, m))
             ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2)
         ax.set_xticks([x + width * (len(models) - 1) / 2 for x in range(2)], ["image → text R@1", "text → image R@1"])
         ax.set_ylim(0, 105)

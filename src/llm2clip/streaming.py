@@ -53,8 +53,10 @@ class Unit:
 def split_sizes(split_dir: str) -> dict[str, int]:
     """{shard URI: samples} of a prepared split, from its sizes.json (written with the shards)."""
     if not storage.exists(storage.join(split_dir, "sizes.json")):
-        raise FileNotFoundError(f"{split_dir}: no sizes.json, so not a split written by prepare_data "
-                                "(--dataset must be prepare_data's output)")  # fmt: skip
+        raise FileNotFoundError(
+            f"{split_dir}: no sizes.json, so not a split written by prepare_data "
+            "(--dataset must be prepare_data's output)"
+        )
     sizes = storage.read_json(storage.join(split_dir, "sizes.json"))
     return {storage.join(split_dir, name): int(n) for name, n in sorted(sizes.items()) if n > 0}
 
@@ -123,7 +125,7 @@ class TrainStream(IterableDataset):
     def _text_rows(self, unit: Unit) -> dict[str, torch.Tensor] | None:
         if self.cache_dirs is None:
             return None
-        from llm2clip.embedding_cache import shard_embeddings
+        from llm2clip.cache_caption_embeddings import shard_embeddings
 
         return shard_embeddings(self.cache_dirs, self.split_path, Path(unit.shard).name)
 
@@ -132,8 +134,9 @@ class TrainStream(IterableDataset):
         rows = self._text_rows(unit)
         # the units are split across ranks and workers here: webdataset's own node and worker splitting is off (it
         # would hand this one-shard list to one worker only and refuse to run under torchrun)
-        shard = wds.WebDataset(unit.shard, shardshuffle=False, empty_check=False, nodesplitter=None,
-                               workersplitter=None)  # fmt: skip
+        shard = wds.WebDataset(
+            unit.shard, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+        )
         for i, sample in enumerate(shard):
             if i % unit.parts != unit.part:
                 continue
@@ -159,8 +162,9 @@ class TrainStream(IterableDataset):
         meta = json.loads(sample["json"])
         kinds = [k for k, _ in data.caption_list(meta)]
         if sample["text_rows"] is not None and sample["text_rows"].shape[0] != len(kinds):
-            raise ValueError(f"sample {key!r}: cache has {sample['text_rows'].shape[0]} captions, shard has "
-                             f"{len(kinds)}")  # fmt: skip
+            raise ValueError(
+                f"sample {key!r}: cache has {sample['text_rows'].shape[0]} captions, shard has {len(kinds)}"
+            )
         rng, generator = sample_rng(self.seed, epoch, key)
         row = choose_caption(kinds, self.long_caption_prob, rng)
         ext = next(e for e in data.IMAGE_EXTS if e in sample)
@@ -185,8 +189,10 @@ class TrainStream(IterableDataset):
             units = slot_units(self.sizes, slots, slot, self.seed, epoch)
             count = sum(u.count for u in units)
             if count == 0:
-                raise ValueError(f"reading slot {slot} of {slots} got no samples: too many ranks x workers for "
-                                 f"{sum(self.sizes.values())} samples")  # fmt: skip
+                raise ValueError(
+                    f"reading slot {slot} of {slots} got no samples: too many ranks x workers for "
+                    f"{sum(self.sizes.values())} samples"
+                )
             if skip >= count:  # a whole pass already delivered before the resume: skip it without reading
                 skip -= count
                 epoch += 1

@@ -33,11 +33,11 @@ from safetensors.torch import load, save
 
 from llm2clip import (
     artifacts,
+    cache_caption_embeddings,
     clip_model,
     data,
     devices,
     distributed,
-    embedding_cache,
     loading,
     monitoring,
     storage,
@@ -178,7 +178,7 @@ def default_workers(device: torch.device, world: distributed.World) -> int:
 
 def caption_mean(cache_dirs: list[str]) -> torch.Tensor:
     """The mean LLM embedding of every training caption (for centring), streamed shard by shard."""
-    mean, _ = embedding_cache.embedding_mean(cache_dirs, "train")
+    mean, _ = cache_caption_embeddings.embedding_mean(cache_dirs, "train")
     return mean
 
 
@@ -215,12 +215,17 @@ def load_checkpoint(out_dir: str, cfg: TrainClipConfig) -> dict | None:
     if not storage.exists(latest):
         return None
     name = storage.read_json(latest)["file"]
-    state = torch.load(io.BytesIO(storage.read_bytes(storage.join(_checkpoint_dir(out_dir), name))),
-                       map_location="cpu", weights_only=False)  # fmt: skip
+    state = torch.load(
+        io.BytesIO(storage.read_bytes(storage.join(_checkpoint_dir(out_dir), name))),
+        map_location="cpu",
+        weights_only=False,
+    )
     if state["config"] != _resumable(cfg):
         changed = sorted(k for k in state["config"] if state["config"][k] != _resumable(cfg).get(k))
-        raise ValueError(f"{out_dir}: its checkpoint {name} was made with another config (fields {changed}); "
-                         "use a new output or delete the checkpoints/ folder to start over")  # fmt: skip
+        raise ValueError(
+            f"{out_dir}: its checkpoint {name} was made with another config (fields {changed}); "
+            "use a new output or delete the checkpoints/ folder to start over"
+        )
     return state
 
 
@@ -248,8 +253,16 @@ def metrics_variant(cfg: TrainClipConfig, cache_dirs: list[str] | None) -> str:
     return ("tuned" if encoder.get("adapter_fingerprint") else "raw") + ("" if cfg.center_text else "-uncentred")
 
 
-def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None,
-           world: distributed.World, device: torch.device, m: monitoring.StageMetrics, t0: float) -> dict:  # fmt: skip
+def _train(
+    cfg: TrainClipConfig,
+    dataset_dir: str,
+    out_dir: str,
+    cache_dirs: list[str] | None,
+    world: distributed.World,
+    device: torch.device,
+    m: monitoring.StageMetrics,
+    t0: float,
+) -> dict:
     _, dtype = devices.setup(device.type, cfg.dtype)
     torch.manual_seed(cfg.seed)
     if cfg.batch_size % world.size:
@@ -262,7 +275,7 @@ def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: lis
         if not cache_dirs:
             raise ValueError("text_source='llm' needs the caption-embedding cache (cache_dirs)")
         # every group, centring or not: groups of two encoders (two runs, a tuned and a raw cache) are refused
-        shared = embedding_cache.cache_info(cache_dirs)
+        shared = cache_caption_embeddings.cache_info(cache_dirs)
         cache_info, llm_dim = {"encoder": shared["encoder"], "dim": shared["dim"]}, shared["dim"]
     model = build_model(cfg, llm_dim)
     preprocess = loading.preprocess_of(model)
@@ -276,8 +289,9 @@ def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: lis
 
     # ---- loss, optimizer, and the state to resume from
     model.to(device)
-    loss_fn = ClipLoss(local_loss=world.size > 1, gather_with_grad=world.size > 1, rank=world.rank,
-                       world_size=world.size)  # fmt: skip
+    loss_fn = ClipLoss(
+        local_loss=world.size > 1, gather_with_grad=world.size > 1, rank=world.rank, world_size=world.size
+    )
     optimizer = torch.optim.AdamW(clip_model.param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay))
     base_lrs = [g["lr"] for g in optimizer.param_groups]
     state = load_checkpoint(out_dir, cfg) if cfg.checkpoint_every else None
@@ -304,13 +318,25 @@ def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: lis
     # ---- the data: this rank's stream, resumed at the position of `start`
     workers = cfg.workers if cfg.workers >= 0 else default_workers(device, world)
     text = {"cache_dirs": cache_dirs} if cfg.text_source == "llm" else {"clip_model": cfg.model}
-    stream = streaming.TrainStream(dataset_dir, "train", preprocess, **text, rank=world.rank, world=world.size,
-                                   seed=cfg.seed, shuffle_buffer=cfg.shuffle_buffer,
-                                   long_caption_prob=cfg.long_caption_prob,
-                                   start_batch=start, batch_size=local_batch)  # fmt: skip
+    stream = streaming.TrainStream(
+        dataset_dir,
+        "train",
+        preprocess,
+        **text,
+        rank=world.rank,
+        world=world.size,
+        seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer,
+        long_caption_prob=cfg.long_caption_prob,
+        start_batch=start,
+        batch_size=local_batch,
+    )
     batches = iter(streaming.loader(stream, local_batch, workers, pin_memory=device.type == "cuda"))
-    print(f"rank {world.rank}/{world.size}: device {device}, compute dtype {dtype}, {workers} data workers, "
-          f"local batch {local_batch}, steps {start}..{total_steps}", flush=True)  # fmt: skip
+    print(
+        f"rank {world.rank}/{world.size}: device {device}, compute dtype {dtype}, {workers} data workers, "
+        f"local batch {local_batch}, steps {start}..{total_steps}",
+        flush=True,
+    )
 
     # ---- train
     waited, t_loop = 0.0, time.perf_counter()
@@ -330,16 +356,32 @@ def _train(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: lis
         clip_model.clamp_logit_scale(model)
         losses.append(world.mean(loss.item()))  # with local_loss each rank holds its rows' share: the mean is B's
         done = step + 1
-        m.step(loss=losses[-1], lr=max(g["lr"] for g in optimizer.param_groups), samples=local_batch,
-               step_s=time.perf_counter() - t_wait, wait_s=wait)  # fmt: skip
+        m.step(
+            loss=losses[-1],
+            lr=max(g["lr"] for g in optimizer.param_groups),
+            samples=local_batch,
+            step_s=time.perf_counter() - t_wait,
+            wait_s=wait,
+        )
         if step % cfg.log_every == 0 or done == total_steps:
-            print(f"epoch {step // steps_per_epoch} step {step:5d}/{total_steps} loss {losses[-1]:.4f} "
-                  f"scale {model.logit_scale.exp().item():.1f}", flush=True)  # fmt: skip
+            print(
+                f"epoch {step // steps_per_epoch} step {step:5d}/{total_steps} loss {losses[-1]:.4f} "
+                f"scale {model.logit_scale.exp().item():.1f}",
+                flush=True,
+            )
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < total_steps:
             if world.main:
-                save_checkpoint(out_dir, {"step": done, "model": model.state_dict(), "losses": losses,
-                                          "optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
-                                          "config": _resumable(cfg)})  # fmt: skip
+                save_checkpoint(
+                    out_dir,
+                    {
+                        "step": done,
+                        "model": model.state_dict(),
+                        "losses": losses,
+                        "optimizer": optimizer.state_dict(),
+                        "rng": torch.get_rng_state(),
+                        "config": _resumable(cfg),
+                    },
+                )
             world.barrier()
     loop_seconds = time.perf_counter() - t_loop
     del batches  # stops the DataLoader workers
@@ -402,15 +444,28 @@ def load_trained(model_dir: str) -> tuple[torch.nn.Module, dict]:
 # ----------------------------------------------------------------------------------------------- entry point
 
 
-def launch(cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None = None,
-           nproc: int = 1) -> dict:  # fmt: skip
+def launch(
+    cfg: TrainClipConfig, dataset_dir: str, out_dir: str, cache_dirs: list[str] | None = None, nproc: int = 1
+) -> dict:
     """Train in this process (nproc 1) or as `torchrun --standalone --nproc_per_node nproc` processes on this
     node (the component's path on a multi-GPU pod); returns the metrics rank 0 recorded."""
     if nproc <= 1:
         return train_clip(cfg, dataset_dir, out_dir, cache_dirs)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "llm2clip.train_clip", "--config", json.dumps(dataclasses.asdict(cfg)),
-           "--dataset", dataset_dir, "--output", out_dir]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "llm2clip.train_clip",
+        "--config",
+        json.dumps(dataclasses.asdict(cfg)),
+        "--dataset",
+        dataset_dir,
+        "--output",
+        out_dir,
+    ]
     for d in cache_dirs or []:
         cmd += ["--caption-embeddings", d]
     subprocess.run(cmd, check=True)
@@ -439,8 +494,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--dataset", required=True, help="prepared dataset (local path or s3://), from prepare_data")
     p.add_argument("--output", required=True, help="where model.safetensors, manifest.json and checkpoints go")
-    p.add_argument("--caption-embeddings", action="append", default=[], metavar="DIR",
-                   help="a caption-embedding cache output (repeat for every shard group)")  # fmt: skip
+    p.add_argument(
+        "--caption-embeddings",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a caption-embedding cache output (repeat for every shard group)",
+    )
     p.add_argument("--config", help="TrainClipConfig as JSON (inline or a file); flags given as well override it")
     for field in dataclasses.fields(TrainClipConfig):
         flag = "--" + field.name.replace("_", "-")

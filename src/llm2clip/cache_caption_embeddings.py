@@ -169,8 +169,9 @@ class EmbeddingStore:
         """Write one pack; the keys file goes last, so readers never see a partial pack."""
         name = uuid.uuid4().hex
         storage.write_bytes(storage.join(self.packs, f"{name}.safetensors"), _serialize(vectors))
-        storage.write_json(storage.join(self.packs, f"{name}.keys.json"),
-                           {"keys": sorted(vectors), "encoder": self.identity})  # fmt: skip
+        storage.write_json(
+            storage.join(self.packs, f"{name}.keys.json"), {"keys": sorted(vectors), "encoder": self.identity}
+        )
         self.index.update({h: storage.join(self.packs, f"{name}.safetensors") for h in vectors})
 
     def get(self, hashes: set[str]) -> dict[str, torch.Tensor]:
@@ -246,15 +247,19 @@ def _cache(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str,
         identity["bidirectional"] = cfg.attention == "bidirectional"
     device, dtype = devices.setup(cfg.device, cfg.dtype)
     store_dtype = getattr(torch, cfg.store_dtype)
-    store = EmbeddingStore(cfg.store_root or default_store_root(), {**identity, "dtype": dtype,
-                                                                    "store_dtype": cfg.store_dtype})  # fmt: skip
+    store = EmbeddingStore(
+        cfg.store_root or default_store_root(), {**identity, "dtype": dtype, "store_dtype": cfg.store_dtype}
+    )
 
     # ---- this task's shards: every task computes the same token-balanced partition
     costs = shard_token_costs(dataset_dir, identity, cfg.allow_hub)
     tokens = dict(costs)
     mine = shard_groups(costs, cfg.num_groups)[cfg.group_index]
-    print(f"group {cfg.group_index}/{cfg.num_groups}: {len(mine)} of {len(costs)} shards, "
-          f"{sum(tokens[s] for s in mine)} of {sum(tokens.values())} tokens", flush=True)  # fmt: skip
+    print(
+        f"group {cfg.group_index}/{cfg.num_groups}: {len(mine)} of {len(costs)} shards, "
+        f"{sum(tokens[s] for s in mine)} of {sum(tokens.values())} tokens",
+        flush=True,
+    )
 
     # ---- one shard at a time: look its captions up, embed the misses a pack at a time, write its file
     encoder = None  # loaded at the first miss: a rerun over a full store never loads the LLM
@@ -278,16 +283,20 @@ def _cache(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str,
         missing = sorted(h for h in texts if h not in store.index)
         vectors = store.get(set(texts) - set(missing))
         hits, misses = hits + len(vectors), misses + len(missing)
-        print(f"shard {n}/{len(mine)} {split_path}/{shard}: {len(texts)} distinct captions, "
-              f"{len(vectors)} cached, {len(missing)} to embed", flush=True)  # fmt: skip
+        print(
+            f"shard {n}/{len(mine)} {split_path}/{shard}: {len(texts)} distinct captions, "
+            f"{len(vectors)} cached, {len(missing)} to embed",
+            flush=True,
+        )
         if missing and encoder is None:
             print(f"device {device}, compute dtype {dtype}", flush=True)
             encoder = _load_encoder(identity, cfg.use_adapter, text_lora_dir, device, dtype, cfg.allow_hub)
         t_embed, padded_before = time.time(), padded_tokens
         for start in range(0, len(missing), cfg.pack_size):
             chunk = missing[start : start + cfg.pack_size]
-            emb, padded = text_encoder.encode_all(encoder, [texts[h] for h in chunk], dtype, cfg.max_tokens,
-                                                  cfg.max_batch)  # fmt: skip
+            emb, padded = text_encoder.encode_all(
+                encoder, [texts[h] for h in chunk], dtype, cfg.max_tokens, cfg.max_batch
+            )
             new = {h: v.clone() for h, v in zip(chunk, emb.to(store_dtype), strict=True)}
             store.add(new)
             vectors.update(new)
@@ -296,11 +305,20 @@ def _cache(cfg: CacheConfig, dataset_dir: str, text_lora_dir: str, out_dir: str,
         tensors = {key: torch.stack([vectors[caption_hash(t)] for t in caps]) for key, caps in captions}
         storage.write_bytes(out_file, _serialize(tensors, encoder=store.key))
         n_captions = sum(len(caps) for _, caps in captions)
-        shards[f"{split_path}/{shard}"] = {"samples": len(captions), "captions": n_captions,
-                                           "tokens": tokens[(split_path, shard)]}  # fmt: skip
+        shards[f"{split_path}/{shard}"] = {
+            "samples": len(captions),
+            "captions": n_captions,
+            "tokens": tokens[(split_path, shard)],
+        }
         dim = int(next(iter(tensors.values())).shape[-1]) if tensors else dim
-        m.step(samples=len(missing), tokens=padded_tokens - padded_before, hits=len(texts) - len(missing),
-               misses=len(missing), step_s=time.perf_counter() - t_shard, wait_s=t_read - t_shard)  # fmt: skip
+        m.step(
+            samples=len(missing),
+            tokens=padded_tokens - padded_before,
+            hits=len(texts) - len(missing),
+            misses=len(missing),
+            step_s=time.perf_counter() - t_shard,
+            wait_s=t_read - t_shard,
+        )
         del captions, texts, vectors, tensors  # the next shard starts from nothing
 
     # ---- the manifest, written last: its presence marks the group as complete
@@ -386,8 +404,10 @@ def cache_info(cache_dirs: list[str]) -> dict:
         elif manifest["encoder"] != identity or manifest["dim"] != dim:
             other = manifest["encoder"]
             differ = sorted(k for k in identity.keys() | other.keys() if identity.get(k) != other.get(k))
-            prints = [", ".join(f"{k} {e.get(k)}" for k in ("base_fingerprint", "adapter_fingerprint")) for e in
-                      (identity, other)]  # fmt: skip
+            prints = [
+                ", ".join(f"{k} {e.get(k)}" for k in ("base_fingerprint", "adapter_fingerprint"))
+                for e in (identity, other)
+            ]
             raise ValueError(
                 f"caption-embedding caches of two encoders: {cache_dirs[0]} ({prints[0]}, dim {dim}) and {d} "
                 f"({prints[1]}, dim {manifest['dim']}) differ in {differ or ['dim']}; stage 2 reads one embedding "

@@ -101,8 +101,14 @@ def parameters_help() -> str:
         profiles = ", ".join(f"{p} {format_value(v[name])}" for p, v in PROFILES.items() if name in v)
         out.append(f"  {name}={format_value(defaults[name])}" + (f"  (--profile {profiles})" if profiles else ""))
         if i + 1 == len(names) or text[i + 1] != text[i]:  # the last of the parameters described together
-            out += textwrap.wrap(text[i], width, initial_indent=" " * 6, subsequent_indent=" " * 6,
-                                 break_long_words=False, break_on_hyphens=False)  # fmt: skip
+            out += textwrap.wrap(
+                text[i],
+                width,
+                initial_indent=" " * 6,
+                subsequent_indent=" " * 6,
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
     return "\n".join(out)
 
 
@@ -148,11 +154,12 @@ def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, 
 
 def validate_parameters(params: dict[str, object]) -> None:
     """Check the stage configs before starting any task, so a bad value fails in a second, not mid-run."""
-    from llm2clip import devices, preflight
-    from llm2clip.data import PrepareDataConfig
+    from llm2clip import devices
     from llm2clip.evaluate import EvaluateConfig
+    from llm2clip.ops import preflight
+    from llm2clip.prepare_data import PrepareDataConfig
     from llm2clip.train_clip import TrainClipConfig
-    from llm2clip.tune import TuneConfig
+    from llm2clip.tune_caption_encoder import TuneConfig
 
     try:
         PrepareDataConfig.from_options(
@@ -197,7 +204,8 @@ def validate_parameters(params: dict[str, object]) -> None:
 
 def use_store(uri: str) -> None:
     """Check the store is reachable and writable before any task starts, then hand it to every task."""
-    from llm2clip import artifacts, preflight, storage
+    from llm2clip import artifacts, storage
+    from llm2clip.ops import preflight
 
     problems = preflight.object_store_problems("--store", uri, os.environ)
     if problems:
@@ -272,8 +280,13 @@ def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llm2clip", description="LLM2CLIP as a Kubeflow Pipelines v2 workflow.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the whole pipeline", description="Run the whole LLM2CLIP pipeline.",
-                         add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    run = sub.add_parser(
+        "run",
+        help="run the whole pipeline",
+        description="Run the whole LLM2CLIP pipeline.",
+        add_help=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     run.add_argument("-h", "--help", action=ShowRunHelp, help="show this help and every pipeline parameter, then exit")
     run.add_argument(
         "--local",
@@ -305,17 +318,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     comp = sub.add_parser("compile", help="write the compiled pipeline YAML", description="Compile the pipeline.")
     comp.add_argument("--output", type=Path, default=None, help="where to write (default: pipelines/llm2clip.yaml)")
-    bench = sub.add_parser("benchmark", help="measure caching, streaming, stage-2 speed and memory; write JSON",
-                           description="Caption caching (ours vs the official LLM2CLIP recipe, its batching in our "
-                           "dtype, naive padding, and a token-budget sweep; interleaved rounds, per-round ratios), "
-                           "shard streaming (S3 vs local), stage-2 training (images/s, data-wait share, cached vs "
-                           "online LLM), stage-2 peak memory on 1x and 10x the images, and on cuda the GPU suite "
-                           "(llm2clip.gpu_benchmark).")  # fmt: skip
+    bench = sub.add_parser(
+        "benchmark",
+        help="measure caching, streaming, stage-2 speed and memory; write JSON",
+        description="Caption caching (ours vs the official LLM2CLIP recipe, its batching in our "
+        "dtype, naive padding, and a token-budget sweep; interleaved rounds, per-round ratios), "
+        "shard streaming (S3 vs local), stage-2 training (images/s, data-wait share, cached vs "
+        "online LLM), stage-2 peak memory on 1x and 10x the images, and on cuda the GPU suite "
+        "(llm2clip.benchmarks.gpu).",
+    )
     bench.add_argument("--output", type=Path, default=Path("runs/benchmark.json"), help="JSON file to write")
     bench.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of stage 2 and the GPU suite")
-    bench.add_argument("--only", default=None, metavar="PARTS",
-                       help="comma-separated subset of caching,streaming,stage2,memory,gpu (default: all but gpu; "
-                       "on cuda all)")  # fmt: skip
+    bench.add_argument(
+        "--only",
+        default=None,
+        metavar="PARTS",
+        help="comma-separated subset of caching,streaming,stage2,memory,gpu (default: all but gpu; on cuda all)",
+    )
     bench.add_argument("--llm", default="smollm2-135m-instruct", help="caption encoder (default: the embedded LLM)")
     bench.add_argument("--captions", type=int, default=32, help="captions of the mix every caching variant embeds")
     bench.add_argument("--naive-captions", type=int, default=2, help="captions for naive padding (a prefix)")
@@ -336,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--online-steps", type=int, default=2, help="steps of each variant per round")
     bench.add_argument("--gpu-smoke", action="store_true", help="the GPU suite on tiny shapes (runs on a CPU)")
     bench.add_argument("--gpu-time-limit", type=float, default=280.0, help="seconds for the whole GPU suite")
-    from llm2clip import bucket, submit  # their own subcommands: `llm2clip storage ...`, `llm2clip submit ...`
+    from llm2clip.ops import bucket, submit  # their own subcommands: `llm2clip storage ...`, `llm2clip submit ...`
 
     bucket.add_parser(sub)
     submit.add_parser(sub)
@@ -350,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         import torch
 
-        from llm2clip.benchmark import PARTS, Stage2BenchConfig, default_parts, run_benchmarks
+        from llm2clip.benchmarks.suite import PARTS, Stage2BenchConfig, default_parts, run_benchmarks
 
         try:
             sweep_tokens = [int(x) for x in args.sweep_max_tokens.split(",")]
@@ -362,8 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("benchmark sizes must be >= 1")
         parts = args.only.split(",") if args.only else list(default_parts(args.device))
         if set(parts) - set(PARTS):
-            raise SystemExit(f"--only {args.only}: unknown part(s) {sorted(set(parts) - set(PARTS))} (known: "
-                             f"{','.join(PARTS)})")  # fmt: skip
+            raise SystemExit(
+                f"--only {args.only}: unknown part(s) {sorted(set(parts) - set(PARTS))} (known: {','.join(PARTS)})"
+            )
         if args.device == "cuda" and not torch.cuda.is_available():
             raise SystemExit(
                 "--device cuda: no CUDA device is visible (torch.cuda.is_available() is False); run "
@@ -373,11 +393,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("the GPU suite (--only gpu) needs --device cuda, or --gpu-smoke for tiny shapes on a CPU")
         try:
             stage2 = Stage2BenchConfig(
-                images=args.stage2_images, image_size=args.stage2_image_size, epochs=args.stage2_epochs,
-                batch_size=args.batch_size, workers=args.workers, llm=args.llm, online_batch=args.online_batch,
-                online_rounds=args.online_rounds, online_steps=args.online_steps, device=args.device,
+                images=args.stage2_images,
+                image_size=args.stage2_image_size,
+                epochs=args.stage2_epochs,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                llm=args.llm,
+                online_batch=args.online_batch,
+                online_rounds=args.online_rounds,
+                online_steps=args.online_steps,
+                device=args.device,
                 **({"model": args.stage2_model} if args.stage2_model else {}),
-            )  # fmt: skip
+            )
         except ValueError as e:
             raise SystemExit(f"bad benchmark setting: {e}") from None
         args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -385,10 +412,22 @@ def main(argv: list[str] | None = None) -> int:
         def save(result: dict) -> None:  # after every part: a later failure keeps the earlier numbers
             args.output.write_text(json.dumps(result, indent=2))
 
-        run_benchmarks(args.llm, args.captions, args.naive_captions, args.fixed_length, args.stream_images,
-                       args.repeats, sweep_tokens, sweep_batch, streaming=not args.no_streaming, parts=parts,
-                       stage2=stage2, gpu_smoke=args.gpu_smoke, gpu_time_limit_s=args.gpu_time_limit,
-                       save=save)  # fmt: skip
+        run_benchmarks(
+            args.llm,
+            args.captions,
+            args.naive_captions,
+            args.fixed_length,
+            args.stream_images,
+            args.repeats,
+            sweep_tokens,
+            sweep_batch,
+            streaming=not args.no_streaming,
+            parts=parts,
+            stage2=stage2,
+            gpu_smoke=args.gpu_smoke,
+            gpu_time_limit_s=args.gpu_time_limit,
+            save=save,
+        )
         print(f"wrote {args.output}")
         return 0
 
@@ -397,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(compile_pipeline(args.output or COMPILED))
         return 0
-    from llm2clip import lifeline
+    from llm2clip.ops import lifeline
 
     overrides = parse_overrides(args.overrides, pipeline_parameters())
     if args.store:

@@ -151,11 +151,19 @@ def cra_metrics(before: dict | None, after: dict | None, pairs: CraPairs | None,
     (no pairs, or TuneConfig.cra off)."""
     if pairs is None or before is None or after is None:
         values = dict.fromkeys(["cra_before", "cra_before_bidirectional", "cra_after"])
-        return {**values, **{f"{k}_ci95": None for k in values}, "cra_pool_size": 0, "cra_source": None,
-                "cra_note": note}  # fmt: skip
+        return {
+            **values,
+            **{f"{k}_ci95": None for k in values},
+            "cra_pool_size": 0,
+            "cra_source": None,
+            "cra_note": note,
+        }
     out = {}
-    for name, m in (("cra_before", before["causal"]), ("cra_before_bidirectional", before["bidirectional"]),
-                    ("cra_after", after)):  # fmt: skip
+    for name, m in (
+        ("cra_before", before["causal"]),
+        ("cra_before_bidirectional", before["bidirectional"]),
+        ("cra_after", after),
+    ):
         out[name], out[f"{name}_ci95"] = m["value"], m["ci95"]
     return {**out, "cra_pool_size": len(pairs.pool), "cra_source": pairs.source}
 

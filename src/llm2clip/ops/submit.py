@@ -241,8 +241,11 @@ def check_backend_version(where: str, version: str) -> None:
     try:
         found = Version(version.removeprefix("v"))
     except InvalidVersion:
-        print(f"warning: the KFP API server {where} reports version {version!r}, not a release: cannot check it is "
-              f"{MIN_KFP_BACKEND} or newer ({MIN_KFP_BACKEND_REASON})", file=sys.stderr)  # fmt: skip
+        print(
+            f"warning: the KFP API server {where} reports version {version!r}, not a release: cannot check it is "
+            f"{MIN_KFP_BACKEND} or newer ({MIN_KFP_BACKEND_REASON})",
+            file=sys.stderr,
+        )
         return
     if found < Version(MIN_KFP_BACKEND):
         raise SystemExit(
@@ -381,37 +384,78 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "compiled pipeline's sha256 in its description, get or create the experiment and start a run of that version "
         f"(or a recurring run with --schedule). Needs a KFP backend {MIN_KFP_BACKEND} or newer.",
     )
-    p.add_argument("--host", default=None, metavar="URL",
-                   help="KFP API endpoint, e.g. http://localhost:8888 after `kubectl -n kubeflow port-forward "
-                   "svc/ml-pipeline 8888`, or https://KUBEFLOW/pipeline (default: $KF_PIPELINES_ENDPOINT, else "
-                   "in-cluster, else the kubeconfig's cluster through its service proxy)")  # fmt: skip
-    p.add_argument("--token-file", type=Path, default=None, metavar="PATH",
-                   help=f"file holding a bearer token, read on every request (default: ${TOKEN_ENV}, else a "
-                   f"projected ServiceAccount token at ${SA_TOKEN_ENV} or {SA_TOKEN_PATH}, else none)")  # fmt: skip
-    p.add_argument("--namespace", default=None, metavar="NS",
-                   help="namespace of the experiment and its runs (multi-user Kubeflow: your profile namespace, "
-                   "required; default: the kfp context's, or the pod's own in a cluster)")  # fmt: skip
-    p.add_argument("--experiment", default=DEFAULT_EXPERIMENT, metavar="NAME",
-                   help=f"experiment to run in, created if missing (default {DEFAULT_EXPERIMENT})")  # fmt: skip
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="set a pipeline parameter for this run, typed as in `llm2clip run` (repeatable)")  # fmt: skip
-    p.add_argument("--service-account", default=RUNNER_SERVICE_ACCOUNT, metavar="SA",
-                   help=f"Kubernetes ServiceAccount the run's pods use (default {RUNNER_SERVICE_ACCOUNT}, which "
-                   "manifests/ deploy with the rights the pipeline needs, TrainJobs included; '' for the server's "
-                   "default: pipeline-runner, or default-editor in a profile namespace)")  # fmt: skip
-    p.add_argument("--schedule", default=None, metavar="CRON",
-                   help="create a recurring run instead, on a 6-field cron with seconds first ('0 0 3 * * *' is 03:00 "
-                   "daily) or @every 24h; the same schedule of the same version is not created twice")  # fmt: skip
-    p.add_argument("--no-cache", action="store_true",
-                   help="run every task afresh: uploads a version compiled with caching off in every task, named "
-                   "...-nocache (a run of a version ignores a run-level caching switch)")  # fmt: skip
-    p.add_argument("--wait", action="store_true",
-                   help="wait until the run finishes; exit 0 if it succeeded, 1 otherwise")  # fmt: skip
-    p.add_argument("--dry-run", action="store_true",
-                   help="compile and print what would be uploaded and run; send nothing to the server")  # fmt: skip
-    p.add_argument("--force", action="store_true",
-                   help="submit from a git tree with uncommitted changes (the version is named "
-                   "...-dirty.<sha8 of the compiled spec>)")  # fmt: skip
+    p.add_argument(
+        "--host",
+        default=None,
+        metavar="URL",
+        help="KFP API endpoint, e.g. http://localhost:8888 after `kubectl -n kubeflow port-forward "
+        "svc/ml-pipeline 8888`, or https://KUBEFLOW/pipeline (default: $KF_PIPELINES_ENDPOINT, else "
+        "in-cluster, else the kubeconfig's cluster through its service proxy)",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help=f"file holding a bearer token, read on every request (default: ${TOKEN_ENV}, else a "
+        f"projected ServiceAccount token at ${SA_TOKEN_ENV} or {SA_TOKEN_PATH}, else none)",
+    )
+    p.add_argument(
+        "--namespace",
+        default=None,
+        metavar="NS",
+        help="namespace of the experiment and its runs (multi-user Kubeflow: your profile namespace, "
+        "required; default: the kfp context's, or the pod's own in a cluster)",
+    )
+    p.add_argument(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        metavar="NAME",
+        help=f"experiment to run in, created if missing (default {DEFAULT_EXPERIMENT})",
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set a pipeline parameter for this run, typed as in `llm2clip run` (repeatable)",
+    )
+    p.add_argument(
+        "--service-account",
+        default=RUNNER_SERVICE_ACCOUNT,
+        metavar="SA",
+        help=f"Kubernetes ServiceAccount the run's pods use (default {RUNNER_SERVICE_ACCOUNT}, which "
+        "manifests/ deploy with the rights the pipeline needs, TrainJobs included; '' for the server's "
+        "default: pipeline-runner, or default-editor in a profile namespace)",
+    )
+    p.add_argument(
+        "--schedule",
+        default=None,
+        metavar="CRON",
+        help="create a recurring run instead, on a 6-field cron with seconds first ('0 0 3 * * *' is 03:00 "
+        "daily) or @every 24h; the same schedule of the same version is not created twice",
+    )
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="run every task afresh: uploads a version compiled with caching off in every task, named "
+        "...-nocache (a run of a version ignores a run-level caching switch)",
+    )
+    p.add_argument(
+        "--wait", action="store_true", help="wait until the run finishes; exit 0 if it succeeded, 1 otherwise"
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compile and print what would be uploaded and run; send nothing to the server",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="submit from a git tree with uncommitted changes (the version is named "
+        "...-dirty.<sha8 of the compiled spec>)",
+    )
     return p
 
 
@@ -462,8 +506,15 @@ def print_plan(args: argparse.Namespace, host: str | None, package: Package, run
     print(f"  with parameters {json.dumps(params, sort_keys=True) if params else '(the version defaults)'}")
 
 
-def submit_package(client, args: argparse.Namespace, package: Package, run_name: str, params: dict,
-                   ui: str | None, namespace: str | None) -> int:  # fmt: skip
+def submit_package(
+    client,
+    args: argparse.Namespace,
+    package: Package,
+    run_name: str,
+    params: dict,
+    ui: str | None,
+    namespace: str | None,
+) -> int:
     """Pipeline, version and experiment (each reused if there), then the run or recurring run; the exit code."""
     from llm2clip.pipelines.llm2clip_pipeline import PIPELINE_NAME, llm2clip_pipeline
 
@@ -480,17 +531,27 @@ def submit_package(client, args: argparse.Namespace, package: Package, run_name:
             print(f"recurring run exists: {run_name}\n{link(ui, 'recurringrun', existing.recurring_run_id)}")
             return 0
         recurring = client.create_recurring_run(
-            experiment.experiment_id, run_name, cron_expression=args.schedule, params=params,
-            pipeline_id=pipeline_id, version_id=version_id, service_account=args.service_account or None,
-            no_catchup=True, max_concurrency=1,
-        )  # fmt: skip
+            experiment.experiment_id,
+            run_name,
+            cron_expression=args.schedule,
+            params=params,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
+            service_account=args.service_account or None,
+            no_catchup=True,
+            max_concurrency=1,
+        )
         print(f"recurring run created: {run_name}\n{link(ui, 'recurringrun', recurring.recurring_run_id)}")
         return 0
     with quiet():
         created_run = client.run_pipeline(
-            experiment.experiment_id, run_name, params=params, pipeline_id=pipeline_id, version_id=version_id,
+            experiment.experiment_id,
+            run_name,
+            params=params,
+            pipeline_id=pipeline_id,
+            version_id=version_id,
             service_account=args.service_account or None,
-        )  # fmt: skip
+        )
     url = link(ui, "runs", created_run.run_id)
     print(f"run created: {run_name}\n{url}", flush=True)
     return wait(client, created_run.run_id, url) if args.wait else 0
@@ -498,10 +559,10 @@ def submit_package(client, args: argparse.Namespace, package: Package, run_name:
 
 def run(args: argparse.Namespace) -> int:
     """`llm2clip submit`; returns the process exit code."""
-    from llm2clip.cli import parse_overrides, pipeline_parameters
+    from llm2clip.ops.cli import parse_overrides, pipeline_parameters
 
     params = parse_overrides(args.overrides, pipeline_parameters())  # before anything slow or remote
-    from llm2clip.preflight import placement_problems
+    from llm2clip.ops.preflight import placement_problems
 
     if problems := placement_problems(params):
         raise SystemExit("bad pipeline parameter: " + "; ".join(problems))

@@ -38,7 +38,7 @@ from open_clip.loss import ClipLoss
 from torch.utils.flop_counter import FlopCounterMode
 
 from llm2clip import clip_model, devices, loading, text_encoder, train_clip
-from llm2clip.embedding_cache import default_token_budget
+from llm2clip.cache_caption_embeddings import default_token_budget
 
 # Dense bf16 tensor-core peaks (FLOP/s) by a substring of torch.cuda.get_device_name; first match wins.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
@@ -60,10 +60,22 @@ class SuiteShapes:
 
 
 # Llama-3.2-1B and Llama-3.1-8B shapes (their config.json), built with random weights.
-LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256)  # fmt: skip
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256)  # fmt: skip
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_hidden_layers=16,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+)
 FULL = SuiteShapes(
     towers=(("ViT-B-16", 256), ("ViT-L-14", 128)),
     llms=(("llama-1b-shaped", LLAMA_1B), ("llama-8b-shaped", LLAMA_8B)),
@@ -87,7 +99,7 @@ SMOKE = SuiteShapes(  # the same code on tiny shapes, for a CPU
                 vocab_size=1000,
             ),
         ),
-    ),  # fmt: skip
+    ),
     llm_dim=64,
     warmup=1,
     tower_budget_s=0.5,
@@ -361,10 +373,13 @@ def run_gpu_suite(device: str = "cuda", smoke: bool = False, time_limit_s: float
     if out["stage2"] and out["caching"]:
         llm = out["caching"][-1]
         out["derived_cached_vs_online_speedup"] = {
-            row["model"]: 1 + row["batch"] * llm["mean_tokens_per_caption"] / llm["real_tokens_per_s"]
+            row["model"]: 1
+            + row["batch"]
+            * llm["mean_tokens_per_caption"]
+            / llm["real_tokens_per_s"]
             / (row["step_ms"]["median"] / 1e3)
             for row in out["stage2"]
-        }  # fmt: skip
+        }
         out["derived_with_llm"] = llm["llm"]
     out["seconds"] = time.perf_counter() - t0
     return out

@@ -1,5 +1,5 @@
 """Benchmarks that report numbers (ratios measured in one run, variants interleaved): caption caching, shard
-streaming, stage-2 training, stage-2 memory, and the GPU suite (llm2clip.gpu_benchmark).
+streaming, stage-2 training, stage-2 memory, and the GPU suite (llm2clip.benchmarks.gpu).
 
 Caption caching compares, on the same model and the same caption mix:
 - `official_recipe`: what microsoft/LLM2CLIP `llm2clip/data/extract_embedding.py` does: the LLM loaded in bf16
@@ -51,18 +51,19 @@ from open_clip.loss import ClipLoss
 
 from llm2clip import (
     artifacts,
+    cache_caption_embeddings,
     clip_model,
     data,
     devices,
-    embedding_cache,
     loading,
+    prepare_data,
     storage,
     synthetic,
     text_encoder,
     train_clip,
-    tune,
+    tune_caption_encoder,
 )
-from llm2clip.embedding_cache import CacheConfig
+from llm2clip.cache_caption_embeddings import CacheConfig
 
 OFFICIAL_BATCH = 32  # LLM2Vec.encode's default batch size, which extract_embedding.py keeps
 DEFAULT_SWEEP_MAX_TOKENS = (512, 1024, 2048, 4096, 8192)
@@ -102,8 +103,13 @@ def official_recipe_encode(
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
             parts.append(text_encoder.embed(encoder, [captions[i] for i in idx]).cpu())
-            batches.append({"indices": idx, "padded_length": max(lengths[i] for i in idx),
-                            "real_tokens": sum(lengths[i] for i in idx)})  # fmt: skip
+            batches.append(
+                {
+                    "indices": idx,
+                    "padded_length": max(lengths[i] for i in idx),
+                    "real_tokens": sum(lengths[i] for i in idx),
+                }
+            )
     out = torch.cat(parts)[torch.argsort(torch.tensor(order))]
     return out.to(torch.float32), batches
 
@@ -117,8 +123,13 @@ def naive_encode(
     encoder.model.eval()
     device = devices.module_device(encoder.model)
     for s in range(0, len(captions), batch):
-        tok = encoder.tokenizer(list(captions[s : s + batch]), truncation=True, return_tensors="pt",
-                                padding="max_length", max_length=fixed_length)  # fmt: skip
+        tok = encoder.tokenizer(
+            list(captions[s : s + batch]),
+            truncation=True,
+            return_tensors="pt",
+            padding="max_length",
+            max_length=fixed_length,
+        )
         ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
         with devices.autocast(device, dtype):
             text_encoder.mean_pool(text_encoder.hidden_states(encoder, ids, mask), mask)
@@ -176,9 +187,13 @@ def caching_benchmark(
     by_chars = sorted(range(len(pack)), key=lambda i: -len(pack[i]))
     pack_padding = {
         "official": official_padding(pack_lengths, by_chars),
-        **{s: 1 - sum(pack_lengths) / sum(len(b) * pack_lengths[b[0]]
-                                          for b in text_encoder.length_batches(pack_lengths, *s)) for s in settings},
-    }  # fmt: skip
+        **{
+            s: 1
+            - sum(pack_lengths)
+            / sum(len(b) * pack_lengths[b[0]] for b in text_encoder.length_batches(pack_lengths, *s))
+            for s in settings
+        },
+    }
     same_as: dict[tuple[int, int], tuple[int, int]] = {}
     for s in settings:
         same_as[s] = next((m for m in dict.fromkeys(same_as.values()) if plan[m] == plan[s]), s)
@@ -217,11 +232,18 @@ def caching_benchmark(
     # ---- rows and ratios (per round, so a slow round slows both sides of a ratio alike)
     def row(name: str, **info) -> dict:
         caps, tokens = (subset, real["subset"]) if name == "naive_fixed" else (captions, real["all"])
-        return {"variant": name, **info, "captions": len(caps), "real_tokens": tokens, "padded_tokens": padded[name],
-                "padding_fraction": 1 - tokens / padded[name], "seconds": seconds[name],
-                "captions_per_s": spread([len(caps) / s for s in seconds[name]]),
-                "real_tokens_per_s": spread([tokens / s for s in seconds[name]]),
-                "padded_tokens_per_s": spread([padded[name] / s for s in seconds[name]])}  # fmt: skip
+        return {
+            "variant": name,
+            **info,
+            "captions": len(caps),
+            "real_tokens": tokens,
+            "padded_tokens": padded[name],
+            "padding_fraction": 1 - tokens / padded[name],
+            "seconds": seconds[name],
+            "captions_per_s": spread([len(caps) / s for s in seconds[name]]),
+            "real_tokens_per_s": spread([tokens / s for s in seconds[name]]),
+            "padded_tokens_per_s": spread([padded[name] / s for s in seconds[name]]),
+        }
 
     def ratio(a: str, b: str) -> dict:
         """Real tokens/s of variant a over variant b, per round."""
@@ -229,41 +251,76 @@ def caching_benchmark(
         return spread([x / y for x, y in zip(rate[a], rate[b], strict=True)])
 
     ours_name = "bucketed_{}_{}".format(*same_as[ours_setting])
-    official_batching = {"order": "character length, longest first", "batch_size": OFFICIAL_BATCH,
-                         "padding": "to each batch's longest", "processes": 1}  # fmt: skip
+    official_batching = {
+        "order": "character length, longest first",
+        "batch_size": OFFICIAL_BATCH,
+        "padding": "to each batch's longest",
+        "processes": 1,
+    }
     out = {
         "llm": llm,
         "captions": n,
         "naive_captions": naive_n,
         "repeats": repeats,
         "compute": devices.describe(device, dtype),
-        "official_recipe": row("official_recipe", weights_dtype="bfloat16", compute_dtype="bfloat16",
-                               **official_batching, store_dtype="float32", store_bytes_per_caption=official_bytes,
-                               batches=len(official_batches), padding_fraction_at_pack_size=pack_padding["official"]),
-        "official_recipe_in_our_dtype": row("official_recipe_in_our_dtype", weights_dtype=str(weights)[6:],
-                                            compute_dtype=dtype, **official_batching),
-        "ours": row(ours_name, weights_dtype=str(weights)[6:], compute_dtype=dtype, order="token length, longest first",
-                    max_tokens=cfg.max_tokens, max_batch=cfg.max_batch, padding="to each batch's longest",
-                    batches=len(plan[ours_setting]), padding_fraction_at_pack_size=pack_padding[ours_setting],
-                    store_dtype=cfg.store_dtype, store_bytes_per_caption=ours_bytes),
-        "naive_fixed": row("naive_fixed", compute_dtype=dtype, order="input", batch_size=OFFICIAL_BATCH,
-                           padding=f"to {fixed_length} tokens"),
+        "official_recipe": row(
+            "official_recipe",
+            weights_dtype="bfloat16",
+            compute_dtype="bfloat16",
+            **official_batching,
+            store_dtype="float32",
+            store_bytes_per_caption=official_bytes,
+            batches=len(official_batches),
+            padding_fraction_at_pack_size=pack_padding["official"],
+        ),
+        "official_recipe_in_our_dtype": row(
+            "official_recipe_in_our_dtype", weights_dtype=str(weights)[6:], compute_dtype=dtype, **official_batching
+        ),
+        "ours": row(
+            ours_name,
+            weights_dtype=str(weights)[6:],
+            compute_dtype=dtype,
+            order="token length, longest first",
+            max_tokens=cfg.max_tokens,
+            max_batch=cfg.max_batch,
+            padding="to each batch's longest",
+            batches=len(plan[ours_setting]),
+            padding_fraction_at_pack_size=pack_padding[ours_setting],
+            store_dtype=cfg.store_dtype,
+            store_bytes_per_caption=ours_bytes,
+        ),
+        "naive_fixed": row(
+            "naive_fixed",
+            compute_dtype=dtype,
+            order="input",
+            batch_size=OFFICIAL_BATCH,
+            padding=f"to {fixed_length} tokens",
+        ),
         "ratio_ours_vs_official": ratio(ours_name, "official_recipe"),
         "ratio_ours_vs_official_in_our_dtype": ratio(ours_name, "official_recipe_in_our_dtype"),
         "ratio_official_in_our_dtype_vs_official": ratio("official_recipe_in_our_dtype", "official_recipe"),
         "bucketed_vs_naive_fixed": ratio(ours_name, "naive_fixed"),
-        "sweep": [{**row("bucketed_{}_{}".format(*same_as[s])), "variant": f"bucketed_{s[0]}_{s[1]}",
-                   "max_tokens": s[0], "max_batch": s[1], "batches": len(plan[s]),
-                   "padding_fraction_at_pack_size": pack_padding[s],
-                   "ratio_vs_official": ratio("bucketed_{}_{}".format(*same_as[s]), "official_recipe"),
-                   "ratio_vs_official_in_our_dtype": ratio("bucketed_{}_{}".format(*same_as[s]),
-                                                           "official_recipe_in_our_dtype"),
-                   **({"same_batches_as": list(same_as[s])} if same_as[s] != s else {})} for s in settings],
+        "sweep": [
+            {
+                **row("bucketed_{}_{}".format(*same_as[s])),
+                "variant": f"bucketed_{s[0]}_{s[1]}",
+                "max_tokens": s[0],
+                "max_batch": s[1],
+                "batches": len(plan[s]),
+                "padding_fraction_at_pack_size": pack_padding[s],
+                "ratio_vs_official": ratio("bucketed_{}_{}".format(*same_as[s]), "official_recipe"),
+                "ratio_vs_official_in_our_dtype": ratio(
+                    "bucketed_{}_{}".format(*same_as[s]), "official_recipe_in_our_dtype"
+                ),
+                **({"same_batches_as": list(same_as[s])} if same_as[s] != s else {}),
+            }
+            for s in settings
+        ],
         "cache_bytes_per_caption": {"official_fp32": official_bytes, f"ours_{cfg.store_dtype}": ours_bytes},
         "pack_size": cfg.pack_size,
         "load_average_1min": {"before": load_before[0], "after": load_after[0]},
         "notes": [],
-    }  # fmt: skip
+    }
     # ranked by the per-round ratio to the official recipe: load that slows a whole round cancels out
     out["sweep_best"] = max(out["sweep"], key=lambda r: r["ratio_vs_official"]["median"])["variant"]
     noisy = {v: max(s) / min(s) - 1 for v, s in seconds.items() if max(s) / min(s) - 1 > NOISY_SPREAD}
@@ -312,18 +369,22 @@ def _s3_for_benchmark() -> Iterator[str]:
 
 def streaming_benchmark(num_images: int, image_size: int) -> dict:
     """Read (and decode) the same canonical shards from local disk and from the S3 server."""
-    cfg = data.PrepareDataConfig(num_train=num_images, num_eval=8, image_size=image_size, shard_size=200)
+    cfg = prepare_data.PrepareDataConfig(num_train=num_images, num_eval=8, image_size=image_size, shard_size=200)
     out = {}
     with tempfile.TemporaryDirectory() as tmp, _s3_for_benchmark() as s3:
         for where, root in (("local", tmp), ("s3", s3)):
-            data.prepare_data(cfg, root)
+            prepare_data.prepare_data(cfg, root)
             split = storage.join(root, "train")
             nbytes = sum(len(storage.read_bytes(f)) for f in storage.list_files(split, ".tar"))
             t0 = time.perf_counter()
             count = sum(1 for _ in data.read_split(split))
             seconds = time.perf_counter() - t0
-            out[where] = {"images": count, "seconds": seconds, "images_per_s": count / seconds,
-                          "MB_per_s": nbytes / seconds / 1e6}  # fmt: skip
+            out[where] = {
+                "images": count,
+                "seconds": seconds,
+                "images_per_s": count / seconds,
+                "MB_per_s": nbytes / seconds / 1e6,
+            }
             print(f"  stream {where:<6} {count / seconds:8.1f} images/s {nbytes / seconds / 1e6:7.2f} MB/s", flush=True)
     out["s3_vs_local"] = out["s3"]["images_per_s"] / out["local"]["images_per_s"]
     return out
@@ -380,7 +441,9 @@ def copied_dataset(dataset_dir: str, copies: int, out_dir: str, image_size: int)
                     yield {**sample, "__key__": f"{sample['__key__']}-copy{c}"}
 
     data.write_split(records(), storage.join(source, "train"), SHARD_SIZE)
-    data.prepare_data(data.PrepareDataConfig(source=source, image_size=image_size, shard_size=SHARD_SIZE), out_dir)
+    prepare_data.prepare_data(
+        prepare_data.PrepareDataConfig(source=source, image_size=image_size, shard_size=SHARD_SIZE), out_dir
+    )
     return out_dir
 
 
@@ -394,27 +457,34 @@ def stage2_inputs(root: str, bench: Stage2BenchConfig, scales: Sequence[int]) ->
     Llama, LoRA-tuned for two steps, embeds both: its content-addressed store embeds each distinct caption once, so
     the copies cost no LLM passes (the embeddings' values do not matter here, only their width and count)."""
     base = os.path.join(root, "data-1x")
-    cfg = data.PrepareDataConfig(num_train=bench.images, num_eval=8, image_size=bench.image_size,
-                                 shard_size=SHARD_SIZE)  # fmt: skip
-    data.prepare_data(cfg, base)
+    cfg = prepare_data.PrepareDataConfig(
+        num_train=bench.images, num_eval=8, image_size=bench.image_size, shard_size=SHARD_SIZE
+    )
+    prepare_data.prepare_data(cfg, base)
     lora = os.path.join(root, "text_lora")
-    tune_cfg = tune.TuneConfig(llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, warmup_steps=0,
-                               device="cpu")  # fmt: skip
-    tune.tune_caption_encoder(tune_cfg, base, lora)
+    tune_cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA, steps=2, batch_size=4, lora_r=4, warmup_steps=0, device="cpu"
+    )
+    tune_caption_encoder.tune_caption_encoder(tune_cfg, base, lora)
     cache_cfg = CacheConfig(store_root=os.path.join(root, "embedding-store"), device="cpu")
     out = {}
     for k in sorted(set(scales)):
         dataset = base if k == 1 else copied_dataset(base, k, os.path.join(root, f"data-{k}x"), bench.image_size)
         cache = os.path.join(root, f"caption_embeddings-{k}x")
-        embedding_cache.cache_caption_embeddings(cache_cfg, dataset, lora, cache)
+        cache_caption_embeddings.cache_caption_embeddings(cache_cfg, dataset, lora, cache)
         out[k] = (dataset, [cache])
     return out
 
 
 def train_fields(bench: Stage2BenchConfig, epochs: int) -> dict:
     """TrainClipConfig fields for a benchmark run."""
-    return {"model": bench.model, "epochs": epochs, "batch_size": bench.batch_size, "device": bench.device,
-            **({} if bench.workers is None else {"workers": bench.workers})}  # fmt: skip
+    return {
+        "model": bench.model,
+        "epochs": epochs,
+        "batch_size": bench.batch_size,
+        "device": bench.device,
+        **({} if bench.workers is None else {"workers": bench.workers}),
+    }
 
 
 def stage2_training(dataset: str, caches: list[str], out_dir: str, bench: Stage2BenchConfig) -> dict:
@@ -456,7 +526,7 @@ def cached_vs_online(bench: Stage2BenchConfig) -> dict:
     batch = bench.online_batch
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     captions = caption_mix(batch)
-    max_tokens, max_batch = embedding_cache.default_token_budget(device.type)
+    max_tokens, max_batch = cache_caption_embeddings.default_token_budget(device.type)
     loss_fn = ClipLoss()
     optimizer = torch.optim.AdamW(clip_model.param_groups(model, 1e-4, 0.05, 1.0))
 
@@ -488,8 +558,11 @@ def cached_vs_online(bench: Stage2BenchConfig) -> dict:
             for _ in range(bench.online_steps):
                 fn()
             seconds[name].append((time.perf_counter() - t0) / bench.online_steps)
-        print(f"  round {r + 1}/{bench.online_rounds} step cached {seconds['cached'][-1]:.3f} s, online "
-              f"{seconds['online'][-1]:.3f} s", flush=True)  # fmt: skip
+        print(
+            f"  round {r + 1}/{bench.online_rounds} step cached {seconds['cached'][-1]:.3f} s, online "
+            f"{seconds['online'][-1]:.3f} s",
+            flush=True,
+        )
     per_round = list(zip(seconds["cached"], seconds["online"], strict=True))
     return {
         "speedup": spread([o / c for c, o in per_round]),
@@ -557,8 +630,12 @@ def peak_rss_of_training(cmd: list[str], log_path: str, sample_every_s: float = 
     peak_pss = 0.0
     usage_path = log_path + ".rusage.json"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, usage_path, *cmd], stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER, usage_path, *cmd],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         while proc.poll() is None:
             peak_pss = max(peak_pss, tree_pss_mb(proc.pid) or 0.0)
             time.sleep(sample_every_s)
@@ -566,8 +643,11 @@ def peak_rss_of_training(cmd: list[str], log_path: str, sample_every_s: float = 
         tail = Path(log_path).read_text(errors="replace")[-3000:]
         raise RuntimeError(f"stage-2 training failed (exit {proc.returncode}): {' '.join(cmd[:4])} ...\n{tail}")
     usage = json.loads(Path(usage_path).read_text())
-    return {"peak_rss_mb": usage["maxrss_kb"] / 1024, "tree_pss_mb_peak_sampled": peak_pss or None,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {
+        "peak_rss_mb": usage["maxrss_kb"] / 1024,
+        "tree_pss_mb_peak_sampled": peak_pss or None,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def memory_benchmark(inputs: dict[int, tuple[str, list[str]]], root: str, bench: Stage2BenchConfig) -> dict:
@@ -581,9 +661,14 @@ def memory_benchmark(inputs: dict[int, tuple[str, list[str]]], root: str, bench:
         cmd = train_command(dataset, caches, out_dir, fields)
         run = peak_rss_of_training(cmd, out_dir + ".log")
         metrics = artifacts.read_manifest(out_dir, "train_clip")["metrics"]
-        run.update(images=train_images(dataset), steps=metrics.get("steps"),
-                   metrics={m: metrics.get(m) for m in ("peak_rss_mb", "workers_peak_rss_mb", "gpu_peak_mb",
-                                                        "images_per_s", "data_wait_share")})  # fmt: skip
+        run.update(
+            images=train_images(dataset),
+            steps=metrics.get("steps"),
+            metrics={
+                m: metrics.get(m)
+                for m in ("peak_rss_mb", "workers_peak_rss_mb", "gpu_peak_mb", "images_per_s", "data_wait_share")
+            },
+        )
         runs[f"{k}x"] = run
         print(f"  memory {k:>2}x: {run['images']} images, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
     small, large = runs["1x"], runs[f"{MEMORY_SCALE}x"]
@@ -639,9 +724,16 @@ def run_benchmarks(
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
         raise ValueError(f"parts={unknown}: unknown (known: {PARTS})")
-    out: dict = {"parts": parts, "device": stage2.device,
-                 "machine": {"cpus": os.cpu_count(), "cpu": devices.cpu_name(), "cuda": torch.cuda.is_available(),
-                             "load_average_1min": os.getloadavg()[0]}}  # fmt: skip
+    out: dict = {
+        "parts": parts,
+        "device": stage2.device,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "cpu": devices.cpu_name(),
+            "cuda": torch.cuda.is_available(),
+            "load_average_1min": os.getloadavg()[0],
+        },
+    }
 
     def done(name: str, result: dict) -> None:
         out[name] = result
@@ -649,14 +741,16 @@ def run_benchmarks(
             save(out)
 
     if "gpu" in parts:  # first: the scarce device time goes to the suite that needs it
-        from llm2clip import gpu_benchmark
+        from llm2clip.benchmarks import gpu as gpu_benchmark
 
         print("GPU suite:", flush=True)
         done("gpu", gpu_benchmark.run_gpu_suite(stage2.device, smoke=gpu_smoke, time_limit_s=gpu_time_limit_s))
     if "caching" in parts:
         print("caption caching:", flush=True)
-        done("caching", caching_benchmark(llm, captions, naive_captions, fixed_length, repeats, sweep_max_tokens,
-                                          sweep_max_batch))  # fmt: skip
+        done(
+            "caching",
+            caching_benchmark(llm, captions, naive_captions, fixed_length, repeats, sweep_max_tokens, sweep_max_batch),
+        )
     if "streaming" in parts:
         print("shard streaming:", flush=True)
         done("streaming", streaming_benchmark(stream_images, 64))
@@ -669,10 +763,16 @@ def run_benchmarks(
                 training = stage2_training(*inputs[1], os.path.join(root, "stage2"), stage2)
                 print("stage-2 step, cached vs online LLM:", flush=True)
                 online = cached_vs_online(stage2)
-                done("stage2", {"images_per_s": training["images_per_s"],
-                                "data_wait_share": training["data_wait_share"],
-                                "cached_vs_online_speedup": online["speedup"]["median"],
-                                "training": training, "cached_vs_online": online})  # fmt: skip
+                done(
+                    "stage2",
+                    {
+                        "images_per_s": training["images_per_s"],
+                        "data_wait_share": training["data_wait_share"],
+                        "cached_vs_online_speedup": online["speedup"]["median"],
+                        "training": training,
+                        "cached_vs_online": online,
+                    },
+                )
             if "memory" in parts:
                 print("stage-2 memory:", flush=True)
                 done("memory", memory_benchmark(inputs, root, stage2))

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from llm2clip import artifacts, storage
-from llm2clip.lifeline import Stopped
+from llm2clip.ops.lifeline import Stopped
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -108,19 +108,35 @@ class NodePlacement:
         check(self.nodes >= 1, "nodes", self.nodes, "must be >= 1")
         check(self.nproc >= 1, "nproc", self.nproc, "must be >= 1 (torchrun processes per node)")
         check(self.gpus >= 0, "gpus", self.gpus, "must be >= 0 (GPUs per node; 0 = CPU nodes)")
-        check(self.gpus == 0 or self.nproc <= self.gpus, "nproc", self.nproc,
-              f"must be <= gpus={self.gpus}: one process per GPU (NCCL cannot share a GPU between ranks)")  # fmt: skip
+        check(
+            self.gpus == 0 or self.nproc <= self.gpus,
+            "nproc",
+            self.nproc,
+            f"must be <= gpus={self.gpus}: one process per GPU (NCCL cannot share a GPU between ranks)",
+        )
         check(bool(self.image) and not re.search(r"\s", self.image), "image", self.image, "must be an image reference")
         for name in ("cpu", "memory"):
             value = getattr(self, name)
-            check(isinstance(value, str) and bool(_QUANTITY.match(value)) and _nonzero(value), name, value,
-                  "must be a positive Kubernetes quantity such as '8', '500m', '64Gi'")  # fmt: skip
+            check(
+                isinstance(value, str) and bool(_QUANTITY.match(value)) and _nonzero(value),
+                name,
+                value,
+                "must be a positive Kubernetes quantity such as '8', '500m', '64Gi'",
+            )
         check(isinstance(self.node_selector, Mapping), "node_selector", self.node_selector, "must be a JSON object")
         for k, v in self.node_selector.items():
-            check(isinstance(k, str) and isinstance(v, str) and bool(k), "node_selector", {k: v},
-                  "keys and values must be strings (node label = value)")  # fmt: skip
-        check(isinstance(self.tolerations, Sequence) and not isinstance(self.tolerations, str), "tolerations",
-              self.tolerations, "must be a JSON list of tolerations")  # fmt: skip
+            check(
+                isinstance(k, str) and isinstance(v, str) and bool(k),
+                "node_selector",
+                {k: v},
+                "keys and values must be strings (node label = value)",
+            )
+        check(
+            isinstance(self.tolerations, Sequence) and not isinstance(self.tolerations, str),
+            "tolerations",
+            self.tolerations,
+            "must be a JSON list of tolerations",
+        )
         object.__setattr__(self, "tolerations", tuple(_toleration(t, i) for i, t in enumerate(self.tolerations)))
         object.__setattr__(self, "node_selector", dict(self.node_selector))
 
@@ -136,14 +152,22 @@ def _toleration(t: object, i: int) -> dict:
     unknown = sorted(set(t) - _TOLERATION_FIELDS)
     artifacts.check(not unknown, where, t, f"has unknown fields {unknown} (allowed: {sorted(_TOLERATION_FIELDS)})")
     out = dict(t)
-    artifacts.check(out.get("operator", "Equal") in ("Equal", "Exists"), f"{where}.operator", out.get("operator"),
-                    "must be Equal or Exists")  # fmt: skip
+    artifacts.check(
+        out.get("operator", "Equal") in ("Equal", "Exists"),
+        f"{where}.operator",
+        out.get("operator"),
+        "must be Equal or Exists",
+    )
     effect = out.get("effect", "")
     artifacts.check(effect in _EFFECTS, f"{where}.effect", effect, f"must be one of {_EFFECTS}")
     if "tolerationSeconds" in out:
         seconds = out["tolerationSeconds"]
-        artifacts.check(isinstance(seconds, int | float) and seconds == int(seconds), f"{where}.tolerationSeconds",
-                        seconds, "must be a whole number of seconds")  # fmt: skip
+        artifacts.check(
+            isinstance(seconds, int | float) and seconds == int(seconds),
+            f"{where}.tolerationSeconds",
+            seconds,
+            "must be a whole number of seconds",
+        )
         out["tolerationSeconds"] = int(seconds)
     return out
 
@@ -192,11 +216,19 @@ def build_trainjob(
     for name, uri in [("dataset", dataset), ("output", output)] + [
         (f"caption_embeddings[{i}]", u) for i, u in enumerate(caption_embeddings)
     ]:
-        artifacts.check(isinstance(uri, str) and storage.is_remote(uri), name, uri,
-                        "must be an s3:// or minio:// location: the trainer nodes cannot read the launcher's "
-                        "filesystem (set LLM2CLIP_STORE, as the llm2clip-config ConfigMap does)")  # fmt: skip
-    artifacts.check(len(caption_embeddings) >= 1, "caption_embeddings", list(caption_embeddings),
-                    "needs at least one cache output (stage 2 trains on cached caption embeddings)")  # fmt: skip
+        artifacts.check(
+            isinstance(uri, str) and storage.is_remote(uri),
+            name,
+            uri,
+            "must be an s3:// or minio:// location: the trainer nodes cannot read the launcher's "
+            "filesystem (set LLM2CLIP_STORE, as the llm2clip-config ConfigMap does)",
+        )
+    artifacts.check(
+        len(caption_embeddings) >= 1,
+        "caption_embeddings",
+        list(caption_embeddings),
+        "needs at least one cache output (stage 2 trains on cached caption embeddings)",
+    )
     artifacts.check(isinstance(timeout_s, int) and timeout_s >= 1, "timeout_s", timeout_s, "must be >= 1 second")
     artifacts.check(isinstance(placement, NodePlacement), "placement", placement, "must be a NodePlacement")
     name = trainjob_name(output)
@@ -367,22 +399,38 @@ def _delete_on_termination(objects, namespace: str, trainjob: Mapping[str, Any],
         return
     meta = existing.get("metadata") or {}
     if (meta.get("annotations") or {}).get(SPEC_ANNOTATION) != trainjob["metadata"]["annotations"][SPEC_ANNOTATION]:
-        print(f"TrainJob {name}: {what}; the TrainJob of that name is not this request's, left alone", file=out,
-              flush=True)  # fmt: skip
+        print(
+            f"TrainJob {name}: {what}; the TrainJob of that name is not this request's, left alone",
+            file=out,
+            flush=True,
+        )
         return
     _delete(objects, namespace, name, uid=meta.get("uid"), foreground=True)
-    print(f"TrainJob {name}: {what}; deleted it (foreground: its pods go first, releasing their GPUs). A retry of "
-          "this task creates it again and resumes from the latest checkpoint", file=out, flush=True)  # fmt: skip
+    print(
+        f"TrainJob {name}: {what}; deleted it (foreground: its pods go first, releasing their GPUs). A retry of "
+        "this task creates it again and resumes from the latest checkpoint",
+        file=out,
+        flush=True,
+    )
 
 
-def _follow_to_the_end(objects, core, namespace: str, trainjob: Mapping[str, Any], poll_s: float, timeout_s: float,
-                       out: TextIO, clock: Callable[[], float]) -> dict:  # fmt: skip
+def _follow_to_the_end(
+    objects,
+    core,
+    namespace: str,
+    trainjob: Mapping[str, Any],
+    poll_s: float,
+    timeout_s: float,
+    out: TextIO,
+    clock: Callable[[], float],
+) -> dict:
     """Create or adopt, then poll until Complete (returned) or Failed/timeout (raised), following node 0's log."""
     name = trainjob["metadata"]["name"]
     _create_or_adopt(objects, namespace, trainjob, out, poll_s, clock)
     stop = threading.Event()
-    follower = threading.Thread(target=_follow_node0_log, args=(core, namespace, name, out, stop, poll_s),
-                                name=f"log {name}", daemon=True)  # fmt: skip
+    follower = threading.Thread(
+        target=_follow_node0_log, args=(core, namespace, name, out, stop, poll_s), name=f"log {name}", daemon=True
+    )
     follower.start()
     deadline, suspended, finished, errors = clock() + timeout_s, False, False, 0
     try:
@@ -460,8 +508,10 @@ def _delete(objects, namespace: str, name: str, uid: str | None = None, foregrou
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    options = client.V1DeleteOptions(propagation_policy="Foreground" if foreground else None,
-                                     preconditions=client.V1Preconditions(uid=uid) if uid else None)  # fmt: skip
+    options = client.V1DeleteOptions(
+        propagation_policy="Foreground" if foreground else None,
+        preconditions=client.V1Preconditions(uid=uid) if uid else None,
+    )
     try:
         objects.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name, body=options)
     except ApiException as e:
@@ -479,8 +529,9 @@ def _wait_gone(objects, namespace: str, name: str, poll_s: float, clock: Callabl
         time.sleep(poll_s)
 
 
-def _create_or_adopt(objects, namespace: str, trainjob: Mapping[str, Any], out: TextIO, poll_s: float,
-                     clock: Callable[[], float]) -> None:  # fmt: skip
+def _create_or_adopt(
+    objects, namespace: str, trainjob: Mapping[str, Any], out: TextIO, poll_s: float, clock: Callable[[], float]
+) -> None:
     """Create; on 409 adopt the existing TrainJob if it carries our spec digest, else raise naming it. An existing
     one that had Failed is the previous attempt of a retried task: replaced (deleted, then created again), so the
     retry trains (resuming from the output's latest checkpoint) instead of reporting the old failure again. One
@@ -515,8 +566,12 @@ def _create_or_adopt(objects, namespace: str, trainjob: Mapping[str, Any], out: 
         if not failed:
             print(f"TrainJob {name}: adopted (created by an earlier attempt)", file=out, flush=True)
             return
-        print(f"TrainJob {name}: the earlier attempt failed ({failed.get('reason')}: {failed.get('message')}); "
-              "replacing it", file=out, flush=True)  # fmt: skip
+        print(
+            f"TrainJob {name}: the earlier attempt failed ({failed.get('reason')}: {failed.get('message')}); "
+            "replacing it",
+            file=out,
+            flush=True,
+        )
         _delete(objects, namespace, name, uid=meta.get("uid"), foreground=True)
         _wait_gone(objects, namespace, name, poll_s, clock, "the failed one")
     raise RuntimeError(f"TrainJob {namespace}/{name}: could neither create nor adopt it")
@@ -650,8 +705,9 @@ def _stream(core, namespace: str, pod: str, key: tuple[str, int], last: dict, ou
     if key in last:  # resume: ask for a little more than needed, drop what was printed
         seen = _timestamp(last[key])
         since = max(1, int((datetime.now(UTC) - seen).total_seconds()) + 5) if seen else None
-    response = core.read_namespaced_pod_log(pod, namespace, container=NODE, follow=True, timestamps=True,
-                                            since_seconds=since, _preload_content=False)  # fmt: skip
+    response = core.read_namespaced_pod_log(
+        pod, namespace, container=NODE, follow=True, timestamps=True, since_seconds=since, _preload_content=False
+    )
     try:
         pending = b""
         for chunk in response.stream(4096):

@@ -13,7 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from llm2clip import data, formats, storage
+from llm2clip import formats, prepare_data, storage
 
 OFFLINE_VALUES = ("1", "true", "yes", "on")
 
@@ -28,7 +28,7 @@ def check_run(params: Mapping[str, object], env: Mapping[str, str] | None = None
 
 
 def run_problems(params: Mapping[str, object], env: Mapping[str, str]) -> list[str]:
-    cfg = data.PrepareDataConfig.from_options(
+    cfg = prepare_data.PrepareDataConfig.from_options(
         dict(params["source_options"]),
         source=params["source"],
         num_train=params["num_train"],
@@ -38,7 +38,7 @@ def run_problems(params: Mapping[str, object], env: Mapping[str, str]) -> list[s
     )
     problems = llm_problems(str(params["llm"]), env)
     uris = {"source": cfg.source, "images": cfg.images}
-    uris.update({f"eval_sources[{i}]": data.parse_eval_source(s)[2] for i, s in enumerate(cfg.eval_sources)})
+    uris.update({f"eval_sources[{i}]": prepare_data.parse_eval_source(s)[2] for i, s in enumerate(cfg.eval_sources)})
     store_problems = [p for name, uri in uris.items() if uri for p in object_store_problems(name, uri, env)]
     problems += store_problems
     if store_problems:
@@ -99,11 +99,11 @@ def object_store_problems(name: str, uri: str, env: Mapping[str, str]) -> list[s
     return [f"{name}={uri!r}: an object-store location needs {', '.join(missing)} in the environment"]
 
 
-def eval_source_problems(cfg: data.PrepareDataConfig) -> list[str]:
+def eval_source_problems(cfg: prepare_data.PrepareDataConfig) -> list[str]:
     """Every eval set's annotation file (Urban-1K: its caption/ folder) and images root exist."""
     problems = []
     for i, spec in enumerate(cfg.eval_sources):
-        name, fmt, uri, images = data.parse_eval_source(spec)
+        name, fmt, uri, images = prepare_data.parse_eval_source(spec)
         where = f"eval_sources[{i}] ({name})"
         if fmt == "urban1k":
             if not storage.list_files(storage.join(uri, "caption"), ".txt"):
@@ -116,7 +116,7 @@ def eval_source_problems(cfg: data.PrepareDataConfig) -> list[str]:
     return problems
 
 
-def field_problems(cfg: data.PrepareDataConfig) -> list[str]:
+def field_problems(cfg: prepare_data.PrepareDataConfig) -> list[str]:
     """Field and column names against the first sample of the source: a name that matches nothing is an error
     naming what is available, not an empty caption kind discovered after the run."""
     if cfg.source == "synthetic":
@@ -130,7 +130,7 @@ def field_problems(cfg: data.PrepareDataConfig) -> list[str]:
     return _table_column_problems(cfg)
 
 
-def _img2dataset_field_problems(cfg: data.PrepareDataConfig) -> list[str]:
+def _img2dataset_field_problems(cfg: prepare_data.PrepareDataConfig) -> list[str]:
     import webdataset as wds
 
     shards = storage.list_files(cfg.source, ".tar", recursive=True)
@@ -155,18 +155,25 @@ def _img2dataset_field_problems(cfg: data.PrepareDataConfig) -> list[str]:
                 f"{name}={spec!r}: matches nothing in the first sample of {shards[0]} (available: {available})"
             )
     if not matched and not problems:
-        problems.append(f"raw_field='txt' (the default): matches nothing in the first sample of {shards[0]} "
-                        f"(available: {available}); set raw_field, short_field or long_field")  # fmt: skip
+        problems.append(
+            f"raw_field='txt' (the default): matches nothing in the first sample of {shards[0]} "
+            f"(available: {available}); set raw_field, short_field or long_field"
+        )
     return problems
 
 
-def _table_column_problems(cfg: data.PrepareDataConfig) -> list[str]:
+def _table_column_problems(cfg: prepare_data.PrepareDataConfig) -> list[str]:
     try:
         columns = formats.table_columns(cfg.source)
     except ValueError as e:
         return [f"source={cfg.source!r}: {e}"]
-    wanted = {"image_column": cfg.image_column, "key_column": cfg.key_column, "raw_field": cfg.raw_field or "caption",
-              "short_field": cfg.short_field, "long_field": cfg.long_field}  # fmt: skip
+    wanted = {
+        "image_column": cfg.image_column,
+        "key_column": cfg.key_column,
+        "raw_field": cfg.raw_field or "caption",
+        "short_field": cfg.short_field,
+        "long_field": cfg.long_field,
+    }
     problems = []
     for name, column in wanted.items():
         if column and column not in columns:
@@ -177,7 +184,7 @@ def _table_column_problems(cfg: data.PrepareDataConfig) -> list[str]:
     return problems
 
 
-def train_size(cfg: data.PrepareDataConfig) -> tuple[int, str] | None:
+def train_size(cfg: prepare_data.PrepareDataConfig) -> tuple[int, str] | None:
     """An upper bound on the train split's size before prepare_data runs, and where it comes from; None when
     it cannot be known cheaply."""
     if cfg.source == "synthetic":
@@ -192,7 +199,7 @@ def train_size(cfg: data.PrepareDataConfig) -> tuple[int, str] | None:
     return None if count is None else (count, "the table's rows")
 
 
-def batch_size_problems(params: Mapping[str, object], cfg: data.PrepareDataConfig) -> list[str]:
+def batch_size_problems(params: Mapping[str, object], cfg: prepare_data.PrepareDataConfig) -> list[str]:
     """Stage 1 and stage 2 draw whole batches of distinct training images: neither batch may exceed the split."""
     known = train_size(cfg)
     if known is None:
