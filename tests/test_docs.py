@@ -514,6 +514,18 @@ def test_modules_and_tests_named_in_backticks_exist():
     assert not bad, "\n".join(bad)
 
 
+def test_make_targets_named_in_prose_exist():
+    """`make X` written in a sentence names a Makefile target too."""
+    targets = make_targets()
+    bad = [
+        f"{path.relative_to(ROOT)}: {span}"
+        for path in DOC_FILES
+        for span in inline_code(path)
+        if re.fullmatch(r"make [\w-]+", span) and span.split()[1] not in targets
+    ]
+    assert not bad, "\n".join(bad)
+
+
 def anchors(path: Path) -> set[str]:
     """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
     out = set()
