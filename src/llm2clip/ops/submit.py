@@ -559,9 +559,12 @@ def submit_package(
 
 def run(args: argparse.Namespace) -> int:
     """`llm2clip submit`; returns the process exit code."""
-    from llm2clip.ops.cli import parse_overrides, pipeline_parameters
+    from llm2clip.params import defaults, parse_overrides
+    from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
 
-    params = parse_overrides(args.overrides, pipeline_parameters())  # before anything slow or remote
+    params = parse_overrides(
+        args.overrides, defaults(llm2clip_pipeline.pipeline_func)
+    )  # before anything slow or remote
     from llm2clip.ops.preflight import placement_problems
 
     if problems := placement_problems(params):
