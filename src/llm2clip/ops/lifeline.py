@@ -5,8 +5,8 @@
 - kill -9 of the CLI, which can run no handler: each task watches the CLI's pid (LLM2CLIP_PARENT_PID, set by the CLI
   for its tasks) from a thread started when the task imports llm2clip (the first thing each component body does),
   and ends itself within WATCH_INTERVAL_S of the CLI's death (measured 1.0-1.2 s), or of that import if the task
-  was still starting. A dead but unreaped CLI is a zombie in /proc and counts as gone.
-Linux only (/proc); elsewhere the tree walk finds nothing and the watchdog polls os.kill(pid, 0).
+  was still starting. A dead but unreaped CLI is a zombie and counts as gone.
+The process tree comes from psutil (Linux, macOS, Windows), which peft and accelerate already install.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
+
+import psutil
 
 PARENT_ENV = "LLM2CLIP_PARENT_PID"
 WATCH_INTERVAL_S = 1.0
@@ -34,53 +35,42 @@ class Stopped(BaseException):
         self.signum = signum
 
 
-def _parent_of(pid: str) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[1])  # the command name in () may hold spaces and ")"
-
-
 def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (children first, then theirs), from one walk of /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-        if entry.name.isdigit() and (parent := _parent_of(entry.name)) is not None:
-            children.setdefault(parent, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(0), []):
-            out.append(child)
-            todo.append(child)
-    return out
+    """Every process below `pid` (children first, then theirs); [] once `pid` is gone."""
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
 
 
 def alive(pid: int) -> bool:
     """True while `pid` runs; a zombie (exited, not yet reaped) is not alive."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    with contextlib.suppress(OSError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True
 
 
 def stop_tree(pid: int, grace_s: float = GRACE_S) -> list[int]:
-    """SIGTERM every process below `pid`, SIGKILL those still there after `grace_s`; returns the pids found."""
-    found = descendants(pid)
+    """SIGTERM every process below `pid`, SIGKILL those still there after `grace_s`; returns the pids found.
+
+    Waits by polling `alive`, not with psutil.wait_procs: that reaps our own children (the `sh -c` of each task),
+    and KFP's Popen would then read a killed task's exit status as 0. psutil's Process checks its creation time
+    before each signal, so a pid reused during the grace period is not signalled."""
+    found: list[psutil.Process] = []
+    with contextlib.suppress(psutil.NoSuchProcess):
+        found = psutil.Process(pid).children(recursive=True)
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 1.0)):
-        left = [p for p in found if alive(p)]
+        left = [p for p in found if alive(p.pid)]
         for p in left:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(p, sig)
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                p.send_signal(sig)
         deadline = time.monotonic() + wait_s
-        while any(alive(p) for p in left) and time.monotonic() < deadline:
+        while any(alive(p.pid) for p in left) and time.monotonic() < deadline:
             time.sleep(0.05)
-    return found
+    return [p.pid for p in found]
 
 
 @contextlib.contextmanager
