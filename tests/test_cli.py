@@ -1,6 +1,7 @@
 """The CLI fails in a second on bad parameters (llm2clip.ops.preflight), never leaves an old run looking current, and
 takes its task processes down with it (llm2clip.ops.lifeline): Ctrl-C, SIGTERM and kill -9."""
 
+import dataclasses
 import json
 import os
 import re
@@ -142,26 +143,26 @@ def test_a_local_run_refuses_several_nodes_and_says_where_they_run(tmp_path):
 # ----------------------------------------------------------------------------------------------- run --help
 
 
-def test_parameter_docs_are_the_docstring_entries_of_the_parameters():
-    def pipeline(a: int = 1, b: str = "", c: bool = True, d: list | None = None, e: str = "x") -> None:
-        """Parameters:
-        a: first line
-            continued.
-        b / c: shared
-            text.
-        Note: not a parameter; it ends c's entry
-            and this line is nobody's.
-        On a cluster only:
-        d (list): typed, as in Google style.
-        Returns nothing; e is not described.
-        """
+def test_run_help_lists_every_pipeline_parameter_with_its_meaning(capsys):
+    """Each parameter once, as `--set` takes it with its default, followed by its help: the config field's
+    metadata["help"] where the parameter is one config field (llm2clip.params.FIELDS), else params.HELP's entry."""
+    from llm2clip import params as stage_params
 
-    assert cli.pipeline_parameter_docs(pipeline) == {
-        "a": "first line continued.",
-        "b": "shared text.",
-        "c": "shared text.",
-        "d": "typed, as in Google style.",
-    }
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["run", "--help"])
+    assert stop.value.code == 0
+    shown = capsys.readouterr().out.split("pipeline parameters (--set KEY=VALUE", 1)[1]
+    entries = re.findall(r"^  (\w+)=.*\n((?:      .*\n?)+)", shown, re.M)
+    defaults = cli.pipeline_parameters()
+    assert [name for name, _ in entries] == list(defaults)
+    for name, text in entries:
+        meaning = stage_params.parameter_help(name)
+        assert len(meaning) > 20, name
+        assert " ".join(text.split()) == " ".join(meaning.split()), name
+    stage, field = stage_params.FIELDS["tune_steps"]
+    metadata = {f.name: f.metadata for f in dataclasses.fields(stage_params.config_class(stage))}[field]
+    assert stage_params.parameter_help("tune_steps") == metadata["help"]
+    assert stage_params.parameter_help("gpus") == stage_params.HELP["gpus"]
 
 
 def test_shown_values_are_what_set_takes_back():
@@ -230,6 +231,18 @@ def test_stop_signals_end_every_task_process(sig):
     os.kill(proc.pid, sig)
     assert proc.wait(timeout=10) != 0
     assert not [p for p in tree if lifeline.alive(p)]
+
+
+def test_stop_tree_leaves_the_exit_status_to_the_parent():
+    """stop_tree must not reap: KFP's task handler reads its `sh -c` child's exit status through Popen, and a child
+    reaped behind Popen's back (psutil.wait_procs does that for our own children) reads as exit status 0."""
+    script = (
+        "import os, subprocess\nfrom llm2clip.ops import lifeline\n"
+        "child = subprocess.Popen(['sleep', '30'])\n"
+        "print(lifeline.stop_tree(os.getpid(), grace_s=2) == [child.pid], child.wait(), flush=True)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert out.stdout.split() == ["True", str(-signal.SIGTERM)], out.stderr
 
 
 def test_tasks_end_themselves_after_kill_9_of_the_cli():
