@@ -201,3 +201,59 @@ def test_the_instruction_is_part_of_the_cache_key(tmp_path):
 def test_an_instruction_ending_in_a_word_is_refused():
     with pytest.raises(ValueError, match="instruction"):
         tune_caption_encoder.TuneConfig(instruction="Describe the image")
+
+
+def _library_lrs(make, steps: int, **kw) -> list[float]:
+    """A transformers schedule's lr at steps 0..steps-1 (base lr 1), stepped as a training loop steps it."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler, out = make(optimizer, num_training_steps=steps, **kw), []
+    for _ in range(steps):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+@pytest.mark.parametrize(("warmup", "steps"), [(5, 40), (2, 16), (1, 4), (0, 30)])
+def test_lr_schedule_is_transformers_cosine_to_10_percent_but_warms_up_from_the_first_step(warmup, steps):
+    """Step by step against transformers.get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=0.1): equal
+    within 1e-12 after the warm-up; during it ours is the library's next step ((s+1)/warmup where the library has
+    s/warmup), so step 0 trains at 1/warmup of the lr instead of 0. The floor is 10%, reached at `steps`."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    ours = [tune_caption_encoder.lr_scale(s, warmup, steps) for s in range(steps)]
+    library = _library_lrs(get_cosine_with_min_lr_schedule_with_warmup, steps, num_warmup_steps=warmup, min_lr_rate=0.1)
+    for s in range(steps):
+        expected = (s + 1) / warmup if s < warmup else library[s]
+        assert ours[s] == pytest.approx(expected, abs=1e-12), s
+    if warmup:
+        assert library[0] == 0 and ours[0] == 1 / warmup
+    # the last step is one step short of the floor: 0.1 + 0.45 * (1 - cos(pi / decay_steps))
+    assert min(ours) > 0.1 and ours[-1] - 0.1 == pytest.approx(0.45 * (1 - math.cos(math.pi / (steps - warmup))))
+
+
+def test_tuning_steps_at_the_scheduled_lr(tiny_dataset, tmp_path, monkeypatch):
+    """The stage trains each step at lr * lr_scale(step): the schedule is wired in, not only defined."""
+    from llm2clip import monitoring
+
+    seen, step = [], monitoring.StageMetrics.step
+
+    def record(self, *args, **kw):
+        seen.append(kw["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(monitoring.StageMetrics, "step", record)
+    cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA,
+        steps=4,
+        warmup_steps=2,
+        lr=1e-3,
+        batch_size=4,
+        lora_r=4,
+        lora_alpha=8,
+        device="cpu",
+        dtype="float32",
+    )
+    tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
+    assert seen == pytest.approx([1e-3 * tune_caption_encoder.lr_scale(s, 2, 4) for s in range(4)], rel=1e-12)
+    assert seen[0] == pytest.approx(5e-4)

@@ -217,6 +217,19 @@ def loss_step(
     return info_nce(emb[:b], emb[b : 2 * b], emb[2 * b :] if negatives else None, cfg.scale), tokens
 
 
+def lr_scale(step: int, warmup_steps: int, steps: int) -> float:
+    """The learning rate of 0-based `step` as a fraction of the base: linear warm-up from 1/warmup_steps to 1 (the
+    first step already trains), then cosine down to a floor of 10% at `steps`.
+
+    Kept instead of transformers.get_cosine_with_min_lr_schedule_with_warmup(min_lr_rate=0.1), which equals it after
+    the warm-up but starts the warm-up at 0 (step s gets s/warmup_steps): the first step would train nothing, one
+    of the pipeline's default 16 tuning steps and one of the tiny profile's 4 (tests/test_tune.py)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dict:
     """Tune the LLM with LoRA on the train captions; write the adapter + manifest; return the loss and, with
     cfg.cra, CRA before and after tuning (else the cra_* fields are None and cra_note says where CRA is measured).
@@ -267,13 +280,7 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
     params = [p for p in encoder.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def lr_at(step: int) -> float:  # linear warm-up, then cosine to 10%
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_scale(step, cfg.warmup_steps, cfg.steps))
 
     # ---- train
     losses = []
