@@ -1,6 +1,7 @@
 """Stage 2 at scale: the shard stream (disjoint slots, exact resume), torchrun DDP and checkpoint resume."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -311,3 +312,45 @@ def test_torchrun_two_ranks_on_the_real_stream(tiny_dataset, cache, tmp_path, ca
 def test_a_folder_that_is_not_a_prepared_dataset_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a split written by prepare_data"):
         streaming.split_sizes(str(tmp_path / "train"))
+
+
+# ----------------------------------------------------------------------------------------------- lr schedule
+
+
+@pytest.mark.parametrize(("warmup", "total"), [(20, 100), (20, 40), (3, 12), (0, 18)])
+def test_lr_schedule_is_transformers_cosine_but_warms_up_from_the_first_step(warmup, total):
+    """Step by step against transformers.get_cosine_schedule_with_warmup (stepped as a loop steps it): equal within
+    1e-12 after the warm-up and without one (the pretrained recipe); during the warm-up ours is the library's next
+    step, (s+1)/warmup where it has s/warmup, so step 0 trains at 1/warmup of the lr instead of 0."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler, library = get_cosine_schedule_with_warmup(optimizer, warmup, total), []
+    for _ in range(total):
+        library.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    ours = [train_clip.lr_scale(s, warmup, total) for s in range(total)]
+    for s in range(total):
+        assert ours[s] == pytest.approx((s + 1) / warmup if s < warmup else library[s], abs=1e-12), s
+    if warmup:
+        assert library[0] == 0 and ours[0] == 1 / warmup
+    assert min(ours) > 0 and ours[-1] == pytest.approx(0.5 * (1 - math.cos(math.pi / (total - warmup))))
+
+
+def test_training_steps_at_the_scheduled_lr(tiny_dataset, cache, tmp_path, monkeypatch):
+    """Every step of the stage runs at lr * lr_scale(step) (18 steps: 3 epochs of 48 samples in batches of 8)."""
+    from llm2clip import monitoring
+
+    seen, step = [], monitoring.StageMetrics.step
+
+    def record(self, *args, **kw):
+        seen.append(kw["lr"])
+        return step(self, *args, **kw)
+
+    monkeypatch.setattr(monitoring.StageMetrics, "step", record)
+    cfg = train_clip.TrainClipConfig(
+        epochs=3, batch_size=8, workers=0, checkpoint_every=0, lr=1e-3, warmup_steps=4, dtype="float32"
+    )
+    train_clip.train_clip(cfg, tiny_dataset, str(tmp_path / "out"), [cache])
+    assert seen == pytest.approx([1e-3 * train_clip.lr_scale(s, 4, 18) for s in range(18)], rel=1e-12)

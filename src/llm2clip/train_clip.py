@@ -163,6 +163,18 @@ def loss_step(
     return loss_fn(image_features.float(), text_features.float(), scale.float())
 
 
+def lr_scale(step: int, warmup_steps: int, total_steps: int) -> float:
+    """The learning rate of 0-based `step` as a fraction of the base: linear warm-up from 1/warmup_steps to 1 (the
+    first step already trains), then cosine to 0 at `total_steps`.
+
+    Kept instead of transformers.get_cosine_schedule_with_warmup, which equals it after the warm-up but starts the
+    warm-up at 0 (step s gets s/warmup_steps: the first step trains nothing), and is a LambdaLR whose state a
+    resumed run would have to checkpoint; this is a function of the step alone (tests/test_train_stream.py)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+
+
 def default_workers(device: torch.device, world: distributed.World) -> int:
     """DataLoader processes per rank for workers=-1. GPU: up to 8 per GPU, within the CPUs the node's ranks share.
     CPU: none below 8 cores per rank, else a quarter of them, up to 4. On 2 cores (2026-11-27, 600 images of 64 px,
@@ -307,11 +319,8 @@ def _train(
         ids = [device] if device.type == "cuda" else None
         step_module = torch.nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
 
-    def set_lr(step: int) -> None:  # linear warm-up then cosine to zero
-        if step < cfg.warmup_steps:
-            f = (step + 1) / cfg.warmup_steps
-        else:
-            f = 0.5 * (1 + math.cos(math.pi * (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)))
+    def set_lr(step: int) -> None:  # from the step alone: a resumed run needs no scheduler state
+        f = lr_scale(step, cfg.warmup_steps, total_steps)
         for g, lr in zip(optimizer.param_groups, base_lrs, strict=True):
             g["lr"] = lr * f
 
