@@ -15,6 +15,7 @@ def cache_caption_embeddings(
     attention: str,
     device: str,
     dtype: str,
+    allow_hub: bool = False,
 ):
     """fp16 safetensors per shard keyed by sample key, with a manifest (use_adapter=False: the raw LLM;
     attention "causal": the LLM as it is, the paper's raw-LLM baseline)."""
@@ -28,6 +29,7 @@ def cache_caption_embeddings(
         num_groups=int(group["num_groups"]),
         device=device,
         dtype=dtype,
+        allow_hub=allow_hub,
     )
     out = output_location(caption_embeddings.path, caption_embeddings.uri)
     result = cache_caption_embeddings(cfg, resolve(dataset.path), resolve(text_lora.path), out)

@@ -21,6 +21,7 @@ def train_clip(
     dtype: str,
     nproc: int = 1,
     enabled: bool = True,
+    allow_hub: bool = False,
 ) -> str:
     """Model + manifest from the cache (no LLM); returns their location, which the cluster pipeline hands on
     (train_clip_on_nodes). enabled=False writes a "skipped" manifest evaluate leaves out."""
@@ -45,6 +46,7 @@ def train_clip(
         center_text=center_text,
         device=device,
         dtype=dtype,
+        allow_hub=allow_hub,
     )  # lr 0, pretrained "": the recipe's
     result = launch(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], nproc)
     point(vision_model.path, out)

@@ -18,6 +18,7 @@ def train_clip_baseline(
     device: str,
     dtype: str,
     nproc: int = 1,
+    allow_hub: bool = False,
 ):
     """Checkpoint + manifest of the CLIP baseline; it needs no LLM and no cache, so it runs beside stage 1."""
     from llm2clip.artifacts import output_location, point, resolve
@@ -33,6 +34,7 @@ def train_clip_baseline(
         seed=seed,
         device=device,
         dtype=dtype,
+        allow_hub=allow_hub,
     )
     out = output_location(vision_model.path, vision_model.uri)
     result = launch(cfg, resolve(dataset.path), out, None, nproc)

@@ -28,24 +28,24 @@ def train_clip_trainjob(
     tolerations: list,
     image: str,
     enabled: bool = True,
+    allow_hub: bool = False,
+    models_pvc: str = "",
 ) -> str:
-    """As train_clip, on nodes x nproc processes (gpus, node_cpu, node_memory per node); this pod asks for no GPU."""
+    """As train_clip, on nodes x nproc processes (gpus, node_cpu, node_memory, models_pvc per node); no GPU here."""
     from llm2clip.artifacts import output_location, point, resolve, write_manifest
 
     out = output_location(vision_model.path, vision_model.uri)
     fields = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
-    if not enabled:
-        write_manifest(out, "train_clip", fields, {}, skipped="not requested (pipeline parameter ablations=False)")
-        point(vision_model.path, out)
-        return out
-    from llm2clip.ops.trainjob import NodePlacement, train_on_nodes
-    from llm2clip.train_clip import TrainClipConfig
+    if enabled:
+        from llm2clip.ops.trainjob import NodePlacement, train_on_nodes
+        from llm2clip.train_clip import TrainClipConfig
 
-    cfg = TrainClipConfig(
-        **fields, pretrained=pretrained or None, batch_size=batch_size, lr=lr or None, device=device, dtype=dtype
-    )
-    place = NodePlacement(nodes, nproc, image, gpus, node_cpu, node_memory, node_selector, tolerations)
-    result = train_on_nodes(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], place)
+        more = dict(pretrained=pretrained or None, batch_size=batch_size, lr=lr or None, device=device, dtype=dtype)
+        cfg = TrainClipConfig(**fields, **more, allow_hub=allow_hub)
+        place = NodePlacement(nodes, nproc, image, gpus, node_cpu, node_memory, node_selector, tolerations, models_pvc)
+        result = train_on_nodes(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], place)
+        vision_model.metadata.update({"text_source": "llm", "location": out, "nodes": nodes, **result})
+    else:
+        write_manifest(out, "train_clip", fields, {}, skipped="not requested (pipeline parameter ablations=False)")
     point(vision_model.path, out)
-    vision_model.metadata.update({"text_source": "llm", "location": out, "nodes": nodes, **result})
     return out

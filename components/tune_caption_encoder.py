@@ -19,6 +19,7 @@ def tune_caption_encoder(
     seed: int,
     device: str,
     dtype: str,
+    allow_hub: bool = False,
 ):
     """LoRA adapter + manifest; logs the loss (CRA is measured in evaluate, from the caption caches)."""
     import json
@@ -38,6 +39,7 @@ def tune_caption_encoder(
         seed=seed,
         device=device,
         dtype=dtype,
+        allow_hub=allow_hub,
     )
     out = output_location(text_lora.path, text_lora.uri)
     result = tune_caption_encoder(cfg, resolve(dataset.path), out)

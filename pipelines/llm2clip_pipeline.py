@@ -41,6 +41,11 @@ S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONFIG_MAP = "llm2clip-config"
 CONFIG_MAP_KEYS = ("MINIO_ENDPOINT", "MINIO_SECURE", "LLM2CLIP_STORE", "LLM2CLIP_METRICS_PORT", "LLM2CLIP_PUSHGATEWAY")
 POD_LABEL = ("app.kubernetes.io/part-of", "llm2clip")  # what the metrics PodMonitor selects
+# The models_pvc parameter's default: a small placeholder PVC manifests/base creates. The KFP driver refuses an
+# empty PVC name (the task fails: kubeflow/pipelines 2.16.0 backend/src/v2/driver/k8s.go:1076-1080, 2.17.0
+# k8s.go:1149-1153, after resolveInputParameterStr in resolve.go:501-524 refuses ""), so "no volume" is a real one.
+MODELS_PVC = "llm2clip-models"
+MODELS_PATH = "/models"  # = llm2clip.ops.trainjob.MODELS_PATH, where the TrainJob's nodes mount it (tested)
 
 # ---- pod settings fixed at compile time
 # The image's root filesystem is read-only: every cache and config directory goes to /tmp.
@@ -87,6 +92,15 @@ def on_pod(task: dsl.PipelineTask, image, cpu: tuple, memory: tuple, timeout_h: 
     return task
 
 
+def with_models(task: dsl.PipelineTask, models_pvc) -> dsl.PipelineTask:
+    """Mount the PVC `models_pvc` at /models, where `llm` and `pretrained` may point. KFP's PvcMount has no
+    readOnly field (kubeflow/pipelines 2.17.0 kubernetes_platform/proto/kubernetes_executor_config.proto:84-104):
+    read-only is the claim's access mode (ReadOnlyMany) or the volume's, and our code only reads under /models."""
+    kubernetes.mount_pvc(task, pvc_name=models_pvc, mount_path=MODELS_PATH)
+    passed_in(task, models_pvc)
+    return task
+
+
 def on_gpu(task: dsl.PipelineTask, gpu_limit, node_selector, tolerations) -> dsl.PipelineTask:
     """What a GPU step's pod adds: `gpu_limit` GPUs, the GPU nodes' selector and tolerations, /dev/shm, retries.
 
@@ -125,6 +139,8 @@ def train_clip_on_nodes(
     gpu_tolerations: list,
     gpu_task_cpu: str,
     gpu_task_memory: str,
+    allow_hub: bool,
+    models_pvc: str,
 ) -> Model:
     """One LLM-taught stage-2 training on the cluster. nodes 1: train_clip in its own GPU pod (torchrun, nproc
     processes, `gpu_limit` GPUs); more: train_clip_trainjob, a pod without GPU that runs a Kubeflow Trainer TrainJob
@@ -151,11 +167,13 @@ def train_clip_on_nodes(
         device=device,
         dtype=dtype,
         enabled=enabled,
+        allow_hub=allow_hub,
     )
     with dsl.If(nodes == 1, name="one-node"):
         one = train_clip(**args).set_display_name("train_clip")
         on_pod(one, gpu_image, (gpu_task_cpu,) * 2, (gpu_task_memory,) * 2, GPU_TIMEOUT_H["train_clip"])
         on_gpu(one, gpu_limit, gpu_node_selector, gpu_tolerations)
+        with_models(one, models_pvc)
     with dsl.Else(name="trainjob"):
         many = train_clip_trainjob(
             nodes=nodes,
@@ -165,6 +183,7 @@ def train_clip_on_nodes(
             node_selector=gpu_node_selector,
             tolerations=gpu_tolerations,
             image=gpu_image,
+            models_pvc=models_pvc,
             **args,
         ).set_display_name("train_clip_trainjob")
         cpu_req, cpu_lim, mem_req, mem_lim, timeout_h = CPU_TASKS["train_clip_trainjob"]
@@ -192,6 +211,8 @@ def build_pipeline(on_cluster: bool):
         image_size: int = 64,
         seed: int = 0,
         llm: str = "smollm2-135m-instruct",
+        allow_hub: bool = False,
+        models_pvc: str = MODELS_PVC,
         bidirectional: bool = True,
         tune_steps: int = 16,
         tune_batch_size: int = 8,
@@ -227,12 +248,17 @@ def build_pipeline(on_cluster: bool):
             "image_column", "key_column" and the *_field keys; eval_sources also add real eval sets to the
             synthetic source. Keys are PrepareDataConfig fields.
         num_train / num_eval / image_size / seed: size and seed of the synthetic data.
-        llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests) or a Hugging Face model path.
+        llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests), a Hugging Face model
+            directory (a path; on a cluster under /models, see models_pvc), an s3:// model directory (downloaded
+            once into a content-addressed cache in the pod's /tmp, or LLM2CLIP_DOWNLOAD_CACHE) or a hub id org/name.
+        allow_hub: download a hub id (llm) or an open_clip pretrained tag (pretrained) from the Hugging Face hub;
+            False (the default: offline) takes them from the local Hugging Face cache only. Set it only where the
+            cluster reaches a hub.
         bidirectional: remove the causal mask in the LLM (LLM2Vec-style); False keeps it causal.
         tune_steps / tune_batch_size / tune_lr / lora_r: stage 1 (caption-contrastive LoRA; alpha = 2 r).
         cache_groups: how many parallel caching tasks the shards are split over (at most 4 run at once).
-        vision_model / pretrained: open_clip model config and pretrained tag, or a checkpoint file (local or
-            s3://); "" = random init.
+        vision_model / pretrained: open_clip model config and pretrained tag (see allow_hub), or a checkpoint file
+            (a path, e.g. under /models, or s3://); "" = random init.
         train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines; train_lr
             0 takes the recipe's learning rate (1e-3 for a random tower; with `pretrained`, the official recipe:
             1e-5, layer decay 0.85, no warm-up).
@@ -262,6 +288,9 @@ def build_pipeline(on_cluster: bool):
             taint where the ExtendedResourceToleration admission plugin does not add it.
         gpu_task_cpu / gpu_task_memory: CPU and memory request = limit of a GPU step (Kubernetes quantities;
             memory includes the 16Gi /dev/shm).
+        models_pvc: the PersistentVolumeClaim mounted at /models in every model-loading step (stage 1, the caches,
+            every stage-2 training, each TrainJob node), for llm / pretrained paths under /models. The default,
+            llm2clip-models, is the small empty placeholder manifests/base creates: the backend needs a PVC name.
         Returns the evaluation artifact (summary.json, report.html, report.md).
         """
 
@@ -280,6 +309,7 @@ def build_pipeline(on_cluster: bool):
             if on_cluster:
                 on_pod(task, gpu_image, (gpu_task_cpu,) * 2, (gpu_task_memory,) * 2, GPU_TIMEOUT_H[name])
                 on_gpu(task, gpu_limit, gpu_node_selector, gpu_tolerations)
+                with_models(task, models_pvc)
             return task
 
         # The store (LLM2CLIP_STORE) enters prepare_data's cache key, read by a task that is never cached; every
@@ -307,6 +337,7 @@ def build_pipeline(on_cluster: bool):
             seed=seed,
             device=device,
             dtype=dtype,
+            allow_hub=allow_hub,
         )
         gpu_task(tuned, "tune_caption_encoder", "tune_caption_encoder")
         train_args = dict(
@@ -319,6 +350,7 @@ def build_pipeline(on_cluster: bool):
             seed=seed,
             device=device,
             dtype=dtype,
+            allow_hub=allow_hub,
         )
 
         def stage2(display_name: str, caption_embeddings, center_text, enabled=True) -> PipelineChannel:
@@ -336,6 +368,7 @@ def build_pipeline(on_cluster: bool):
                 gpu_task_memory=gpu_task_memory,
                 gpu_node_selector=gpu_node_selector,
                 gpu_tolerations=gpu_tolerations,
+                models_pvc=models_pvc,
             )
             return train_clip_on_nodes(nodes=train_nodes, **args, **placement).set_display_name(display_name).output
 
@@ -352,6 +385,7 @@ def build_pipeline(on_cluster: bool):
                     attention=attention,
                     device=device,
                     dtype=dtype,
+                    allow_hub=allow_hub,
                 )
                 gpu_task(cache, "cache_caption_embeddings", f"cache_caption_embeddings ({name})")
             embeddings[name] = cache.outputs["caption_embeddings"]

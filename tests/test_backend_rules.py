@@ -31,6 +31,12 @@ def load(path: Path) -> dict:
     return next(yaml.safe_load_all(Path(path).read_text()))
 
 
+def load_platform(path: Path) -> dict:
+    """The Kubernetes platform spec's executors (the second YAML document), {} where there is none."""
+    docs = list(yaml.safe_load_all(Path(path).read_text()))
+    return docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"] if len(docs) > 1 else {}
+
+
 def dags(spec: dict) -> dict[str, dict]:
     """Every DAG by component name ("root" for the pipeline), each with its `dag` and `inputDefinitions`."""
     return {"root": spec["root"], **{k: c for k, c in spec["components"].items() if "dag" in c}}
@@ -170,6 +176,43 @@ def resource_placeholder_problems(spec: dict) -> list[str]:
     return sorted(set(problems))
 
 
+def pvc_mount_problems(spec: dict, platform: dict) -> list[str]:
+    """Every PVC mount whose claim name can resolve to "" (or not at all).
+
+    The driver resolves a mount's pvcNameParameter with resolveInputParameterStr, which refuses anything but a
+    non-empty string ("Expected a non-empty string", resolve.go 2.17.0:501-524), and fails the task on an empty
+    name or mount path (k8s.go makeVolumeMountPatch, 2.16.0:1076-1080, 2.17.0:1149-1153). A componentInputParameter
+    is read from the parent DAG's inputs ("parent DAG does not have input parameter", resolve.go 2.17.0:389-397).
+    So a constant must be a non-empty string, and an input must be STRING at every step back to its source, with a
+    non-empty default where that source is a pipeline input."""
+    problems = []
+    for comp_name, comp in spec["components"].items():
+        for mount in platform.get(comp.get("executorLabel"), {}).get("pvcMount", []):
+            name = mount.get("pvcNameParameter", {})
+            for dag, task, _ in users(spec, comp_name):
+                head = f"pvc mount {mount.get('mountPath')!r} of task {task} in {dag}"
+                if not mount.get("mountPath"):
+                    problems.append(f"{head}: no mount path")
+                if "runtimeValue" in name:
+                    value = name["runtimeValue"]["constant"]
+                    if not (isinstance(value, str) and value):
+                        problems.append(f"{head}: claim name constant {value!r} is not a non-empty string")
+                    continue
+                param = name.get("componentInputParameter")
+                if param not in component(spec, dag).get("inputDefinitions", {}).get("parameters", {}):
+                    problems.append(f"{head}: parent DAG does not have input parameter {param!r}")
+                    continue
+                for kind, path in sources(spec, dag, name, head):
+                    if kind != "STRING":
+                        problems.append(f"{path}: a {kind} value is not a claim name")
+                    origin = path.rsplit(" <- ", 1)[-1]
+                    if origin.startswith("pipeline input "):
+                        declared_input = spec["root"]["inputDefinitions"]["parameters"][origin.split()[2]]
+                        if not declared_input.get("defaultValue"):
+                            problems.append(f"{path}: its default {declared_input.get('defaultValue')!r} is empty")
+    return sorted(set(problems))
+
+
 def artifact_oneofs(spec: dict) -> list[str]:
     """Every DAG output that is a dsl.OneOf over artifacts (more than one artifact selector)."""
     return [
@@ -239,6 +282,35 @@ def test_every_resource_placeholder_is_a_string_at_its_source(spec):
 def test_no_artifact_oneof_unless_the_stated_minimum_backend_resolves_it(spec):
     """Issue 16 item 3: with train_nodes=1, evaluate would get the TrainJob branch's model, never written."""
     assert artifact_oneof_problems(spec, stated_minimum()) == []
+
+
+@pytest.mark.parametrize("variant", ["committed", "no-cache"])
+def test_every_pvc_mount_names_a_claim_and_models_reach_every_model_loading_task(variant, tmp_path):
+    """Issue 16 item 9: models_pvc is mounted at /models in every task that loads a model, and its name can never
+    resolve to "" (an empty models_pvc would fail each of those tasks in the driver, see pvc_mount_problems)."""
+    path = Path(os.environ.get("LLM2CLIP_CHECK_SPEC") or pipeline.COMPILED)
+    if variant == "no-cache":
+        (tmp_path / "p.yaml").write_text(path.read_text())
+        submit.disable_caching(tmp_path / "p.yaml")
+        path = tmp_path / "p.yaml"
+    spec, platform = load(path), load_platform(path)
+    assert pvc_mount_problems(spec, platform) == []
+    mounted = {}
+    for comp_name, comp in spec["components"].items():
+        for mount in platform.get(comp.get("executorLabel"), {}).get("pvcMount", []):
+            for dag, task, _ in users(spec, comp_name):
+                origins = sources(spec, dag, mount["pvcNameParameter"], task)
+                mounted[(comp_name, task)] = (mount["mountPath"], origins[-1][1].rsplit(" <- ", 1)[-1])
+    loading = ["tune-caption-encoder", "cache-caption-embeddings", "train-clip", "train-clip-baseline"]
+    tasks = {task for _, task in mounted}
+    assert tasks == set(loading) | {"cache-caption-embeddings-2"}, tasks  # no other task needs a model volume
+    assert set(mounted.values()) == {(pipeline.MODELS_PATH, "pipeline input models_pvc (STRING)")}, mounted
+    assert len([c for c, task in mounted if task == "train-clip"]) == 4  # both models, with and without centring
+    for comp_name, task in mounted:  # the pipeline's allow_hub reaches each model-loading task
+        dag, _, used = next(u for u in users(spec, comp_name) if u[1] == task)
+        given = used["inputs"]["parameters"].get("allow_hub")
+        origin = given and sources(spec, dag, given, task)[-1][1].rsplit(" <- ", 1)[-1]
+        assert origin == "pipeline input allow_hub (BOOLEAN)", (comp_name, task, given)
 
 
 # ---- each rule fails where the backend would: small pipelines that break it
@@ -327,3 +399,23 @@ def test_the_oneof_rule_refuses_an_artifact_oneof_below_2_17(tmp_path):
     assert artifact_oneofs(spec)
     assert artifact_oneof_problems(spec, None) and artifact_oneof_problems(spec, (2, 16, 1))
     assert artifact_oneof_problems(spec, (2, 17, 0)) == []
+
+
+@pytest.mark.parametrize("default", ["", "team-models"])
+def test_the_pvc_rule_refuses_a_claim_name_that_can_be_empty(tmp_path, default):
+    from kfp import kubernetes
+
+    @dsl.pipeline
+    def inner(pvc: str):
+        kubernetes.mount_pvc(use_group(group={}), pvc_name=pvc, mount_path="/models")
+
+    @dsl.pipeline
+    def outer(pvc: str = default):
+        inner(pvc=pvc)
+        kubernetes.mount_pvc(use_group(group={}), pvc_name="", mount_path="/data")  # a constant "" is refused too
+
+    compiler.Compiler().compile(outer, str(tmp_path / "p.yaml"))
+    problems = pvc_mount_problems(load(tmp_path / "p.yaml"), load_platform(tmp_path / "p.yaml"))
+    assert any("'/data'" in p and "claim name constant ''" in p for p in problems), problems
+    empty_default = [p for p in problems if "pipeline input pvc (STRING): its default '' is empty" in p]
+    assert bool(empty_default) == (default == ""), problems

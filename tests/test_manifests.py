@@ -573,13 +573,31 @@ def test_bucket_job_runs_our_cli_on_the_store(rendered):
 def test_kubeflow_profile_leaves_kubeflows_objects_alone(rendered):
     objs = rendered["kubeflow-profile"]
     ns = find(objs, "ServiceAccount", NAMES["service_account"])["metadata"]["namespace"]
-    assert not [o for o in objs if o["kind"] in ("StatefulSet", "PersistentVolumeClaim", "Job")]
+    own = [o for o in objs if o["kind"] in ("StatefulSet", "PersistentVolumeClaim", "Job")]
+    assert not [o for o in own if o["metadata"]["name"] != NAMES["models_pvc"]], "no MinIO of ours, no bucket Job"
     policies = [o["metadata"]["name"] for o in objs if o["kind"] == "NetworkPolicy"]
     assert policies == ["llm2clip-pushgateway-ingress"], "only our own Pushgateway's; none on Kubeflow's MinIO"
     store = find(objs, "ConfigMap", NAMES["configmap"]["name"])["data"]["LLM2CLIP_STORE"]
     assert store.startswith(f"s3://mlpipeline/private/{ns}/"), store
     for overlay, obj in overlay_objects(rendered):  # no overlay manages KFP's own objects
         assert obj["metadata"]["name"] not in ("kfp-launcher", "mlpipeline-minio-artifact"), overlay
+
+
+def test_every_overlay_has_the_models_pvc_the_pipeline_mounts_by_default(rendered):
+    """models_pvc defaults to a placeholder claim every overlay creates: the KFP driver fails a task whose PVC name
+    resolves to "" (kubeflow/pipelines 2.17.0 backend/src/v2/driver/k8s.go:1149-1153), so the default must name a
+    claim that exists in the run's namespace."""
+    from llm2clip.pipelines.llm2clip_pipeline import MODELS_PVC, llm2clip_pipeline
+
+    default = llm2clip_pipeline.component_spec.inputs["models_pvc"].default
+    assert default == MODELS_PVC == NAMES["models_pvc"]
+    for overlay, objs in rendered.items():
+        runner = find(objs, "ServiceAccount", NAMES["service_account"])  # the pods that mount it run here
+        pvc = find(objs, "PersistentVolumeClaim", NAMES["models_pvc"])
+        assert pvc["metadata"].get("namespace") == runner["metadata"].get("namespace"), overlay
+        # bindable by any storage class and small: it is a placeholder that stays empty
+        assert pvc["spec"]["accessModes"] == ["ReadWriteOnce"], overlay
+        assert pvc["spec"]["resources"]["requests"]["storage"] == "1Gi", overlay
 
 
 # ----------------------------------------------------------------------------------------------- committed files

@@ -166,7 +166,7 @@ def test_the_command_is_torchrun_taking_the_world_from_trainer():
     the same TrainClipConfig."""
     from llm2clip.train_clip import TrainClipConfig, parser
 
-    cfg = TrainClipConfig(epochs=3, batch_size=32, pretrained=None, center_text=False, seed=7)
+    cfg = TrainClipConfig(epochs=3, batch_size=32, pretrained=None, center_text=False, seed=7, allow_hub=True)
     obj = trainjob.build_trainjob(
         dataclasses.asdict(cfg), "s3://b/d", "s3://b/o", ["s3://b/c0", "s3://b/c1"], CPU_NODES
     )
@@ -229,12 +229,89 @@ def test_the_trainjob_fits_the_committed_runtime():
         (dict(tolerations=[{"key": "x", "operator": "In"}]), r"tolerations\[0\]\.operator"),
         (dict(tolerations=[{"key": "x", "effect": "NoRun"}]), r"tolerations\[0\]\.effect"),
         (dict(tolerations=[{"key": "x", "tolerationSeconds": 1.5}]), r"tolerations\[0\]\.tolerationSeconds"),
+        (dict(models_pvc="My_Models"), "models_pvc"),
+        (dict(models_pvc=None), "models_pvc"),
     ],
 )
 def test_bad_placement_is_named(change, field):
     args = dict(nodes=2, nproc=1, image="img:1", gpus=0, cpu="1", memory="1Gi")
     with pytest.raises(ValueError, match=rf"^{field}="):
         NodePlacement(**{**args, **change})
+
+
+def test_the_models_pvc_is_mounted_read_only_on_every_node_where_pretrained_lies_in_it():
+    """The pipeline's models_pvc reaches each node at /models (the KFP tasks' mount path), read-only, through the
+    runtime patch (volumes and the `node` container's volumeMounts, list maps keyed by name in Trainer v2.3.0's
+    CRD). Only when `pretrained` is under /models: the nodes load nothing else from it, and the default
+    placeholder claim is ReadWriteOnce, which a block volume grants to one node at a time."""
+    from llm2clip.pipelines import llm2clip_pipeline as pipeline
+
+    placement = dataclasses.replace(GPU_NODES, models_pvc="team-models")
+    config = {**CONFIG, "pretrained": "/models/vit-b-16/open_clip_model.safetensors"}
+    obj = trainjob.build_trainjob(config, "s3://b/d", "s3://b/o", ["s3://b/c"], placement)
+    validate(obj)
+    spec = pod_patch(obj)["spec"]
+    volume = {"name": "models", "persistentVolumeClaim": {"claimName": "team-models", "readOnly": True}}
+    assert spec["volumes"] == [volume]
+    mount = {"name": "models", "mountPath": pipeline.MODELS_PATH, "readOnly": True}
+    assert spec["containers"] == [{"name": trainjob.NODE, "volumeMounts": [mount]}]
+    _, node = runtime_node()
+    assert "models" not in {m["name"] for m in node["volumeMounts"]}, "a name of the runtime's own would merge"
+    for pretrained in (None, "s3://b/vit.safetensors", "/modelsx/vit.pt"):
+        other = trainjob.build_trainjob(
+            {**config, "pretrained": pretrained}, "s3://b/d", "s3://b/o", ["s3://b/c"], placement
+        )
+        assert "volumes" not in pod_patch(other)["spec"] and "containers" not in pod_patch(other)["spec"], pretrained
+    assert "volumes" not in pod_patch(build())["spec"]  # no claim named: none mounted
+
+
+def test_the_component_hands_allow_hub_and_models_pvc_to_the_trainjob(monkeypatch, tmp_path):
+    """allow_hub travels in the TrainClipConfig the nodes run (the TrainJob's --config), models_pvc in the
+    placement (the volume above)."""
+    from kfp import dsl
+
+    from llm2clip import components
+
+    seen = {}
+
+    def train_on_nodes(cfg, dataset, output, caches, placement):
+        seen.update(cfg=cfg, placement=placement)
+        artifacts.write_manifest(output, "train_clip", {}, {})  # what rank 0 would leave
+        return {"steps": 1}
+
+    monkeypatch.setattr(trainjob, "train_on_nodes", train_on_nodes)
+    for key in ("dataset", "cache"):  # KFP artifacts pointing at written outputs (a manifest is all resolve reads)
+        (tmp_path / "store" / key).mkdir(parents=True)
+        (tmp_path / "store" / key / artifacts.MANIFEST).write_text("{}")
+        (tmp_path / key).mkdir()
+        (tmp_path / key / "location.json").write_text(json.dumps({"uri": str(tmp_path / "store" / key)}))
+    monkeypatch.setenv(artifacts.STORE_ENV, str(tmp_path / "store"))
+    components.train_clip_trainjob.python_func(
+        dataset=dsl.Dataset(uri=str(tmp_path / "dataset")),
+        caption_embeddings=[dsl.Dataset(uri=str(tmp_path / "cache"))],
+        vision_model=dsl.Model(uri=str(tmp_path / "vision_model")),
+        model="llm2clip-vit-tiny",
+        pretrained="/models/vit.safetensors",
+        epochs=1,
+        batch_size=8,
+        lr=0.0,
+        seed=0,
+        center_text=True,
+        device="cpu",
+        dtype="auto",
+        nodes=2,
+        nproc=1,
+        gpus=0,
+        node_cpu="1",
+        node_memory="2Gi",
+        node_selector={},
+        tolerations=[],
+        image="llm2clip-cpu:test",
+        allow_hub=True,
+        models_pvc="team-models",
+    )
+    assert seen["cfg"].allow_hub is True and seen["cfg"].pretrained == "/models/vit.safetensors"
+    assert seen["placement"].models_pvc == "team-models"
 
 
 def test_locations_the_nodes_cannot_reach_are_refused():
@@ -681,4 +758,6 @@ def test_the_component_is_thin_and_its_pod_asks_for_no_gpu():
         "tolerations",
         "image",
         "enabled",
+        "allow_hub",
+        "models_pvc",
     ]

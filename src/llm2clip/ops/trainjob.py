@@ -71,6 +71,12 @@ REPLICATED_JOB_LABEL = "jobset.sigs.k8s.io/replicatedjob-name"
 JOB_INDEX_LABEL = "jobset.sigs.k8s.io/job-index"
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 RESTART_ATTEMPT_LABEL = "jobset.sigs.k8s.io/restart-attempt"  # JobSet's restart count when the pod was made
+# Where the pipeline's models_pvc is mounted, in the KFP tasks (pipelines/llm2clip_pipeline.py) and on every node
+MODELS_PATH = "/models"
+MODELS_VOLUME = "models"
+# A PersistentVolumeClaim's name is a DNS-1123 subdomain (kubernetes/kubernetes v1.33.0,
+# staging/src/k8s.io/apimachinery/pkg/util/validation/validation.go, IsDNS1123Subdomain)
+_DNS1123_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 
 _QUANTITY = re.compile(r"^(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE]\+?[0-9]+))?$")
 _TOLERATION_FIELDS = {"key", "operator", "value", "effect", "tolerationSeconds"}
@@ -89,7 +95,8 @@ class NodePlacement:
     """Where and how stage 2 runs: `nodes` pods of `nproc` torchrun processes each. Every node asks for `gpus`
     GPUs (nvidia.com/gpu; 0 = CPU nodes, gloo), `cpu` and `memory` (Kubernetes quantities, request = limit), and
     lands where `node_selector` and `tolerations` allow. `image` is the trainer image (the project's CUDA image,
-    pinned by tag or digest)."""
+    pinned by tag or digest). `models_pvc`: a PersistentVolumeClaim every node mounts read-only at /models (the
+    pipeline's models_pvc, for `pretrained` paths under /models); "" mounts none."""
 
     nodes: int
     nproc: int
@@ -99,6 +106,7 @@ class NodePlacement:
     memory: str = "64Gi"
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: Sequence[Mapping[str, Any]] = ()
+    models_pvc: str = ""
 
     def __post_init__(self) -> None:
         check = artifacts.check
@@ -136,6 +144,14 @@ class NodePlacement:
             "tolerations",
             self.tolerations,
             "must be a JSON list of tolerations",
+        )
+        check(
+            isinstance(self.models_pvc, str)
+            and (self.models_pvc == "" or bool(_DNS1123_SUBDOMAIN.fullmatch(self.models_pvc)))
+            and len(self.models_pvc) <= 253,
+            "models_pvc",
+            self.models_pvc,
+            "must be a PersistentVolumeClaim name (lower-case DNS-1123 subdomain) or empty",
         )
         object.__setattr__(self, "tolerations", tuple(_toleration(t, i) for i, t in enumerate(self.tolerations)))
         object.__setattr__(self, "node_selector", dict(self.node_selector))
@@ -240,6 +256,15 @@ def build_trainjob(
         pod_spec["nodeSelector"] = dict(placement.node_selector)
     if placement.tolerations:
         pod_spec["tolerations"] = [dict(t) for t in placement.tolerations]
+    # The nodes load no LLM (stage 2 reads the caption cache), only `pretrained`: the claim is mounted when that is a
+    # path under /models. So the default placeholder claim (ReadWriteOnce, manifests/base/models-pvc.yaml) is never
+    # asked of several nodes at once, where a block volume attaches to only one. The lists merge into the runtime's
+    # by name (listType map in the TrainJob CRD, tests/fixtures/crds).
+    if placement.models_pvc and str(config.get("pretrained") or "").startswith(MODELS_PATH + "/"):
+        claim = {"claimName": placement.models_pvc, "readOnly": True}
+        pod_spec["volumes"] = [{"name": MODELS_VOLUME, "persistentVolumeClaim": claim}]
+        mount = {"name": MODELS_VOLUME, "mountPath": MODELS_PATH, "readOnly": True}
+        pod_spec["containers"] = [{"name": NODE, "volumeMounts": [mount]}]
     # The part-of label is the runtime's too; said again here because the PodMonitor and MinIO's NetworkPolicy
     # select trainer pods by it, whatever the runtime becomes.
     pod_patch: dict[str, Any] = {"metadata": {"labels": dict([PART_OF])}}
