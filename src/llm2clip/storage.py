@@ -108,7 +108,12 @@ def _client(settings: S3Settings):
     import urllib3
     from minio import Minio
 
-    # Our own retry loop decides what is transient; urllib3 must not retry behind it.
+    # Our own retry loop (_retry) decides what is transient; urllib3 must not retry behind it (minio's default client
+    # would: Retry(total=5, status_forcelist=[500, 502, 503, 504]), minio 7.2.20 minio/api.py lines 170-180).
+    # urllib3.Retry alone is not enough: minio streams object bodies (preload_content=False), so a body cut short
+    # fails in read() after urlopen has returned and its retries are spent (urllib3 2.8.0 response.py,
+    # _error_catcher raises ProtocolError, line 949), and a status cannot tell S3's 400 RequestTimeout (worth a
+    # retry) from a 400 that fails again. tests/test_storage.py::test_transient_faults_are_retried has the cases.
     http = urllib3.PoolManager(
         timeout=urllib3.Timeout(connect=settings.connect_timeout_s, read=settings.read_timeout_s),
         retries=urllib3.Retry(total=0, connect=0, read=0, redirect=0),
