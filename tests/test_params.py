@@ -78,3 +78,9 @@ def test_the_tables_name_only_pipeline_parameters_and_real_config_fields():
     for name, stages in params.SHARED.items():
         for stage in stages:
             assert name in {f.name for f in dataclasses.fields(params.config_class(stage))}, (name, stage)
+
+
+def test_shard_groups_are_the_cache_fan_outs_items():
+    assert params.shard_groups(2) == [{"group_index": 0, "num_groups": 2}, {"group_index": 1, "num_groups": 2}]
+    with pytest.raises(ValueError, match=r"^cache_groups=0: must be a whole number >= 1"):
+        params.shard_groups(0)

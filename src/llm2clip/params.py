@@ -182,10 +182,17 @@ def evaluate_config(params: Mapping[str, Any]):
     return _build("evaluate", lambda: cls(**stage_fields("evaluate", params)))
 
 
+def shard_groups(cache_groups: int) -> list[dict[str, int]]:
+    """The items the caching fan-out loops over: one {"group_index", "num_groups"} per caching task."""
+    if not isinstance(cache_groups, int) or cache_groups < 1:
+        raise ValueError(f"cache_groups={cache_groups!r}: must be a whole number >= 1 (parallel caching tasks)")
+    return [{"group_index": i, "num_groups": cache_groups} for i in range(cache_groups)]
+
+
 def stage_configs(params: Mapping[str, Any]) -> dict[str, Any]:
     """Every stage's config from a full set of pipeline parameters (caching: its first group, tuned adapter), so
     a bad value fails before any task starts."""
-    group = {"group_index": 0, "num_groups": params.get("cache_groups", 1)}
+    group = shard_groups(params.get("cache_groups", 1))[0]
     return {
         "prepare_data": prepare_data_config(params),
         "tune_caption_encoder": tune_config(params),

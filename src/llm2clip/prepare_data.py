@@ -32,10 +32,21 @@ EVAL_FORMATS = {"karpathy": ("short", 1), "docci": ("long", 1), "urban1k": ("lon
 class PrepareDataConfig:
     """Where records come from and how the canonical shards are cut."""
 
-    source: str = "synthetic"  # "synthetic", or a local directory / s3:// prefix in the canonical layout
-    num_train: int = 1000
-    num_eval: int = 200  # images per eval set
-    image_size: int = 64
+    source: str = dataclasses.field(
+        default="synthetic",
+        metadata={
+            "help": 'where the images and captions come from: "synthetic" (rendered scenes with short and long '
+            "captions), or a directory / s3:// prefix of canonical shards (train/, eval/<benchmark>/), img2dataset "
+            "tars or a caption table (source_format and the other source options say how to read it)"
+        },
+    )
+    num_train: int = dataclasses.field(default=1000, metadata={"help": "synthetic source: training images"})
+    num_eval: int = dataclasses.field(
+        default=200, metadata={"help": "synthetic source: images per eval set (synthetic_short, synthetic_long)"}
+    )
+    image_size: int = dataclasses.field(
+        default=64, metadata={"help": "synthetic source: side of the rendered images, in pixels"}
+    )
     train_group_size: int = 2  # synthetic: scenes sharing the same objects (hard negatives)
     eval_group_size: int = 4
     shard_size: int = 250

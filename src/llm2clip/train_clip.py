@@ -66,15 +66,41 @@ class TrainClipConfig:
     """
 
     text_source: str = "llm"
-    model: str = clip_model.DEFAULT_MODEL  # any open_clip model-config name
-    pretrained: str | None = None  # open_clip pretrained tag, or a checkpoint file (local path or s3://)
+    model: str = dataclasses.field(
+        default=clip_model.DEFAULT_MODEL,
+        metadata={
+            "help": "open_clip model config of the vision tower (llm2clip-vit-tiny ships in "
+            "src/llm2clip/model_configs/)"
+        },
+    )
+    pretrained: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "the vision tower's weights: None = random init; an open_clip pretrained tag (with allow_hub, or "
+            "already cached) or a checkpoint file (local or s3://). Setting it switches to the official recipe "
+            "(lr 1e-5, layer decay 0.85, no warm-up) for what is not given"
+        },
+    )
     allow_hub: bool = False  # True: the cluster reaches a hub, so a pretrained tag is downloaded (see model_sources)
     embed_dim: int | None = None  # joint embedding width (official LLM2CLIP: 1280); None = the model config's
     adapter_blocks: int = 4
-    center_text: bool = True  # subtract the train captions' mean LLM embedding before the adapter (see clip_model)
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float | None = None  # None: recipe (scratch 1e-3, pretrained 1e-5)
+    center_text: bool = dataclasses.field(
+        default=True,
+        metadata={
+            "help": "subtract the training captions' mean LLM embedding before the adapter (a deviation from the "
+            "paper, see the README); the pipeline applies it to both LLM-taught models"
+        },
+    )
+    epochs: int = dataclasses.field(
+        default=10, metadata={"help": "epochs of stage 2 (the pipeline: LLM2CLIP and both baselines alike)"}
+    )
+    batch_size: int = dataclasses.field(
+        default=64, metadata={"help": "global batch of stage 2, split over all ranks (>= 2: in-batch negatives)"}
+    )
+    lr: float | None = dataclasses.field(
+        default=None,
+        metadata={"help": "learning rate of stage 2; None takes the recipe's (1e-3 random tower, 1e-5 pretrained)"},
+    )
     weight_decay: float = 0.05
     warmup_steps: int | None = None  # None: recipe (scratch 20, pretrained 0)
     layer_decay: float | None = None  # vision layer-wise lr decay; None: recipe (scratch 1.0 = off, pretrained 0.85)

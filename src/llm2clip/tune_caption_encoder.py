@@ -7,7 +7,7 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,12 +31,21 @@ CRA_IN_EVALUATE = (
 class TuneConfig:
     """Stage-1 settings; defaults follow the LLM2CLIP code (LoRA r16/alpha32 on all projections, scale 50)."""
 
-    # a project model, a Hugging Face model directory (path, mounted volume, or s3:// prefix) or a hub id
-    llm: str = text_encoder.SMOLLM2
+    llm: str = field(
+        default=text_encoder.SMOLLM2,
+        metadata={
+            "help": 'the LLM: "smollm2-135m-instruct" (embedded), "tiny-random-llama" (built in code, for tests), '
+            "a Hugging Face model directory (a path, e.g. under /models with models_pvc, or an s3:// prefix, "
+            "downloaded once into a content-addressed cache) or a hub id (with allow_hub)"
+        },
+    )
     allow_hub: bool = False  # True: the cluster reaches a hub, so a hub id is downloaded (offline by default)
-    bidirectional: bool = True
+    bidirectional: bool = field(
+        default=True,
+        metadata={"help": "remove the LLM's causal mask (LLM2Vec-style) for tuning and caching; False keeps it causal"},
+    )
     max_length: int = 512
-    lora_r: int = 16
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of stage 1 (the pipeline sets alpha = 2 r)"})
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_targets: tuple[str, ...] = text_encoder.LORA_TARGETS
@@ -44,9 +53,11 @@ class TuneConfig:
     instruction: str = ""
     scale: float = 50.0
     hard_negatives: bool = True  # per row a caption of the positive's kind from an image outside the batch
-    steps: int = 40
-    batch_size: int = 16  # images per step: 2 captions each (+ 1 hard negative)
-    lr: float = 2e-4
+    steps: int = field(default=40, metadata={"help": "steps of stage 1, caption-contrastive LoRA tuning"})
+    batch_size: int = field(
+        default=16, metadata={"help": "images per tuning step: two captions of each, plus a hard negative"}
+    )
+    lr: float = field(default=2e-4, metadata={"help": "learning rate of stage 1 (AdamW on the LoRA weights)"})
     warmup_steps: int = 5
     weight_decay: float = 0.0
     device: str = "auto"  # cuda if available, else cpu (llm2clip.devices)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import sys
 import textwrap
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from llm2clip.params import defaults, format_value, parameter_help, parse_overrides  # noqa: F401 (cli's API)
 
 # Pipeline parameters per profile. "default" is the embedded default (SmolLM2-135M, under 15 minutes on 2 CPU
 # cores); "tiny" is a tiny random Llama on a handful of images (tests). kfp.local runs the DAG's tasks one after
@@ -43,72 +43,29 @@ PROFILES: dict[str, dict] = {
 
 def pipeline_parameters() -> dict[str, object]:
     """The pipeline's parameters with their defaults (the source of truth is the compiled signature)."""
-    import inspect
-
     from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
 
-    sig = inspect.signature(llm2clip_pipeline.pipeline_func)
-    return {k: p.default for k, p in sig.parameters.items()}
-
-
-# An entry of the pipeline docstring: "name: text", "name (type): text" or "name / other: text" (text shared),
-# continued on lines indented deeper than the entry's first line.
-_DOC_ENTRY = re.compile(r"(?P<names>\w+(?:\s*/\s*\w+)*)\s*(?:\([^)]*\))?\s*:\s*(?P<text>.*)")
-
-
-def pipeline_parameter_docs(pipeline_func: Callable | None = None) -> dict[str, str]:
-    """Each parameter's description as the pipeline's docstring gives it (the one place they are documented), in
-    the docstring's order, whitespace collapsed; parameters described together share one text. Parameters it does
-    not describe are missing from the result."""
-    import inspect
-
-    if pipeline_func is None:
-        from llm2clip.pipelines.llm2clip_pipeline import llm2clip_pipeline
-
-        pipeline_func = llm2clip_pipeline.pipeline_func
-    known = set(inspect.signature(pipeline_func).parameters)
-    entries: list[tuple[int, list[str], list[str]]] = []  # (indent, names, lines) of each entry
-    in_entry = False
-    for line in (inspect.getdoc(pipeline_func) or "").splitlines():
-        indent = len(line) - len(line.lstrip())
-        if in_entry and line.strip() and indent > entries[-1][0]:
-            entries[-1][2].append(line)
-            continue
-        match = _DOC_ENTRY.fullmatch(line.strip())
-        names = [n.strip() for n in match["names"].split("/")] if match else []
-        in_entry = bool(names) and set(names) <= known  # any other line (a heading, "Returns ...") ends an entry
-        if in_entry:
-            entries.append((indent, names, [match["text"]]))
-    return {name: " ".join(" ".join(lines).split()) for _, names, lines in entries for name in names}
-
-
-def format_value(value: object) -> str:
-    """A parameter value as `--set KEY=VALUE` takes it back (parse_overrides)."""
-    if isinstance(value, bool):
-        return str(value).lower()
-    return json.dumps(value, separators=(",", ":")) if isinstance(value, dict | list) else str(value)
+    return defaults(llm2clip_pipeline.pipeline_func)
 
 
 def parameters_help() -> str:
-    """`run --help`'s list of pipeline parameters in the docstring's order: each as `--set` takes it, with the
-    pipeline's default and the profiles that change it, then the docstring's description (once per group)."""
-    defaults, docs = pipeline_parameters(), pipeline_parameter_docs()
-    names = [*docs, *(name for name in defaults if name not in docs)]
-    text = [docs.get(name, "(not described in the pipeline's docstring)") for name in names]
+    """`run --help`'s list of pipeline parameters in the pipeline's order: each as `--set` takes it, with the
+    pipeline's default and the profiles that change it, then what it means (llm2clip.params.parameter_help: the
+    config field's metadata, or params.HELP for a parameter that is no single config field)."""
+    values = pipeline_parameters()
     width = max(min(shutil.get_terminal_size().columns, 120) - 2, 40)
     out = ["pipeline parameters (--set KEY=VALUE; shown with the pipeline's defaults):"]
-    for i, name in enumerate(names):
+    for name, default in values.items():
         profiles = ", ".join(f"{p} {format_value(v[name])}" for p, v in PROFILES.items() if name in v)
-        out.append(f"  {name}={format_value(defaults[name])}" + (f"  (--profile {profiles})" if profiles else ""))
-        if i + 1 == len(names) or text[i + 1] != text[i]:  # the last of the parameters described together
-            out += textwrap.wrap(
-                text[i],
-                width,
-                initial_indent=" " * 6,
-                subsequent_indent=" " * 6,
-                break_long_words=False,
-                break_on_hyphens=False,
-            )
+        out.append(f"  {name}={format_value(default)}" + (f"  (--profile {profiles})" if profiles else ""))
+        out += textwrap.wrap(
+            parameter_help(name),
+            width,
+            initial_indent=" " * 6,
+            subsequent_indent=" " * 6,
+            break_long_words=False,
+            break_on_hyphens=False,
+        )
     return "\n".join(out)
 
 
@@ -125,70 +82,14 @@ class ShowRunHelp(argparse.Action):
         parser.exit()
 
 
-def parse_overrides(pairs: list[str], defaults: dict[str, object]) -> dict[str, object]:
-    """KEY=VALUE pairs typed after the parameter's default; unknown keys and bad values raise SystemExit."""
-    out: dict[str, object] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE")
-        if key not in defaults:
-            raise SystemExit(f"--set {key}: unknown pipeline parameter (known: {', '.join(sorted(defaults))})")
-        kind = type(defaults[key])
-        try:
-            if kind in (dict, list):  # JSON: --set source_options='{"a": 1}' --set zero_shot='["synthetic"]'
-                value = json.loads(raw)
-                if not isinstance(value, kind):
-                    raise ValueError(raw)
-                out[key] = value
-            elif kind is bool:
-                if raw.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError(raw)
-                out[key] = raw.lower() in ("true", "1")
-            else:
-                out[key] = kind(raw)
-        except ValueError:
-            raise SystemExit(f"--set {key}={raw!r}: expected {'an' if kind is int else 'a'} {kind.__name__}") from None
-    return out
-
-
 def validate_parameters(params: dict[str, object]) -> None:
     """Check the stage configs before starting any task, so a bad value fails in a second, not mid-run."""
     from llm2clip import devices
-    from llm2clip.evaluate import EvaluateConfig
+    from llm2clip import params as stage_params
     from llm2clip.ops import preflight
-    from llm2clip.prepare_data import PrepareDataConfig
-    from llm2clip.train_clip import TrainClipConfig
-    from llm2clip.tune_caption_encoder import TuneConfig
 
     try:
-        PrepareDataConfig.from_options(
-            params["source_options"],
-            source=params["source"],
-            num_train=params["num_train"],
-            num_eval=params["num_eval"],
-            image_size=params["image_size"],
-            seed=params["seed"],
-        )
-        TuneConfig(
-            llm=params["llm"],
-            steps=params["tune_steps"],
-            batch_size=params["tune_batch_size"],
-            lr=params["tune_lr"],
-            lora_r=params["lora_r"],
-            device=params["device"],
-            dtype=params["dtype"],
-        )
-        TrainClipConfig(
-            model=params["vision_model"],
-            pretrained=params["pretrained"] or None,
-            epochs=params["train_epochs"],
-            batch_size=params["train_batch_size"],
-            lr=params["train_lr"] or None,  # 0: the recipe's default
-            device=params["device"],
-            dtype=params["dtype"],
-        )
-        EvaluateConfig(device=params["device"], zero_shot=tuple(params["zero_shot"]))
+        stage_params.stage_configs(params)
         devices.resolve_device(params["device"])  # "cuda" on a machine without a GPU fails here, not in a task
         for problem in preflight.placement_problems(params):
             raise ValueError(problem)
