@@ -56,12 +56,64 @@ def test_models_are_checked_before_anything_runs(tmp_path):
     ]
     (tmp_path / "empty" / "config.json").write_text("{}")
     assert problems(llm=str(tmp_path / "empty")) == []
-    assert problems(llm="acme/not-a-cached-model") == [
-        "llm='acme/not-a-cached-model': not a local directory and not in the Hugging Face cache, and "
-        "HF_HUB_OFFLINE=1 forbids downloading it: pass a local model directory holding config.json, or "
-        "'smollm2-135m-instruct' / 'tiny-random-llama'"
+    offline = (
+        "llm='acme/not-a-cached-model': a Hugging Face hub id, and the run is offline (allow_hub=False) while it is "
+        "not in the local Hugging Face cache: set allow_hub=true where the hub is reachable, or pass an s3:// copy "
+        "or a model directory (on a cluster under /models, with models_pvc), or 'smollm2-135m-instruct' / "
+        "'tiny-random-llama'"
+    )
+    assert problems(llm="acme/not-a-cached-model") == [offline]
+    assert problems(env={}, llm="acme/not-a-cached-model") == [offline]  # allow_hub decides, not HF_HUB_OFFLINE
+    assert problems(llm="acme/not-a-cached-model", allow_hub=True) == []  # the hub decides at load time
+    assert problems(llm="http://example.com/model") == [
+        "llm='http://example.com/model': unsupported model location 'http://example.com/model' (a path, s3://, "
+        "minio:// or a hub id org/name)"
     ]
-    assert problems(env={}, llm="acme/not-a-cached-model") == []  # online: the hub decides at load time
+
+
+def test_models_from_the_object_store_a_volume_or_the_hub_are_classified_as_the_loader_does(tmp_path):
+    """Issue 16 item 9: llm=s3://... was refused as 'no such model directory'. Locally an s3:// copy needs the
+    store's settings; on a cluster (`llm2clip submit`) the pods have them (llm2clip-config), paths under /models
+    are on the models_pvc volume, and the pods' Hugging Face cache is empty, so a hub id needs allow_hub."""
+    local = {"HF_HUB_OFFLINE": "1"}
+    assert problems(env=local, llm="s3://models/Qwen2-0.5B") == [
+        "llm='s3://models/Qwen2-0.5B': an object-store location needs MINIO_ENDPOINT, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY in the environment"
+    ]
+    store = {"MINIO_ENDPOINT": "h:9000", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    assert problems(env=store, llm="s3://models/Qwen2-0.5B", pretrained="s3://models/vit.safetensors") == []
+    assert problems(env=local, pretrained="s3://models/vit.safetensors") == [
+        "pretrained='s3://models/vit.safetensors': an object-store location needs MINIO_ENDPOINT, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY in the environment"
+    ]
+    assert problems(pretrained=str(tmp_path / "vit.pt")) == [
+        f"pretrained='{tmp_path / 'vit.pt'}': no such checkpoint file"
+    ]
+    (tmp_path / "vit.pt").write_bytes(b"weights")
+    assert problems(pretrained=str(tmp_path / "vit.pt")) == []
+    assert problems(pretrained="laion2b_s34b_b88k") == []  # an open_clip tag: open_clip resolves it at build time
+
+    def cluster(**overrides) -> list[str]:
+        return preflight.model_problems(params(**overrides), {}, on_cluster=True)
+
+    assert cluster(llm="s3://models/Qwen2-0.5B", pretrained="s3://models/vit.safetensors") == []
+    assert cluster(llm="/models/Qwen2-0.5B", pretrained="/models/vit-b-16.safetensors") == []
+    assert cluster(llm="Qwen/Qwen2-0.5B", allow_hub=True) == []
+    assert cluster(llm="Qwen/Qwen2-0.5B")[0].startswith(
+        "llm='Qwen/Qwen2-0.5B': a Hugging Face hub id, and the run is offline (allow_hub=False) while the pods' "
+        "Hugging Face cache is empty"
+    )
+    assert cluster(llm="/data/Qwen2-0.5B") == [
+        "llm='/data/Qwen2-0.5B': no such model directory (or use 'smollm2-135m-instruct' / 'tiny-random-llama')"
+    ]
+    assert cluster(pretrained="/data/vit.pt") == [
+        "pretrained='/data/vit.pt': no such checkpoint file (on a cluster, a path under /models on models_pvc, or "
+        "s3://BUCKET/KEY)"
+    ]
+    assert cluster(models_pvc="")[0].startswith("models_pvc='': Kubeflow Pipelines fails every model-loading task")
+    assert problems(llm="/models/Qwen2-0.5B")[0].startswith("llm='/models/Qwen2-0.5B': no such model directory")
+    with pytest.raises(SystemExit, match=r"bad pipeline parameter: llm='Qwen/Qwen2-0.5B': a Hugging Face hub id"):
+        cli.main(["submit", "--dry-run", "--set", "llm=Qwen/Qwen2-0.5B"])  # before anything is compiled or sent
 
 
 def test_object_store_locations_need_their_settings_in_the_environment(monkeypatch):

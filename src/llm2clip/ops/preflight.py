@@ -2,6 +2,11 @@
 eval paths, field names against a first sample, batch sizes against split sizes. Each problem is one sentence that
 names the parameter and its value; `check_run` raises one ValueError listing them all.
 
+Models (`model_problems`) are classified as llm2clip.model_sources resolves them: an s3:// copy needs the store's
+settings, a path must exist, a hub id is fine with allow_hub and must be in the local Hugging Face cache without it.
+On a cluster (`llm2clip submit`) the pods resolve them: paths under /models (the models_pvc volume) and the object
+store's settings (the llm2clip-config ConfigMap) are theirs, and their Hugging Face cache is empty.
+
 What is not checked here, and why: a Hugging Face hub id when downloads are allowed (that needs the network), the
 content of every record (prepare_data validates each one and writes rejects.jsonl), and how many records survive
 validation (only an upper bound is known before prepare_data runs).
@@ -13,9 +18,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from llm2clip import formats, prepare_data, storage
-
-OFFLINE_VALUES = ("1", "true", "yes", "on")
+from llm2clip import formats, model_sources, prepare_data, storage
 
 
 def check_run(params: Mapping[str, object], env: Mapping[str, str] | None = None) -> None:
@@ -36,7 +39,7 @@ def run_problems(params: Mapping[str, object], env: Mapping[str, str]) -> list[s
         image_size=params["image_size"],
         seed=params["seed"],
     )
-    problems = llm_problems(str(params["llm"]), env)
+    problems = model_problems(params, env)
     uris = {"source": cfg.source, "images": cfg.images}
     uris.update({f"eval_sources[{i}]": prepare_data.parse_eval_source(s)[2] for i, s in enumerate(cfg.eval_sources)})
     store_problems = [p for name, uri in uris.items() if uri for p in object_store_problems(name, uri, env)]
@@ -59,31 +62,83 @@ def placement_problems(params: Mapping[str, object]) -> list[str]:
     ]
 
 
-def llm_problems(llm: str, env: Mapping[str, str]) -> list[str]:
-    """A project name, a local Hugging Face model directory (with config.json), or a hub id: offline, only one
-    that is already in the local Hugging Face cache."""
+def model_problems(params: Mapping[str, object], env: Mapping[str, str], on_cluster: bool = False) -> list[str]:
+    """`llm` and `pretrained` (see the module docstring); `on_cluster`: checked for a run on a cluster's pods.
+    A parameter missing from `params` (submit passes only those set) keeps its default, which needs no check."""
+    allow_hub = bool(params.get("allow_hub", False))
+    problems = llm_problems(str(params["llm"]), env, allow_hub, on_cluster) if "llm" in params else []
+    problems += pretrained_problems(str(params.get("pretrained") or ""), env, on_cluster)
+    if on_cluster and "models_pvc" in params and not params["models_pvc"]:
+        problems.append(
+            f"models_pvc={params.get('models_pvc')!r}: Kubeflow Pipelines fails every model-loading task whose PVC "
+            "name is empty; keep the default (llm2clip-models, created by manifests/base) or name a claim of yours"
+        )
+    return problems
+
+
+def _on_models_volume(reference: str) -> bool:
+    from llm2clip.ops.trainjob import MODELS_PATH
+
+    return reference.startswith(MODELS_PATH + "/")
+
+
+def llm_problems(llm: str, env: Mapping[str, str], allow_hub: bool = False, on_cluster: bool = False) -> list[str]:
+    """A project name, a Hugging Face model directory (with config.json), an s3:// copy of one, or a hub id:
+    without allow_hub, only one already in the local Hugging Face cache (none on a cluster's pods)."""
     from llm2clip.text_encoder import SMOLLM2, TINY_LLAMA
 
     if llm in (SMOLLM2, TINY_LLAMA):
         return []
-    path = Path(llm).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            return [f"llm={llm!r}: a file, not a model directory"]
-        if not (path / "config.json").is_file():
-            return [f"llm={llm!r}: the directory holds no config.json (expected a Hugging Face model directory)"]
-        return []
-    if llm.startswith(("/", ".", "~")) or llm.count("/") != 1:
-        return [f"llm={llm!r}: no such model directory (or use {SMOLLM2!r} / {TINY_LLAMA!r})"]
-    if env.get("HF_HUB_OFFLINE", "").lower() in OFFLINE_VALUES:
-        from huggingface_hub import try_to_load_from_cache
+    try:
+        kind = model_sources.classify(llm)
+    except ValueError as e:
+        return [f"llm={llm!r}: {e}"]
+    if kind == "object-store":
+        return [] if on_cluster else object_store_problems("llm", llm, env)
+    if kind == "hub":
+        if allow_hub:
+            return []
+        if not on_cluster:
+            from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(llm, "config.json"), str):
-            return [
-                f"llm={llm!r}: not a local directory and not in the Hugging Face cache, and HF_HUB_OFFLINE=1 "
-                f"forbids downloading it: pass a local model directory holding config.json, or {SMOLLM2!r} / "
-                f"{TINY_LLAMA!r}"
-            ]
+            if isinstance(try_to_load_from_cache(llm, "config.json"), str):
+                return []
+        where = "the pods' Hugging Face cache is empty" if on_cluster else "it is not in the local Hugging Face cache"
+        return [
+            f"llm={llm!r}: a Hugging Face hub id, and the run is offline (allow_hub=False) while {where}: set "
+            "allow_hub=true where the hub is reachable, or pass an s3:// copy or a model directory "
+            f"(on a cluster under /models, with models_pvc), or {SMOLLM2!r} / {TINY_LLAMA!r}"
+        ]
+    if on_cluster and _on_models_volume(llm):
+        return []  # on the models_pvc volume, which only the pods see
+    path = Path(llm).expanduser()
+    if not path.exists():
+        return [f"llm={llm!r}: no such model directory (or use {SMOLLM2!r} / {TINY_LLAMA!r})"]
+    if not path.is_dir():
+        return [f"llm={llm!r}: a file, not a model directory"]
+    if not (path / "config.json").is_file():
+        return [f"llm={llm!r}: the directory holds no config.json (expected a Hugging Face model directory)"]
+    return []
+
+
+def pretrained_problems(pretrained: str, env: Mapping[str, str], on_cluster: bool = False) -> list[str]:
+    """ "" (random init), an s3:// checkpoint, a checkpoint file, or an open_clip tag (resolved when the tower is
+    built: only open_clip knows its tags, and importing it here would cost seconds)."""
+    if not pretrained:
+        return []
+    try:
+        kind = model_sources.classify(pretrained)
+    except ValueError as e:
+        return [f"pretrained={pretrained!r}: {e}"]
+    if kind == "object-store":
+        return [] if on_cluster else object_store_problems("pretrained", pretrained, env)
+    if kind == "hub" or (on_cluster and _on_models_volume(pretrained)):
+        return []
+    if not Path(pretrained).expanduser().is_file():
+        return [
+            f"pretrained={pretrained!r}: no such checkpoint file"
+            + (" (on a cluster, a path under /models on models_pvc, or s3://BUCKET/KEY)" if on_cluster else "")
+        ]
     return []
 
 

@@ -565,9 +565,9 @@ def run(args: argparse.Namespace) -> int:
     params = parse_overrides(
         args.overrides, defaults(llm2clip_pipeline.pipeline_func)
     )  # before anything slow or remote
-    from llm2clip.ops.preflight import placement_problems
+    from llm2clip.ops.preflight import model_problems, placement_problems
 
-    if problems := placement_problems(params):
+    if problems := placement_problems(params) + model_problems(params, os.environ, on_cluster=True):
         raise SystemExit("bad pipeline parameter: " + "; ".join(problems))
     if args.schedule:
         check_schedule(args.schedule)
