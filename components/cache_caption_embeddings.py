@@ -20,17 +20,11 @@ def cache_caption_embeddings(
     """fp16 safetensors per shard keyed by sample key, with a manifest (use_adapter=False: the raw LLM;
     attention "causal": the LLM as it is, the paper's raw-LLM baseline)."""
     from llm2clip.artifacts import output_location, point, resolve
-    from llm2clip.cache_caption_embeddings import CacheConfig, cache_caption_embeddings
+    from llm2clip.cache_caption_embeddings import cache_caption_embeddings
+    from llm2clip.params import cache_config
 
-    cfg = CacheConfig(
-        use_adapter=use_adapter,
-        attention=attention,
-        group_index=int(group["group_index"]),
-        num_groups=int(group["num_groups"]),
-        device=device,
-        dtype=dtype,
-        allow_hub=allow_hub,
-    )
+    values = dict(allow_hub=allow_hub, device=device, dtype=dtype)
+    cfg = cache_config(values, group=group, use_adapter=use_adapter, attention=attention)
     out = output_location(caption_embeddings.path, caption_embeddings.uri)
     result = cache_caption_embeddings(cfg, resolve(dataset.path), resolve(text_lora.path), out)
     point(caption_embeddings.path, out)

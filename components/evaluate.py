@@ -26,25 +26,21 @@ def evaluate(
     """summary.json + reports in `evaluation`; R@k as KFP metrics. Skipped ablations are left out."""
     import shutil
 
-    from llm2clip.artifacts import resolve
-    from llm2clip.evaluate import MODELS, EvaluateConfig, evaluate, pipeline_caches
+    from llm2clip.artifacts import resolve, scalar_metrics
+    from llm2clip.evaluate import evaluate_pipeline_models
+    from llm2clip.params import evaluate_config
 
     trained = [llm2clip_model, raw_llm_model, clip_model, llm2clip_no_centring_model, raw_llm_no_centring_model]
-    models = dict(zip(MODELS, [resolve(m.path) for m in trained], strict=True))
-    caches = pipeline_caches([resolve(a.path) for a in tuned_embeddings], [resolve(a.path) for a in raw_embeddings])
-    summary = evaluate(
-        EvaluateConfig(device=device, zero_shot=tuple(zero_shot)),
+    summary = evaluate_pipeline_models(
+        evaluate_config(dict(device=device, zero_shot=zero_shot)),
         resolve(dataset.path),
         resolve(text_lora.path),
-        models,
-        caches,
+        [resolve(m.path) for m in trained],
+        [resolve(a.path) for a in tuned_embeddings],
+        [resolve(a.path) for a in raw_embeddings],
         evaluation.path,
     )
-    for bench, by_model in summary["retrieval"].items():
-        for name, values in by_model.items():
-            for k, v in values.items():
-                if isinstance(v, float):  # the value, not its interval or counts
-                    retrieval_metrics.log_metric(f"{bench}/{name}/{k}", v)
+    retrieval_metrics.metadata.update(scalar_metrics(summary["retrieval"]))  # values, not intervals or counts
     shutil.copy(f"{evaluation.path}/report.html", report.path)
     shutil.copy(f"{evaluation.path}/report.md", report_markdown.path)
     shutil.copy(f"{evaluation.path}/summary.json", retrieval_metrics.path)

@@ -21,15 +21,14 @@ def prepare_data(
     that each loop item compiles as a dict (STRUCT), the type of cache_caption_embeddings' `group` (the KFP driver
     refuses a STRING item there). `store` (LLM2CLIP_STORE, from locate_store) only enters the cache key."""
     from llm2clip.artifacts import output_location, point
-    from llm2clip.prepare_data import PrepareDataConfig, prepare_data
+    from llm2clip.params import prepare_data_config, shard_groups
+    from llm2clip.prepare_data import prepare_data
 
+    values = dict(source=source, source_options=source_options, num_train=num_train, num_eval=num_eval)
+    cfg = prepare_data_config(dict(values, image_size=image_size, seed=seed))
+    groups = shard_groups(cache_groups)
     out = output_location(dataset.path, dataset.uri)
-    stats = prepare_data(
-        PrepareDataConfig.from_options(
-            source_options, source=source, num_train=num_train, num_eval=num_eval, image_size=image_size, seed=seed
-        ),
-        out,
-    )
+    stats = prepare_data(cfg, out)
     point(dataset.path, out)
     dataset.metadata.update({"location": out, **stats})
-    return [{"group_index": i, "num_groups": cache_groups} for i in range(cache_groups)]
+    return groups

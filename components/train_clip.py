@@ -33,21 +33,12 @@ def train_clip(
         write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
         point(vision_model.path, out)
         return out
-    from llm2clip.train_clip import TrainClipConfig, launch
+    from llm2clip.params import train_clip_config
+    from llm2clip.train_clip import launch
 
-    cfg = TrainClipConfig(
-        text_source="llm",
-        model=model,
-        pretrained=pretrained or None,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr or None,
-        seed=seed,
-        center_text=center_text,
-        device=device,
-        dtype=dtype,
-        allow_hub=allow_hub,
-    )  # lr 0, pretrained "": the recipe's
+    values = dict(vision_model=model, pretrained=pretrained, train_epochs=epochs, train_batch_size=batch_size)
+    values.update(train_lr=lr, seed=seed, center_text=center_text, device=device, dtype=dtype, allow_hub=allow_hub)
+    cfg = train_clip_config(values, text_source="llm")
     result = launch(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], nproc)
     point(vision_model.path, out)
     vision_model.metadata.update({"text_source": "llm", "location": out, **result})

@@ -22,20 +22,12 @@ def train_clip_baseline(
 ):
     """Checkpoint + manifest of the CLIP baseline; it needs no LLM and no cache, so it runs beside stage 1."""
     from llm2clip.artifacts import output_location, point, resolve
-    from llm2clip.train_clip import TrainClipConfig, launch
+    from llm2clip.params import train_clip_config
+    from llm2clip.train_clip import launch
 
-    cfg = TrainClipConfig(
-        text_source="clip",
-        model=model,
-        pretrained=pretrained or None,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr or None,  # 0: the recipe's (scratch or pretrained)
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        allow_hub=allow_hub,
-    )
+    values = dict(vision_model=model, pretrained=pretrained, train_epochs=epochs, train_batch_size=batch_size)
+    values.update(train_lr=lr, seed=seed, device=device, dtype=dtype, allow_hub=allow_hub)
+    cfg = train_clip_config(values, text_source="clip")
     out = output_location(vision_model.path, vision_model.uri)
     result = launch(cfg, resolve(dataset.path), out, None, nproc)
     point(vision_model.path, out)

@@ -35,17 +35,19 @@ def train_clip_trainjob(
     from llm2clip.artifacts import output_location, point, resolve, write_manifest
 
     out = output_location(vision_model.path, vision_model.uri)
-    fields = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
-    if enabled:
-        from llm2clip.ops.trainjob import NodePlacement, train_on_nodes
-        from llm2clip.train_clip import TrainClipConfig
+    if not enabled:
+        cfg = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
+        write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
+        point(vision_model.path, out)
+        return out
+    from llm2clip.ops.trainjob import NodePlacement, train_on_nodes
+    from llm2clip.params import train_clip_config
 
-        more = dict(pretrained=pretrained or None, batch_size=batch_size, lr=lr or None, device=device, dtype=dtype)
-        cfg = TrainClipConfig(**fields, **more, allow_hub=allow_hub)
-        place = NodePlacement(nodes, nproc, image, gpus, node_cpu, node_memory, node_selector, tolerations, models_pvc)
-        result = train_on_nodes(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], place)
-        vision_model.metadata.update({"text_source": "llm", "location": out, "nodes": nodes, **result})
-    else:
-        write_manifest(out, "train_clip", fields, {}, skipped="not requested (pipeline parameter ablations=False)")
+    values = dict(vision_model=model, pretrained=pretrained, train_epochs=epochs, train_batch_size=batch_size)
+    values.update(train_lr=lr, seed=seed, center_text=center_text, device=device, dtype=dtype, allow_hub=allow_hub)
+    cfg = train_clip_config(values, text_source="llm")
+    place = NodePlacement(nodes, nproc, image, gpus, node_cpu, node_memory, node_selector, tolerations, models_pvc)
+    result = train_on_nodes(cfg, resolve(dataset.path), out, [resolve(a.path) for a in caption_embeddings], place)
     point(vision_model.path, out)
+    vision_model.metadata.update({"text_source": "llm", "location": out, "nodes": nodes, **result})
     return out

@@ -23,30 +23,18 @@ def tune_caption_encoder(
 ):
     """LoRA adapter + manifest; logs the loss (CRA is measured in evaluate, from the caption caches)."""
     import json
+    from pathlib import Path
 
-    from llm2clip.artifacts import output_location, point, resolve
-    from llm2clip.tune_caption_encoder import TuneConfig, tune_caption_encoder
+    from llm2clip.artifacts import output_location, point, resolve, scalar_metrics
+    from llm2clip.params import tune_config
+    from llm2clip.tune_caption_encoder import tune_caption_encoder
 
-    cfg = TuneConfig(
-        llm=llm,
-        bidirectional=bidirectional,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        lora_r=lora_r,
-        lora_alpha=2 * lora_r,
-        warmup_steps=max(1, steps // 8),
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        allow_hub=allow_hub,
-    )
+    values = dict(llm=llm, allow_hub=allow_hub, bidirectional=bidirectional, lora_r=lora_r, seed=seed)
+    values.update(tune_steps=steps, tune_batch_size=batch_size, tune_lr=lr, device=device, dtype=dtype)
+    cfg = tune_config(values)
     out = output_location(text_lora.path, text_lora.uri)
     result = tune_caption_encoder(cfg, resolve(dataset.path), out)
     point(text_lora.path, out)
-    for k in ("cra_before", "cra_before_bidirectional", "cra_after", "loss_last"):
-        if isinstance(result.get(k), float):  # CRA is None when skipped (no eval set with two short captions)
-            metrics.log_metric(k, result[k])
+    metrics.metadata.update(scalar_metrics(result))  # CRA is None when skipped (no eval set with two short captions)
     text_lora.metadata.update({"base_model": llm, "location": out, **result})
-    with open(metrics.path, "w") as f:  # a file, so local caching can hit
-        json.dump(result, f)
+    Path(metrics.path).write_text(json.dumps(result))  # a file, so local caching can hit

@@ -1,6 +1,7 @@
 """llm2clip.params: the one place where pipeline parameters become stage configs (components, `llm2clip run`'s
 checks and --help, submit), and where each parameter's help comes from."""
 
+import ast
 import dataclasses
 from pathlib import Path
 
@@ -84,3 +85,16 @@ def test_shard_groups_are_the_cache_fan_outs_items():
     assert params.shard_groups(2) == [{"group_index": 0, "num_groups": 2}, {"group_index": 1, "num_groups": 2}]
     with pytest.raises(ValueError, match=r"^cache_groups=0: must be a whole number >= 1"):
         params.shard_groups(0)
+
+
+def test_components_and_operations_build_stage_configs_only_through_params():
+    """The mapping from pipeline parameters to a stage config is written once (here), not in each caller."""
+    classes = {name for _, name in params.CONFIGS.values()}
+    found = []
+    for path in sorted([*(ROOT / "components").glob("*.py"), *(ROOT / "src/llm2clip/ops").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                callee = ast.unparse(node.func)
+                if set(callee.split(".")) & classes:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {callee}")
+    assert found == []

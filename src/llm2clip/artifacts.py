@@ -51,6 +51,18 @@ def read_manifest(out_dir: str, stage: str | None = None) -> dict:
     return manifest
 
 
+def scalar_metrics(result: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    """The float values of a stage's (nested) result as flat "a/b/c" names, what a KFP Metrics artifact shows as
+    scalar metrics; intervals (lists), counts (ints) and skipped values (None) are left out."""
+    out: dict[str, float] = {}
+    for key, value in result.items():
+        if isinstance(value, dict):
+            out.update(scalar_metrics(value, f"{prefix}{key}/"))
+        elif isinstance(value, float):
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def check(condition: bool, field: str, value: Any, why: str) -> None:
     """Config validation: raise a ValueError naming the field and its bad value."""
     if not condition:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -38,9 +38,13 @@ class EvaluateConfig:
     bootstrap: int = 1000  # resamples of the eval images for the 95% intervals
     seed: int = 0  # the bootstrap draws; the same draws serve every model, so differences are paired
     device: str = "auto"
-    # zero-shot classification sets: "synthetic" (colour x shape scenes at the dataset's image size) or
-    # "NAME=URI" (an image folder per class, local or s3://, optional classnames.txt)
-    zero_shot: tuple[str, ...] = ("synthetic",)
+    zero_shot: tuple[str, ...] = field(
+        default=("synthetic",),
+        metadata={
+            "help": 'zero-shot classification sets: "synthetic" (colour x shape scenes at the dataset\'s image size) '
+            'and/or "NAME=URI" (an image folder per class, local or s3://, optional classnames.txt); none: empty'
+        },
+    )
     zero_shot_images: int = 480  # size of the synthetic set (20 per class)
     zero_shot_templates: tuple[str, ...] = ("single", "ensemble")
 
@@ -265,6 +269,22 @@ def pipeline_caches(tuned: list[str], raw: list[str]) -> dict[str, list[str]]:
         "llm2clip_no_centring": tuned,
         "llm2clip_raw_llm_no_centring": raw,
     }
+
+
+def evaluate_pipeline_models(
+    cfg: EvaluateConfig,
+    dataset_dir: str,
+    text_lora_dir: str,
+    model_dirs: list[str],
+    tuned: list[str],
+    raw: list[str],
+    out_dir: str,
+) -> dict:
+    """`evaluate` as the pipeline's evaluate task calls it: the model directories in MODELS order and the two
+    caption-cache fan-outs (tuned LLM, raw LLM) as they come, each model reading its caches (pipeline_caches)."""
+    artifacts.check(len(model_dirs) == len(MODELS), "model_dirs", model_dirs, f"expected one per model of {MODELS}")
+    models = dict(zip(MODELS, model_dirs, strict=True))
+    return evaluate(cfg, dataset_dir, text_lora_dir, models, pipeline_caches(tuned, raw), out_dir)
 
 
 def cra_summary(tune_metrics: dict) -> dict:

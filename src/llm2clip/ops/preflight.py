@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from llm2clip import formats, model_sources, prepare_data, storage
+from llm2clip.params import prepare_data_config
 
 
 def check_run(params: Mapping[str, object], env: Mapping[str, str] | None = None) -> None:
@@ -31,14 +32,7 @@ def check_run(params: Mapping[str, object], env: Mapping[str, str] | None = None
 
 
 def run_problems(params: Mapping[str, object], env: Mapping[str, str]) -> list[str]:
-    cfg = prepare_data.PrepareDataConfig.from_options(
-        dict(params["source_options"]),
-        source=params["source"],
-        num_train=params["num_train"],
-        num_eval=params["num_eval"],
-        image_size=params["image_size"],
-        seed=params["seed"],
-    )
+    cfg = prepare_data_config(params)
     problems = model_problems(params, env)
     uris = {"source": cfg.source, "images": cfg.images}
     uris.update({f"eval_sources[{i}]": prepare_data.parse_eval_source(s)[2] for i, s in enumerate(cfg.eval_sources)})
