@@ -3,6 +3,7 @@
 import contextlib
 import http.client
 import http.server
+import os
 import threading
 import time
 
@@ -244,3 +245,14 @@ def test_transient_faults_are_retried(s3_env, moto_server, monkeypatch, fault, m
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+def test_a_local_write_gets_the_mode_open_would_give(tmp_path):
+    """The atomic write goes through mkstemp (0600): the final file must be readable as open() would make it
+    (report.html and the artifacts were 0600, unreadable to a web server or another user sharing the run dir)."""
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes(tmp_path / "report.html", b"<html></html>")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
