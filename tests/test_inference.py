@@ -155,6 +155,34 @@ def test_a_different_adapter_or_pooling_is_refused(run, tmp_path):
         inference.load_model(str(old), device="cpu")
 
 
+def test_a_hub_llm_is_downloaded_only_with_allow_hub(run, tmp_path, monkeypatch):
+    """The base LLM a model's cache recorded is resolved as the stages resolve it (llm2clip.model_sources): a hub id
+    not in the local cache is refused offline, naming allow_hub, and reaches the hub only with allow_hub=True."""
+    from llm2clip import model_sources
+
+    hub_model = tmp_path / "hub_model"
+    shutil.copytree(run["llm2clip"], hub_model)
+    manifest = json.loads((hub_model / "manifest.json").read_text())
+    manifest["cache"]["encoder"]["base_model"] = "acme/llm-not-in-any-cache"
+    (hub_model / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"^llm='acme/llm-not-in-any-cache': .*offline \(allow_hub=False\)"):
+        inference.load_model(str(hub_model), text_lora_dir=run["lora"], device="cpu")
+    asked = []
+
+    def hub_snapshot(repo_id: str, *, parameter: str, allow_hub: bool):
+        asked.append((repo_id, allow_hub))
+        raise RuntimeError("the hub was reached")  # no network in tests
+
+    monkeypatch.setattr(model_sources, "hub_snapshot", hub_snapshot)
+    with pytest.raises(RuntimeError, match="the hub was reached"):
+        inference.from_run(
+            {"artifacts": {"text_lora": run["lora"], "models": {"llm2clip": str(hub_model)}}},
+            device="cpu",
+            allow_hub=True,
+        )
+    assert asked == [("acme/llm-not-in-any-cache", True)]
+
+
 def test_from_run_loads_every_model_from_s3(run, s3_env):
     uris = {}
     for key in ("lora", "llm2clip", "llm2clip_raw_llm", "clip_baseline"):

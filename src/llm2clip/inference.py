@@ -99,26 +99,35 @@ class Encoder:
 
 
 def load_model(
-    model_dir: str, text_lora_dir: str | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 64
+    model_dir: str,
+    text_lora_dir: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 64,
+    allow_hub: bool = False,
 ) -> Encoder:
     """Load a stage-2 model directory (local or s3://) written by `train_clip.train_clip`.
 
     text_lora_dir: the stage-1 output (its `adapter/`) for a model trained on tuned embeddings; by default the one
-    its cache recorded. device/dtype: "auto" or explicit, as every stage (llm2clip.devices)."""
+    its cache recorded. device/dtype: "auto" or explicit, as every stage (llm2clip.devices). allow_hub: the base
+    LLM its cache recorded may be downloaded from the Hugging Face hub when it is a hub id not in the local cache
+    (llm2clip.model_sources; offline by default). A path or s3:// copy is resolved as the stages resolve it."""
     dev, compute = devices.setup(device, dtype)
     model, manifest = train_clip.load_trained(model_dir)
     model.to(dev)
     enc = Encoder(model, manifest, loading.preprocess_of(model), dev, compute, batch_size=batch_size)
     if manifest["config"]["text_source"] == "llm":
-        enc.llm = caption_encoder_of(manifest, model_dir, text_lora_dir, dev, compute)
+        enc.llm = caption_encoder_of(manifest, model_dir, text_lora_dir, dev, compute, allow_hub)
     else:
         enc.tokenizer = open_clip.get_tokenizer(manifest["config"]["model"])
     return enc
 
 
-def from_run(run: str | dict, name: str = "llm2clip", device: str = "auto", dtype: str = "auto") -> Encoder:
+def from_run(
+    run: str | dict, name: str = "llm2clip", device: str = "auto", dtype: str = "auto", allow_hub: bool = False
+) -> Encoder:
     """Load model `name` of a run: its evaluate output directory (or summary.json, local or s3://, or the summary
-    dict), whose `artifacts` gives {"text_lora": URI, "models": {name: URI}}."""
+    dict), whose `artifacts` gives {"text_lora": URI, "models": {name: URI}}. allow_hub: see load_model."""
     if isinstance(run, dict):
         summary = run
     else:
@@ -131,11 +140,13 @@ def from_run(run: str | dict, name: str = "llm2clip", device: str = "auto", dtyp
     models = found.get("models", {})
     if name not in models:
         raise ValueError(f"name={name!r}: the run has models {sorted(models)}")
-    return load_model(models[name], text_lora_dir=found.get("text_lora"), device=device, dtype=dtype)
+    return load_model(
+        models[name], text_lora_dir=found.get("text_lora"), device=device, dtype=dtype, allow_hub=allow_hub
+    )
 
 
 def caption_encoder_of(
-    manifest: dict, model_dir: str, text_lora_dir: str | None, device: torch.device, dtype: str
+    manifest: dict, model_dir: str, text_lora_dir: str | None, device: torch.device, dtype: str, allow_hub: bool = False
 ) -> text_encoder.CaptionEncoder:
     """The caption encoder the model's cache was made with, checked against the recorded fingerprints."""
     identity = (manifest.get("cache") or {}).get("encoder")
@@ -146,9 +157,9 @@ def caption_encoder_of(
             f"{model_dir}: trained on embeddings pooled by {identity['pooling']!r}; this version pools by "
             f"{text_encoder.POOLING!r}, so its captions would not match what the adapter learned"
         )
-    if text_encoder.model_fingerprint(identity["base_model"]) != identity["base_fingerprint"]:
+    if text_encoder.model_fingerprint(identity["base_model"], allow_hub) != identity["base_fingerprint"]:
         raise ValueError(f"{model_dir}: the local {identity['base_model']!r} differs from the model its cache used")
-    llm = cache_caption_embeddings.base_encoder(identity, device, dtype)  # exactly as the cache built it
+    llm = cache_caption_embeddings.base_encoder(identity, device, dtype, allow_hub)  # exactly as the cache built it
     if identity["adapter_fingerprint"] is None:  # the raw-LLM baseline: no adapter
         return llm
     lora = text_lora_dir or recorded_text_lora(manifest)
