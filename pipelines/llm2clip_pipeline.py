@@ -239,58 +239,9 @@ def build_pipeline(on_cluster: bool):
         gpu_task_cpu: str = "8",
         gpu_task_memory: str = "64Gi",
     ) -> dsl.Artifact:
-        """Parameters:
-        source: "synthetic" (built-in generator), a directory / s3:// prefix of canonical shards (train/,
-            eval/<benchmark>/), img2dataset tars or a caption table (see source_options).
-        source_options: how to read a real source, e.g. {"source_format": "img2dataset", "short_field":
-            "json.short_caption", "long_field": "json.long_caption", "eval_sources": ["coco=karpathy:s3://b/
-            dataset_coco.json:s3://b/coco"]}; a caption table (CSV, TSV, JSONL, Parquet) names its columns with
-            "image_column", "key_column" and the *_field keys; eval_sources also add real eval sets to the
-            synthetic source. Keys are PrepareDataConfig fields.
-        num_train / num_eval / image_size / seed: size and seed of the synthetic data.
-        llm: "smollm2-135m-instruct" (embedded default), "tiny-random-llama" (tests), a Hugging Face model
-            directory (a path; on a cluster under /models, see models_pvc), an s3:// model directory (downloaded
-            once into a content-addressed cache in the pod's /tmp, or LLM2CLIP_DOWNLOAD_CACHE) or a hub id org/name.
-        allow_hub: download a hub id (llm) or an open_clip pretrained tag (pretrained) from the Hugging Face hub;
-            False (the default: offline) takes them from the local Hugging Face cache only. Set it only where the
-            cluster reaches a hub.
-        bidirectional: remove the causal mask in the LLM (LLM2Vec-style); False keeps it causal.
-        tune_steps / tune_batch_size / tune_lr / lora_r: stage 1 (caption-contrastive LoRA; alpha = 2 r).
-        cache_groups: how many parallel caching tasks the shards are split over (at most 4 run at once).
-        vision_model / pretrained: open_clip model config and pretrained tag (see allow_hub), or a checkpoint file
-            (a path, e.g. under /models, or s3://); "" = random init.
-        train_epochs / train_batch_size / train_lr: stage 2, identical for LLM2CLIP and both baselines; train_lr
-            0 takes the recipe's learning rate (1e-3 for a random tower; with `pretrained`, the official recipe:
-            1e-5, layer decay 0.85, no warm-up).
-        train_nproc: stage-2 processes per training task (torchrun --nproc_per_node); the batch is global, split
-            over them. On GPU nodes set it to `gpus` (one process per GPU of the pod: more fail, fewer leave
-            GPUs idle); with gpus 0 they are CPU processes (gloo).
-        train_nodes: nodes per LLM2CLIP stage-2 training (cluster only). 1 trains in the task's own pod; more runs
-            a Kubeflow Trainer TrainJob (runtime llm2clip-torch) of train_nodes nodes x train_nproc processes, each
-            node with `gpus` GPUs, gpu_task_cpu, gpu_task_memory and the GPU selector and tolerations, while the
-            task's pod (no GPU) follows it. The CLIP baseline always trains on one node (same global batch).
-        center_text: subtract the training captions' mean LLM embedding before the adapter (a deviation from the
-            paper, see the README); applies to both LLM-taught models.
-        ablations: also train both LLM-taught models without centring and report them beside the others.
-        zero_shot: zero-shot classification sets: "synthetic" (colour x shape scenes) and/or "NAME=URI" (an image
-            folder per class, local or s3://, optional classnames.txt); [] for none.
-        device: "auto" (cuda if the task sees a GPU, else cpu), "cpu" or "cuda", for every model-running task.
-        dtype: compute dtype, "auto" (bf16 on GPUs and on CPUs with native bf16, else fp32), "float32",
-            "bfloat16" or "float16"; every manifest records the one used.
-        On a cluster only (kfp.local ignores them):
-        cpu_image / gpu_image: the images of the CPU tasks (locate_store, prepare_data, evaluate) and of the GPU
-            steps (stage 1, both cache fan-outs, every stage-2 training). Both default to the CUDA image, which
-            also runs on CPU nodes; a smaller CPU-only build of your own can go in cpu_image.
-        gpus: GPUs each GPU step requests (nvidia.com/gpu); only stage 2 uses more than one (train_nproc); 0
-            runs the GPU steps on CPU nodes (with gpu_node_selector {} and gpu_tolerations []).
-        gpu_node_selector / gpu_tolerations: the GPU steps' nodeSelector (JSON object) and tolerations (JSON list),
-            e.g. [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}] for GPU nodes with that
-            taint where the ExtendedResourceToleration admission plugin does not add it.
-        gpu_task_cpu / gpu_task_memory: CPU and memory request = limit of a GPU step (Kubernetes quantities;
-            memory includes the 16Gi /dev/shm).
-        models_pvc: the PersistentVolumeClaim mounted at /models in every model-loading step (stage 1, the caches,
-            every stage-2 training, each TrainJob node), for llm / pretrained paths under /models. The default,
-            llm2clip-models, is the small empty placeholder manifests/base creates: the backend needs a PVC name.
+        """The whole pipeline. What each parameter means: `llm2clip run --help`, written from llm2clip.params (the
+        stage config fields' help, or params.HELP) and docs/parameters.md; cpu_image, gpu_image, models_pvc, gpus and
+        the gpu_* settings apply on a cluster only (kfp.local ignores them).
         Returns the evaluation artifact (summary.json, report.html, report.md).
         """
 
@@ -408,6 +359,8 @@ def build_pipeline(on_cluster: bool):
             zero_shot=zero_shot,
         )
         cpu_task(result, "evaluate")
+        if on_cluster:  # zero-shot runs each LLM-taught model's text side: the base LLM again
+            with_models(result, models_pvc)
         return result.outputs["evaluation"]
 
     return llm2clip_pipeline
