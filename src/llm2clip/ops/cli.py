@@ -178,7 +178,8 @@ def run_local(output: Path, profile: str, overrides: dict[str, object]) -> dict:
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `llm2clip` parser, subcommands included (tests/test_docs.py parses the documented commands)."""
     parser = argparse.ArgumentParser(prog="llm2clip", description="LLM2CLIP as a Kubeflow Pipelines v2 workflow.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
@@ -260,6 +261,13 @@ def main(argv: list[str] | None = None) -> int:
 
     bucket.add_parser(sub)
     submit.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from llm2clip.ops import bucket, submit
+
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "storage":
         return bucket.run(args)
