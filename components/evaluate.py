@@ -22,6 +22,7 @@ def evaluate(
     evaluation: Output[Artifact],
     device: str,
     zero_shot: list,
+    allow_hub: bool = False,
 ):
     """summary.json + reports in `evaluation`; R@k as KFP metrics. Skipped ablations are left out."""
     import shutil
@@ -32,7 +33,7 @@ def evaluate(
 
     trained = [llm2clip_model, raw_llm_model, clip_model, llm2clip_no_centring_model, raw_llm_no_centring_model]
     summary = evaluate_pipeline_models(
-        evaluate_config(dict(device=device, zero_shot=zero_shot)),
+        evaluate_config(dict(device=device, zero_shot=zero_shot, allow_hub=allow_hub)),
         resolve(dataset.path),
         resolve(text_lora.path),
         [resolve(m.path) for m in trained],

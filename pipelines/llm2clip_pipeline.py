@@ -357,6 +357,7 @@ def build_pipeline(on_cluster: bool):
             raw_embeddings=dsl.Collected(embeddings["llm2clip_raw_llm"]),
             device=device,
             zero_shot=zero_shot,
+            allow_hub=allow_hub,
         )
         cpu_task(result, "evaluate")
         if on_cluster:  # zero-shot runs each LLM-taught model's text side: the base LLM again

@@ -306,7 +306,7 @@ def test_every_pvc_mount_names_a_claim_and_models_reach_every_model_loading_task
     assert tasks == set(loading) | {"cache-caption-embeddings-2", "evaluate"}, tasks  # none else loads a model
     assert set(mounted.values()) == {(pipeline.MODELS_PATH, "pipeline input models_pvc (STRING)")}, mounted
     assert len([c for c, task in mounted if task == "train-clip"]) == 4  # both models, with and without centring
-    for comp_name, task in [m for m in mounted if m[1] != "evaluate"]:  # the pipeline's allow_hub reaches them
+    for comp_name, task in mounted:  # the pipeline's allow_hub reaches each model-loading task
         dag, _, used = next(u for u in users(spec, comp_name) if u[1] == task)
         given = used["inputs"]["parameters"].get("allow_hub")
         origin = given and sources(spec, dag, given, task)[-1][1].rsplit(" <- ", 1)[-1]

@@ -199,3 +199,15 @@ def test_from_run_loads_every_model_from_s3(run, s3_env):
         torch.testing.assert_close(remote.encode_text(texts), local.encode_text(texts))
     with pytest.raises(ValueError, match="has models"):
         inference.from_run({"artifacts": {"models": models}}, "nope")
+
+
+def test_evaluate_loads_models_with_the_runs_allow_hub(tiny_dataset, monkeypatch):
+    """evaluate's zero-shot reloads each model's text side through load_model: the run's allow_hub goes with it."""
+    from llm2clip import evaluate
+
+    loaded = []
+    monkeypatch.setattr(inference, "load_model", lambda model_dir, **kw: loaded.append((model_dir, kw["allow_hub"])))
+    for allow_hub in (False, True):
+        cfg = evaluate.EvaluateConfig(zero_shot=(), allow_hub=allow_hub)
+        assert evaluate.zero_shot_all(cfg, tiny_dataset, "lora", {"llm2clip": "model"}) == {}
+    assert loaded == [("model", False), ("model", True)]

@@ -47,6 +47,7 @@ class EvaluateConfig:
     )
     zero_shot_images: int = 480  # size of the synthetic set (20 per class)
     zero_shot_templates: tuple[str, ...] = ("single", "ensemble")
+    allow_hub: bool = False  # zero-shot loads the LLM-taught models' base LLM again: a hub id downloads only with it
 
     def __post_init__(self) -> None:
         artifacts.check(len(self.ks) > 0 and min(self.ks) >= 1, "ks", self.ks, "must be positive ranks")
@@ -253,7 +254,9 @@ def zero_shot_all(cfg: EvaluateConfig, dataset_dir: str, text_lora_dir: str, mod
     sets = zero_shot_sets(cfg, dataset_dir)
     out: dict[str, dict] = {}
     for name, model_dir in models.items():
-        encoder = inference.load_model(model_dir, text_lora_dir=text_lora_dir, device=cfg.device)
+        encoder = inference.load_model(
+            model_dir, text_lora_dir=text_lora_dir, device=cfg.device, allow_hub=cfg.allow_hub
+        )
         for ds in sets:
             for templates, result in zeroshot.zero_shot_suite(encoder, ds, cfg.zero_shot_templates, cfg.seed).items():
                 out.setdefault(f"{ds.name}/{templates}", {})[name] = result

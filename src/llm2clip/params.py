@@ -49,7 +49,7 @@ FIELDS: dict[str, tuple[str, str]] = {
 # pipeline parameters that set the field of the same name in several stages' configs
 SHARED: dict[str, tuple[str, ...]] = {
     "seed": ("prepare_data", "tune_caption_encoder", "train_clip"),
-    "allow_hub": ("tune_caption_encoder", "cache_caption_embeddings", "train_clip"),
+    "allow_hub": ("tune_caption_encoder", "cache_caption_embeddings", "train_clip", "evaluate"),
     "device": ("tune_caption_encoder", "cache_caption_embeddings", "train_clip", "evaluate"),
     "dtype": ("tune_caption_encoder", "cache_caption_embeddings", "train_clip"),
 }
@@ -177,7 +177,7 @@ def train_clip_config(params: Mapping[str, Any], *, text_source: str = "llm"):
 
 
 def evaluate_config(params: Mapping[str, Any]):
-    """EvaluateConfig from zero_shot and device."""
+    """EvaluateConfig from zero_shot, device and allow_hub."""
     cls = config_class("evaluate")
     return _build("evaluate", lambda: cls(**stage_fields("evaluate", params)))
 
