@@ -39,7 +39,14 @@ CPU_IMAGE = GPU_IMAGE
 S3_SECRET = "llm2clip-s3"  # a literal: a Secret name from a pipeline parameter fails inside ParallelFor
 S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 CONFIG_MAP = "llm2clip-config"
-CONFIG_MAP_KEYS = ("MINIO_ENDPOINT", "MINIO_SECURE", "LLM2CLIP_STORE", "LLM2CLIP_METRICS_PORT", "LLM2CLIP_PUSHGATEWAY")
+CONFIG_MAP_KEYS = (
+    "MINIO_ENDPOINT",
+    "MINIO_SECURE",
+    "LLM2CLIP_STORE",
+    "LLM2CLIP_METRICS_PORT",
+    "LLM2CLIP_PUSHGATEWAY",
+    "LLM2CLIP_DOWNLOAD_CACHE",  # where s3:// models are fetched (llm2clip.model_sources); empty: under /tmp
+)
 POD_LABEL = ("app.kubernetes.io/part-of", "llm2clip")  # what the metrics PodMonitor selects
 # The models_pvc parameter's default: a small placeholder PVC manifests/base creates. The KFP driver refuses an
 # empty PVC name (the task fails: kubeflow/pipelines 2.16.0 backend/src/v2/driver/k8s.go:1076-1080, 2.17.0

@@ -368,7 +368,7 @@ def test_only_pipeline_pods_the_bucket_job_and_prometheus_reach_minio(rendered, 
 def test_secret_and_configmap_are_what_the_pipeline_expects(rendered):
     from llm2clip import artifacts
 
-    readers = ("storage.py", "artifacts.py", "monitoring.py")
+    readers = ("storage.py", "artifacts.py", "monitoring.py", "model_sources.py")
     sources = "".join((ROOT / "src/llm2clip" / name).read_text() for name in readers)
     assert artifacts.STORE_ENV in NAMES["configmap"]["keys"]
     for key in NAMES["configmap"]["keys"] + NAMES["secret"]["keys"]:

@@ -733,8 +733,7 @@ def kubeconfig(tmp_path: Path, server: str, namespace: str) -> Path:
 def test_the_component_is_thin_and_its_pod_asks_for_no_gpu():
     from llm2clip import components
 
-    path = Path(components.__file__).parent / "train_clip_trainjob.py"
-    assert len(path.read_text().splitlines()) <= 50
+    # thin: what its body may contain is test_components' AST rule (one config, one library call), not a line count
     spec = components.train_clip_trainjob.component_spec
     assert spec.implementation.container.resources is None  # GPUs are the TrainJob's nodes', set by trainjob.py
     assert list(spec.inputs) == [
