@@ -321,7 +321,7 @@ def test_prepared_layout(tiny_dataset):
     root = Path(tiny_dataset)
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["stage"] == "prepare_data"
-    assert set(manifest["splits"]) == {"train", "synthetic_short", "synthetic_long"}
+    assert set(manifest["splits"]) == {"train", "synthetic_short", "synthetic_long", "synthetic_reworded"}
     sizes = json.loads((root / "train" / "sizes.json").read_text())
     assert sum(sizes.values()) == 48 and len(sizes) == 3  # shard_size 20
     rec = next(data.read_split(str(root / "eval" / "synthetic_short")))
@@ -329,7 +329,12 @@ def test_prepared_layout(tiny_dataset):
 
 
 def test_synthetic_eval_sets_carry_only_the_kind_they_are_scored_on(tiny_dataset):
-    kinds = {"synthetic_short": {"short"}, "synthetic_long": {"long"}, "train": {"short", "long"}}
+    kinds = {
+        "synthetic_short": {"short"},
+        "synthetic_long": {"long"},
+        "synthetic_reworded": {"long"},
+        "train": {"short", "long"},
+    }
     for split, expected in kinds.items():
         metas = [m for _, _, m in data.read_captions(str(Path(tiny_dataset) / data.split_path(split)))]
         assert metas and all(set(m["captions"]) == expected for m in metas), split

@@ -24,8 +24,9 @@ storage.register_webdataset_schemes()
 
 CAPTION_KINDS = ("raw", "short", "long")
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-# Which captions each eval set is scored on, and how many each image must have.
-BENCHMARKS = {"synthetic_short": ("short", 2), "synthetic_long": ("long", 1)}
+# Which captions each eval set is scored on, and how many each image must have. synthetic_reworded holds the images
+# of synthetic_long (same keys, same order, same groups) captioned only in held-out wordings (synthetic.EVAL_WORDING).
+BENCHMARKS = {"synthetic_short": ("short", 2), "synthetic_long": ("long", 1), "synthetic_reworded": ("long", 1)}
 
 
 def caption_list(meta: dict) -> list[tuple[str, str]]:

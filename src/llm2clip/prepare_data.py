@@ -42,7 +42,10 @@ class PrepareDataConfig:
     )
     num_train: int = dataclasses.field(default=1000, metadata={"help": "synthetic source: training images"})
     num_eval: int = dataclasses.field(
-        default=200, metadata={"help": "synthetic source: images per eval set (synthetic_short, synthetic_long)"}
+        default=200,
+        metadata={
+            "help": "synthetic source: images per eval set (synthetic_short, synthetic_long, synthetic_reworded)"
+        },
     )
     image_size: int = dataclasses.field(
         default=64, metadata={"help": "synthetic source: side of the rendered images, in pixels"}
@@ -397,6 +400,11 @@ def _source_records(cfg: PrepareDataConfig) -> tuple[dict[str, Iterable[dict]], 
             "synthetic_short": synthetic.generate("short", cfg.num_eval, 1, 2, cfg.image_size, cfg.seed, ("short",)),
             "synthetic_long": synthetic.generate(
                 "long", cfg.num_eval, cfg.eval_group_size, 1, cfg.image_size, cfg.seed, ("long",)
+            ),
+            # the same scenes as synthetic_long (split "long": same keys, images and groups), captioned only in
+            # wordings no training caption uses: seen vs unseen wording is a paired comparison on identical images
+            "synthetic_reworded": synthetic.generate(
+                "long", cfg.num_eval, cfg.eval_group_size, 1, cfg.image_size, cfg.seed, ("long",), wording="eval"
             ),
             **eval_records,
         }, {**BENCHMARKS, **eval_needs}
