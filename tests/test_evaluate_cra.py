@@ -1,5 +1,5 @@
-"""CRA in evaluate, read from the caption-embedding caches: against brute force on hand-made caches, paired
-intervals, stage 1's fallback, and agreement with stage 1's own measurement on the tiny Llama."""
+"""CRA and anisotropy in evaluate, read from the caption-embedding caches: against brute force on hand-made caches,
+paired intervals, stage 1's fallback, and agreement with stage 1's own measurement on the tiny Llama."""
 
 from pathlib import Path
 
@@ -80,7 +80,7 @@ def fake_caches(tiny_dataset, tmp_path_factory):
 
 def test_cra_from_caches_matches_brute_force_with_paired_intervals(tiny_dataset, fake_caches):
     cfg = evaluate.EvaluateConfig(bootstrap=200, seed=3)
-    got = evaluate.cra_from_caches(tiny_dataset, fake_caches["caches"], stage1_manifest(), cfg)
+    got = evaluate.caption_metrics_from_caches(tiny_dataset, fake_caches["caches"], stage1_manifest(), cfg)["cra"]
     hits = {}
     for name, vectors in (("before", fake_caches["raw"]), ("after", fake_caches["tuned"])):
         # the cache holds fp16: the brute force reads the same rounded vectors
@@ -100,13 +100,17 @@ def test_cra_from_caches_matches_brute_force_with_paired_intervals(tiny_dataset,
 
 def test_stage1_bidirectional_cra_is_carried_over(tiny_dataset, fake_caches):
     tuned = stage1_manifest(cra_before_bidirectional=0.25, cra_before_bidirectional_ci95=[0.0, 0.5])
-    got = evaluate.cra_from_caches(tiny_dataset, fake_caches["caches"], tuned, evaluate.EvaluateConfig())
+    got = evaluate.caption_metrics_from_caches(tiny_dataset, fake_caches["caches"], tuned, evaluate.EvaluateConfig())[
+        "cra"
+    ]
     assert got["before_bidirectional"] == 0.25 and got["before_bidirectional_ci95"] == [0.0, 0.5]
 
 
 def test_without_both_caches_stage1_cra_stands(tiny_dataset, fake_caches):
     caches = {"llm2clip": fake_caches["caches"]["llm2clip"]}
-    got = evaluate.cra_from_caches(tiny_dataset, caches, stage1_manifest(), evaluate.EvaluateConfig())
+    got = evaluate.caption_metrics_from_caches(tiny_dataset, caches, stage1_manifest(), evaluate.EvaluateConfig())[
+        "cra"
+    ]
     assert got["before"] is None and got["note"] == tune_caption_encoder.CRA_SKIPPED
 
 
@@ -129,10 +133,57 @@ def test_cra_from_caches_agrees_with_stage1_on_the_tiny_llama(tiny_dataset, tmp_
         )
         cache_caption_embeddings.cache_caption_embeddings(cache_cfg, tiny_dataset, str(tmp_path / "lora"), dirs[name])
     tuned = artifacts.read_manifest(str(tmp_path / "lora"), "tune_caption_encoder")
-    got = evaluate.cra_from_caches(
+    both = evaluate.caption_metrics_from_caches(
         tiny_dataset, evaluate.pipeline_caches([dirs["tuned"]], [dirs["raw"]]), tuned, evaluate.EvaluateConfig()
     )
+    got = both["cra"]
     assert got["pool_size"] == stage1["cra_pool_size"] == 12
     assert got["before"] == pytest.approx(stage1["cra_before"], abs=1 / 12 + 1e-9)
     assert got["after"] == pytest.approx(stage1["cra_after"], abs=1 / 12 + 1e-9)
     assert got["before_bidirectional"] == stage1["cra_before_bidirectional"]
+
+
+def brute_force_cross_cosine(metas: dict[str, dict], vectors: dict[str, torch.Tensor], draw: list[int]) -> float:
+    """Mean cosine over every pair of captions (both short captions of each CRA image) whose images differ, over
+    the images at positions `draw` of the CRA images in shard order (an image drawn twice is one image)."""
+    images = []
+    for key in metas:
+        short = [i for i, (kind, _) in enumerate(data.caption_list(metas[key])) if kind == "short"][:2]
+        images.append((key, [vectors[key][i].double() for i in short]))
+    drawn = [images[i] for i in draw]
+    sims = [
+        F.cosine_similarity(u, v, dim=0).item()
+        for key_a, caps_a in drawn
+        for key_b, caps_b in drawn
+        if key_a != key_b
+        for u in caps_a
+        for v in caps_b
+    ]
+    return sum(sims) / len(sims)
+
+
+def test_anisotropy_from_caches_matches_brute_force_with_paired_intervals(tiny_dataset, fake_caches):
+    """The mean cosine between captions of different images, raw and tuned, on CRA's images and with CRA's draws:
+    the value and the first bootstrap replicates against a pairwise loop over the stored fp16 vectors."""
+    cfg = evaluate.EvaluateConfig(bootstrap=200, seed=3)
+    got = evaluate.caption_metrics_from_caches(tiny_dataset, fake_caches["caches"], stage1_manifest(), cfg)
+    cra, spread = got["cra"], got["anisotropy"]
+    assert spread["pool_size"] == cra["pool_size"] == 12 and spread["source"] == cra["source"] == SPLIT
+    assert spread["captions_per_image"] == 2
+    draws = bootstrap_indices(12, 200, 3)
+    replicates = {}
+    for name, vectors in (("before", fake_caches["raw"]), ("after", fake_caches["tuned"])):
+        fp16 = {k: v.half() for k, v in vectors.items()}
+        assert spread[name] == pytest.approx(brute_force_cross_cosine(fake_caches["metas"], fp16, range(12)), abs=1e-9)
+        replicates[name] = [brute_force_cross_cosine(fake_caches["metas"], fp16, d) for d in draws]
+        assert spread[f"{name}_ci95"] == pytest.approx(ci95(replicates[name]), abs=1e-9)
+    assert spread["before"] != spread["after"]  # the two caches are told apart
+    assert spread["difference"] == pytest.approx(spread["after"] - spread["before"])
+    paired = [a - b for a, b in zip(replicates["after"], replicates["before"], strict=True)]
+    assert spread["difference_ci95"] == pytest.approx(ci95(paired), abs=1e-9)
+
+
+def test_anisotropy_says_why_it_is_missing(tiny_dataset, fake_caches):
+    caches = {"llm2clip": fake_caches["caches"]["llm2clip"]}
+    got = evaluate.caption_metrics_from_caches(tiny_dataset, caches, stage1_manifest(), evaluate.EvaluateConfig())
+    assert set(got["anisotropy"]) == {"note"} and "raw and tuned LLM" in got["anisotropy"]["note"]

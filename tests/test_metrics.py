@@ -9,11 +9,13 @@ import torch.nn.functional as F
 
 from llm2clip import evaluate, report
 from llm2clip.metrics import (
+    bootstrap_cross_image_cosine,
     bootstrap_indices,
     bootstrap_retrieval,
     caption_retrieval_accuracy,
     ci95,
     info_nce,
+    mean_cross_image_cosine,
     retrieval_hits,
     retrieval_metrics,
 )
@@ -188,7 +190,7 @@ def test_two_identical_models_differ_by_exactly_zero(monkeypatch):
     text_emb = image_emb[owner] + 1.5 * torch.randn(150, 8)
     hits = retrieval_hits(image_emb, text_emb, owner)
     monkeypatch.setattr(evaluate, "score_model", lambda *args: (hits, owner))
-    scores, comparisons = evaluate.score_benchmark(
+    scores, comparisons, _ = evaluate.score_benchmark(
         "unused", "synthetic_long", {"llm2clip": "a", "twin": "b"}, {}, evaluate.EvaluateConfig()
     )
     assert 0 < scores["llm2clip"]["image_to_text_R@1"] < 1  # not a degenerate case whose every replicate is equal
@@ -202,3 +204,27 @@ def test_two_identical_models_differ_by_exactly_zero(monkeypatch):
         "synthetic_long, LLM2CLIP vs twin: I→T R@1 +0.0 points (paired 95% CI +0.0 to +0.0): within the noise: the "
         "intervals overlap; T→I R@1 +0.0 points (paired 95% CI +0.0 to +0.0): within the noise: the intervals overlap."
     ]
+
+
+def test_cross_image_cosine_against_a_pairwise_loop():
+    """The closed form against every ordered pair of captions of two different drawn images (3 captions per image,
+    draws that repeat images); exact answers at both ends: captions along one direction give 1, captions that are
+    distinct basis vectors give 0."""
+    gen = torch.Generator().manual_seed(0)
+    captions = torch.randn(7, 3, 5, generator=gen) + torch.tensor([2.0, 0, 0, 0, 0])  # [N, K, D], a shared offset
+    draws = np.array([[0, 0, 3, 5, 5, 5, 6], [1, 2, 3, 4, 5, 6, 0], [2, 2, 2, 2, 2, 2, 4]])
+    unit = F.normalize(captions.double(), dim=-1)
+
+    def loop(draw) -> float:
+        sims = [
+            float(u @ v) for a in draw for b in draw if a != b for u in unit[a] for v in unit[b]
+        ]  # an image drawn twice never pairs with itself
+        return float(np.mean(sims))
+
+    np.testing.assert_allclose(bootstrap_cross_image_cosine(captions, draws), [loop(d) for d in draws], atol=1e-12)
+    assert mean_cross_image_cosine(captions) == pytest.approx(loop(range(7)), abs=1e-12)
+    same_way = torch.rand(4, 2, 1, generator=gen) + 0.5  # positive multiples of one vector
+    assert mean_cross_image_cosine(same_way * torch.ones(1, 1, 6)) == pytest.approx(1.0, abs=1e-12)
+    assert mean_cross_image_cosine(torch.eye(8).reshape(4, 2, 8)) == 0.0
+    # a single drawn image has no pair of different images
+    assert np.isnan(bootstrap_cross_image_cosine(captions, np.array([[3, 3, 3, 3, 3, 3, 3]]))[0])

@@ -29,7 +29,7 @@ def summary_of(models: dict[str, dict[str, torch.Tensor]], monkeypatch) -> dict:
     """The report's summary from per-model hits, through the real scoring: evaluate.score_benchmark's bootstrap
     (the same draws of the same images for every model) and evaluate.compare. Only scoring a model is replaced."""
     monkeypatch.setattr(evaluate, "score_model", lambda model_dir, *args: (models[model_dir], torch.arange(N)))
-    scores, comparisons = evaluate.score_benchmark(
+    scores, comparisons, _ = evaluate.score_benchmark(
         "unused", "synthetic_long", {m: m for m in models}, {}, evaluate.EvaluateConfig()
     )
     return {"retrieval": {"synthetic_long": scores}, "comparisons": {"synthetic_long": comparisons}}

@@ -172,6 +172,19 @@ def test_summary_contract(chain):
             assert abs(c["difference"] - (main["image_to_text_R@1"] - base["image_to_text_R@1"])) < 1e-9
             assert c["difference_ci95"][0] <= c["difference"] <= c["difference_ci95"][1]
     assert set(s["retrieval_average"]) >= {"llm2clip", "clip_baseline"}
+    gap = s["wording_gap"]
+    assert (gap["seen"], gap["unseen"], gap["images"]) == ("synthetic_long", "synthetic_reworded", 12)
+    assert set(gap["models"]) == set(s["retrieval"]["synthetic_long"])
+    for model, metrics in gap["models"].items():
+        for metric, g in metrics.items():
+            seen, unseen = s["retrieval"]["synthetic_long"][model], s["retrieval"]["synthetic_reworded"][model]
+            assert (g["seen"], g["unseen"]) == (seen[metric], unseen[metric])
+            assert g["gap"] == pytest.approx(seen[metric] - unseen[metric], abs=1e-12)
+            assert g["gap_ci95"][0] <= g["gap"] <= g["gap_ci95"][1], (model, metric)
+    spread = s["anisotropy"]
+    assert spread["source"] == s["cra"]["source"] and spread["pool_size"] == s["cra"]["pool_size"]
+    for name in ("before", "after"):
+        assert -1.0 <= spread[f"{name}_ci95"][0] <= spread[name] <= spread[f"{name}_ci95"][1] <= 1.0
     assert s["artifacts"]["models"]["llm2clip"] == chain["dirs"]["llm2clip"]
     assert "llm2clip_raw_llm_no_centring" not in s["artifacts"]["models"]
     assert s["cache"]["misses"] + s["cache"]["hits"] > 0

@@ -1,5 +1,6 @@
 """evaluate: zero-shot retrieval (multi-caption protocol) of LLM2CLIP, its baselines and ablations, with bootstrap
-95% intervals and paired differences; CRA from the caption-embedding caches; the report."""
+95% intervals and paired differences; the gap between seen and unseen caption wordings; CRA and the anisotropy of
+the caption embeddings from the caption-embedding caches; the report."""
 
 from __future__ import annotations
 
@@ -22,12 +23,23 @@ from llm2clip import (
     tune_caption_encoder,
     zeroshot,
 )
-from llm2clip.metrics import bootstrap_indices, bootstrap_retrieval, caption_retrieval_hits, ci95, retrieval_hits
+from llm2clip.metrics import (
+    bootstrap_cross_image_cosine,
+    bootstrap_indices,
+    bootstrap_retrieval,
+    caption_retrieval_hits,
+    ci95,
+    mean_cross_image_cosine,
+    retrieval_hits,
+)
 
 # The model every comparison is made against, then its baselines, then the ablations (present when asked for).
 MAIN = "llm2clip"
 RAW = "llm2clip_raw_llm"  # reads the raw-LLM cache: the frozen LLM, causal, no adapter
 MODELS = ("llm2clip", "llm2clip_raw_llm", "clip_baseline", "llm2clip_no_centring", "llm2clip_raw_llm_no_centring")
+# The wording gap: the same images captioned in the training wordings (seen) and in held-out ones (unseen).
+SEEN, UNSEEN = "synthetic_long", "synthetic_reworded"
+R1 = ("image_to_text_R@1", "text_to_image_R@1")
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,13 @@ def score_model(
 
 def score_benchmark(
     dataset_dir: str, benchmark: str, models: dict[str, str], caches: dict[str, list[str]], cfg: EvaluateConfig
-) -> tuple[dict[str, dict], dict[str, dict]]:
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, dict[str, np.ndarray]]]:
     """Every model on one benchmark: recall@k with 95% intervals, and each other model's paired difference from
-    LLM2CLIP (the same bootstrap draws of the same images for every model).
+    LLM2CLIP (the same bootstrap draws of the same images for every model; the draws depend only on the number of
+    images and cfg.seed, so two sets of the same images get the same draws too).
 
-    Returns ({model: {metric: value, metric_ci95: [lo, hi]}}, {"llm2clip vs <model>": {metric: {...}}}).
+    Returns ({model: {metric: value, metric_ci95: [lo, hi]}}, {"llm2clip vs <model>": {metric: {...}}},
+    {model: {metric: bootstrap replicates [resamples]}}).
     """
     scores, replicates = {}, {}
     draws = None
@@ -127,7 +141,7 @@ def score_benchmark(
                 )
                 for metric in replicates[MAIN]
             }
-    return scores, comparisons
+    return scores, comparisons, replicates
 
 
 def compare(a: dict, b: dict, metric: str, diff_replicates: np.ndarray) -> dict:
@@ -141,6 +155,48 @@ def compare(a: dict, b: dict, metric: str, diff_replicates: np.ndarray) -> dict:
         "intervals_overlap": bool(alo <= bhi and blo <= ahi),
         "difference_excludes_zero": bool(lo > 0 or hi < 0),
     }
+
+
+def wording_gap(
+    dataset_dir: str, retrieval: dict[str, dict[str, dict]], replicates: dict[str, dict[str, dict[str, np.ndarray]]]
+) -> dict:
+    """Per model, R@1 (both directions) on captions in the training wordings (SEEN) minus on the same images captioned
+    in held-out wordings (UNSEEN): how much a model loses when a caption says the same thing in words it never
+    trained on. Paired per image: the two sets hold the same images under the same keys in the same order (checked
+    here), and score_benchmark drew the same bootstrap resamples for both, so the gap's interval is of the paired
+    difference (replicate r of SEEN minus replicate r of UNSEEN).
+
+    Returns {"seen": SEEN, "unseen": UNSEEN, "images": N, "models": {model: {metric: {"seen", "seen_ci95",
+    "unseen", "unseen_ci95", "gap", "gap_ci95", "gap_excludes_zero"}}}}, values in [0, 1] (gap in [-1, 1]); or
+    {"seen", "unseen", "note"} when the two sets do not hold the same images.
+    """
+    keys = {
+        b: [k for _, k, _ in data.read_captions(storage.join(dataset_dir, data.split_path(b)))] for b in (SEEN, UNSEEN)
+    }
+    if keys[SEEN] != keys[UNSEEN]:
+        return {
+            "seen": SEEN,
+            "unseen": UNSEEN,
+            "note": f"no wording gap: {SEEN} and {UNSEEN} do not hold the same keys in the same order",
+        }
+    models: dict[str, dict] = {}
+    for model, seen in retrieval[SEEN].items():
+        unseen = retrieval[UNSEEN].get(model)
+        if unseen is None:
+            continue
+        models[model] = {}
+        for metric in R1:
+            lo, hi = ci95(replicates[SEEN][model][metric] - replicates[UNSEEN][model][metric])
+            models[model][metric] = {
+                "seen": seen[metric],
+                "seen_ci95": seen[f"{metric}_ci95"],
+                "unseen": unseen[metric],
+                "unseen_ci95": unseen[f"{metric}_ci95"],
+                "gap": seen[metric] - unseen[metric],
+                "gap_ci95": [lo, hi],
+                "gap_excludes_zero": bool(lo > 0 or hi < 0),
+            }
+    return {"seen": SEEN, "unseen": UNSEEN, "images": len(keys[SEEN]), "models": models}
 
 
 def average_over_benchmarks(retrieval: dict[str, dict[str, dict]]) -> dict[str, dict[str, float]]:
@@ -184,9 +240,9 @@ def evaluate(
     unknown_benchmarks = [b for b in names if b not in available]
     if unknown_benchmarks:
         raise ValueError(f"benchmarks: {unknown_benchmarks} are not in the dataset (it has {list(available)})")
-    retrieval, comparisons = {}, {}
+    retrieval, comparisons, replicates = {}, {}, {}
     for b in names:
-        retrieval[b], comparisons[b] = score_benchmark(dataset_dir, b, models, caches, cfg)
+        retrieval[b], comparisons[b], replicates[b] = score_benchmark(dataset_dir, b, models, caches, cfg)
     t_zero_shot = time.time()
     zero_shot = zero_shot_all(cfg, dataset_dir, text_lora_dir, models)
     t_zero_shot = time.time() - t_zero_shot
@@ -209,8 +265,10 @@ def evaluate(
     timings.update(extra_timings or {})
     timings["evaluate"] = time.time() - t0
     timings["evaluate:zero_shot"] = t_zero_shot
+    caption_space = caption_metrics_from_caches(dataset_dir, caches, tuned, cfg)
     summary = {
-        "cra": cra_from_caches(dataset_dir, caches, tuned, cfg),
+        "cra": caption_space["cra"],
+        "anisotropy": caption_space["anisotropy"],
         "retrieval": retrieval,
         "comparisons": comparisons,
         "zero_shot": zero_shot,
@@ -224,6 +282,8 @@ def evaluate(
     }
     if len(retrieval) > 1:
         summary["retrieval_average"] = average_over_benchmarks(retrieval)
+    if SEEN in retrieval and UNSEEN in retrieval:
+        summary["wording_gap"] = wording_gap(dataset_dir, retrieval, replicates)
     storage.write_json(storage.join(out_dir, "summary.json"), summary)
     report.write_reports(summary, out_dir)
     artifacts.write_manifest(
@@ -296,26 +356,36 @@ def cra_summary(tune_metrics: dict) -> dict:
     return {k.removeprefix("cra_"): v for k, v in tune_metrics.items() if k.startswith("cra_")}
 
 
-def cra_from_caches(dataset_dir: str, caches: dict[str, list[str]], tuned: dict, cfg: EvaluateConfig) -> dict:
-    """CRA of the raw and the tuned LLM, read from the caption-embedding caches the pipeline embeds anyway.
+def caption_metrics_from_caches(
+    dataset_dir: str, caches: dict[str, list[str]], tuned: dict, cfg: EvaluateConfig
+) -> dict[str, dict]:
+    """CRA and anisotropy of the raw and the tuned LLM, read from the caption-embedding caches the pipeline embeds
+    anyway. Returns {"cra": {...}, "anisotropy": {...}}.
 
-    "before": the raw-LLM cache (frozen LLM, causal, no adapter: the paper's raw-LLM row); "after": the tuned cache.
-    The pairs and the metric are stage 1's (`tune_caption_encoder.cra_pairs` up to its cra_max_captions; caption 1
-    of each image retrieves caption 2 among all, ties counted against the query), and both are resampled with the same
-    bootstrap draws of the queries, so "difference" (after - before) has a paired 95% interval.
+    CRA: "before" is the raw-LLM cache (frozen LLM, causal, no adapter: the paper's raw-LLM row); "after" the tuned
+    cache. The pairs and the metric are stage 1's (`tune_caption_encoder.cra_pairs` up to its cra_max_captions;
+    caption 1 of each image retrieves caption 2 among all, ties counted against the query), and both are resampled
+    with the same bootstrap draws of the queries, so "difference" (after - before) has a paired 95% interval.
     "before_bidirectional" (mask removed, untuned) has no cache: it is stage 1's, when stage 1 measured it
     (TuneConfig.cra), with stage 1's draws. Without both caches, stage 1's own CRA (or its note) is returned.
+    {before, before_ci95, after, after_ci95, difference, difference_ci95, [before_bidirectional,
+    before_bidirectional_ci95,] pool_size, source, before_attention, store_dtype, measured_in}; values in [0, 1].
 
-    tuned: the stage-1 manifest. Returns {before, before_ci95, after, after_ci95, difference, difference_ci95,
-    [before_bidirectional, before_bidirectional_ci95,] pool_size, source, before_attention, store_dtype,
-    measured_in}; values in [0, 1].
+    Anisotropy: the mean cosine similarity between captions of different images (metrics.bootstrap_cross_image_cosine)
+    over both captions of each CRA image, for the same two LLMs with the same draws: {before, before_ci95, after,
+    after_ci95, difference, difference_ci95, pool_size, captions_per_image, source, measured_in}, or {"note"} when
+    there is nothing to measure. A value near 1 says every caption embedding points almost the same way (what
+    train_clip's centring is for).
+
+    tuned: the stage-1 manifest.
     """
     stage1 = cra_summary(tuned["metrics"])
     if MAIN not in caches or RAW not in caches:
-        return stage1
+        return {"cra": stage1, "anisotropy": {"note": "anisotropy needs the caption caches of the raw and tuned LLM"}}
     pairs = tune_caption_encoder.cra_pairs(dataset_dir, tuned["config"].get("cra_max_captions", 5000))
     if pairs is None:
-        return {
+        skipped = "no eval set has two short captions per image"
+        cra = {
             "before": None,
             "before_ci95": None,
             "after": None,
@@ -324,9 +394,14 @@ def cra_from_caches(dataset_dir: str, caches: dict[str, list[str]], tuned: dict,
             "source": None,
             "note": tune_caption_encoder.CRA_SKIPPED,
         }
+        return {
+            "cra": cra,
+            "anisotropy": {"note": "anisotropy skipped: it is measured on CRA's captions, and " + skipped},
+        }
     draws = bootstrap_indices(len(pairs.rows), cfg.bootstrap, cfg.seed)
     out: dict = {}
-    replicates, encoders = {}, {}
+    spread: dict = {}
+    replicates, cosines, encoders = {}, {}, {}
     for name, model in (("before", RAW), ("after", MAIN)):
         emb, encoders[name] = cache_caption_embeddings.load_embeddings(caches[model], pairs.source)
         # The caches store float16 vectors (CacheConfig.store_dtype), stage 1 measured in its compute dtype. CRA
@@ -336,19 +411,24 @@ def cra_from_caches(dataset_dir: str, caches: dict[str, list[str]], tuned: dict,
         hits = caption_retrieval_hits(queries, pool).numpy().astype(np.float64)
         replicates[name] = hits[draws].mean(1)
         out[name], out[f"{name}_ci95"] = float(hits.mean()), ci95(replicates[name])
+        captions = torch.stack([queries, pool], 1)  # [N, 2, D]
+        cosines[name] = bootstrap_cross_image_cosine(captions, draws)
+        spread[name], spread[f"{name}_ci95"] = mean_cross_image_cosine(captions), ci95(cosines[name])
     out["difference"] = out["after"] - out["before"]
     out["difference_ci95"] = ci95(replicates["after"] - replicates["before"])
+    spread["difference"] = spread["after"] - spread["before"]
+    spread["difference_ci95"] = ci95(cosines["after"] - cosines["before"])
     if stage1.get("before_bidirectional") is not None:
         out["before_bidirectional"] = stage1["before_bidirectional"]
         out["before_bidirectional_ci95"] = stage1.get("before_bidirectional_ci95")
-    return {
+    where = {"pool_size": len(pairs.rows), "source": pairs.source, "measured_in": "evaluate (caches)"}
+    cra = {
         **out,
-        "pool_size": len(pairs.rows),
-        "source": pairs.source,
-        "measured_in": "evaluate (caches)",
+        **where,
         "before_attention": "bidirectional" if encoders["before"]["encoder"]["bidirectional"] else "causal",
         "store_dtype": artifacts.read_manifest(caches[RAW][0], "cache_caption_embeddings").get("dtype"),
     }
+    return {"cra": cra, "anisotropy": {**spread, **where, "captions_per_image": 2}}
 
 
 def _describe(model_dir: str) -> dict:

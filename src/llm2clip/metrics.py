@@ -1,4 +1,5 @@
-"""Contrastive losses and retrieval metrics: InfoNCE for captions, CRA, multi-caption recall@k, bootstrap CIs."""
+"""Contrastive losses and retrieval metrics: InfoNCE for captions, CRA, multi-caption recall@k, bootstrap CIs, the
+mean cosine between captions of different images (anisotropy)."""
 
 from __future__ import annotations
 
@@ -112,3 +113,31 @@ def bootstrap_retrieval(
             per_image = np.bincount(owner, weights=h, minlength=n)
             out[name] = per_image[draws].sum(1) / np.maximum(captions_per_image[draws].sum(1), 1)
     return out
+
+
+# ----------------------------------------------------------------------------------------------- anisotropy
+
+
+def bootstrap_cross_image_cosine(captions: torch.Tensor, draws: np.ndarray) -> np.ndarray:
+    """Mean cosine similarity between captions of DIFFERENT images, per bootstrap draw of the images: how far the
+    embedding space is from isotropic (0: caption directions spread out; 1: every caption points the same way).
+
+    captions [N, K, D]: K captions of each of N images. draws [R, M] image indices (bootstrap_indices; one row
+    np.arange(N) gives the value itself). Within a draw every pair of captions of two different images counts
+    once per ordered pair; an image drawn twice is still one image, so its captions never pair with each other.
+    With w [R, N] the times each image is drawn and c_i the sum of image i's unit vectors, the sum over such pairs is
+    |sum_i w_i c_i|^2 - sum_i w_i^2 |c_i|^2 over K^2 (M^2 - sum_i w_i^2) pairs: no [N, N] matrix. Returns [R], in
+    float64 (a draw of a single image has no pair: nan)."""
+    n, k = captions.shape[0], captions.shape[1]
+    c = F.normalize(captions.double(), dim=-1).sum(1).numpy()  # [N, D]
+    weights = np.zeros((len(draws), n))
+    np.add.at(weights, (np.arange(len(draws))[:, None], draws), 1.0)
+    total = ((weights @ c) ** 2).sum(1) - (weights**2) @ (c**2).sum(1)
+    pairs = k * k * (draws.shape[1] ** 2 - (weights**2).sum(1))
+    return total / np.where(pairs > 0, pairs, np.nan)
+
+
+def mean_cross_image_cosine(captions: torch.Tensor) -> float:
+    """Mean cosine similarity between captions of different images, captions [N, K, D] (see
+    `bootstrap_cross_image_cosine`)."""
+    return float(bootstrap_cross_image_cosine(captions, np.arange(len(captions))[None])[0])
