@@ -1,5 +1,6 @@
 """The evaluation report: a Markdown and a self-contained HTML page (tables with 95% intervals, plain-language
-comparisons, a plot with error bars, the deviations from the paper) from summary.json."""
+comparisons, the seen-vs-unseen wording gap, a plot with error bars, the deviations from the paper) from
+summary.json."""
 
 from __future__ import annotations
 
@@ -43,7 +44,10 @@ def setup(summary: dict) -> str:
     return (
         f"All models: vision tower {m['vision']} ({init}), {m['epochs']} epochs at batch {m['batch_size']}, "
         "same images and captions. synthetic_long: one long caption per image, images in groups of four that "
-        "share the same objects and differ only in size, fill and position (hard negatives)."
+        "share the same objects and differ only in size, fill and position (hard negatives). synthetic_reworded: "
+        "the same images, keys and groups, each long caption written only in wordings no training caption uses "
+        "(other sentence frames; other words for size, fill, position and background; the same colour and shape "
+        "names), so the gap between the two is paired on identical images."
     )
 
 
@@ -85,6 +89,87 @@ def cra_rows(summary: dict) -> list[tuple[str, str]]:
         out.append(
             ("tuned minus raw, paired (points)", f"{100 * cra['difference']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]")
         )
+    return out
+
+
+def anisotropy_rows(summary: dict) -> list[tuple[str, str]]:
+    """(what, "value [lo, hi]") of the mean cosine between captions of different images, raw and tuned LLM, then
+    the tuned minus raw difference; none for a summary without it (runs before it was measured) or with a note."""
+    spread = summary.get("anisotropy") or {}
+    if spread.get("after") is None:
+        return []
+    attention = summary.get("cra", {}).get("before_attention", "causal")
+    out = []
+    for key, label in (("before", f"raw LLM, {attention}"), ("after", "tuned LLM (LoRA, caption-contrastive)")):
+        lo, hi = spread[f"{key}_ci95"]
+        out.append((label, f"{spread[key]:.3f} [{lo:.3f}, {hi:.3f}]"))
+    lo, hi = spread["difference_ci95"]
+    out.append(("tuned minus raw, paired", f"{spread['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]"))
+    return out
+
+
+def anisotropy_note(summary: dict) -> str:
+    spread = summary.get("anisotropy") or {}
+    if spread.get("note"):
+        return str(spread["note"])
+    return (
+        f"Anisotropy: the mean cosine similarity between captions of different images (1: every caption embedding "
+        f"points the same way; 0: spread in all directions), over both captions of the {spread.get('pool_size')} "
+        f"CRA images ({spread.get('source')}), from the same caches and bootstrap draws as CRA."
+    )
+
+
+def gap_rows(summary: dict) -> list[tuple[str, dict[str, tuple[str, str, str]]]]:
+    """(model, {R@1 metric: (seen, unseen, "gap [lo, hi]")}) in percent and points, models in the report's order;
+    none for a summary without the wording gap (runs before synthetic_reworded) or with a note."""
+    models = (summary.get("wording_gap") or {}).get("models", {})
+    out = []
+    for model in sorted(models, key=_order):
+        cells = {}
+        for metric, g in models[model].items():
+            lo, hi = g["gap_ci95"]
+            cells[metric] = (
+                pct(g["seen"]),
+                pct(g["unseen"]),
+                f"{100 * g['gap']:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]",
+            )
+        out.append((model, cells))
+    return out
+
+
+def gap_note(summary: dict) -> str:
+    gap = summary.get("wording_gap") or {}
+    if gap.get("note"):
+        return str(gap["note"])
+    return (
+        f"R@1 on {gap.get('seen')} (captions in the training wordings) minus on {gap.get('unseen')} (the same "
+        f"{gap.get('images')} images captioned only in held-out wordings), per model; the gap's 95% interval is "
+        "paired (the same bootstrap draws of the same images for both sets). A smaller gap: the model understands "
+        "a caption worded as it was never trained on; a model near chance on both has no gap to lose."
+    )
+
+
+def gap_sentences(summary: dict) -> list[str]:
+    """Per model, whether its R@1 on unseen wordings is below its R@1 on seen ones, outside the noise or not."""
+    models = (summary.get("wording_gap") or {}).get("models", {})
+    out = []
+    for model in sorted(models, key=_order):
+        parts = []
+        for metric in R1:
+            g = models[model].get(metric)
+            if g is None:
+                continue
+            lo, hi = g["gap_ci95"]
+            if not g["gap_excludes_zero"]:
+                verdict = "no gap outside the noise"
+            else:
+                verdict = f"{'worse' if g['gap'] > 0 else 'better'} on unseen wordings, outside the noise"
+            parts.append(
+                f"{SHORT[metric]} {pct(g['seen'])} seen vs {pct(g['unseen'])} unseen, gap {100 * g['gap']:+.1f} points "
+                f"(paired 95% CI {100 * lo:+.1f} to {100 * hi:+.1f}): {verdict}"
+            )
+        if parts:
+            out.append(f"{LABELS.get(model, model)}, seen vs unseen wordings: " + "; ".join(parts) + ".")
     return out
 
 
@@ -185,6 +270,11 @@ def markdown(summary: dict, plot_name: str) -> str:
         "|---|---:|",
     ]
     lines += [f"| {label} | {value} |" for label, value in cra_rows(summary)]
+    if summary.get("anisotropy"):
+        lines += ["", anisotropy_note(summary)]
+    if anisotropy_rows(summary):
+        lines += ["", "| LLM | mean cosine, captions of different images [95% CI] |", "|---|---:|"]
+        lines += [f"| {label} | {value} |" for label, value in anisotropy_rows(summary)]
     lines += [
         "",
         "## Zero-shot retrieval (%, [95% CI])",
@@ -196,6 +286,14 @@ def markdown(summary: dict, plot_name: str) -> str:
         cells = " | ".join(with_ci(v, c) if c in R1 else pct(v[c]) for c in COLUMNS)
         lines.append(f"| {b} | {LABELS.get(m, m)} | {v.get('images', '')} | {cells} |")
     lines += ["", "**Is the lead real?**", ""] + [f"- {s}" for s in comparison_sentences(summary)]
+    if summary.get("wording_gap"):
+        lines += ["", "## Seen vs unseen wordings (R@1, %)", "", gap_note(summary)]
+    if gap_rows(summary):
+        head = " | ".join(f"{SHORT[m]} seen | unseen | gap [95% CI]" for m in R1)
+        lines += ["", f"| model | {head} |", "|---|" + "---:|" * 3 * len(R1)]
+        for model, cells in gap_rows(summary):
+            lines.append(f"| {LABELS.get(model, model)} | " + " | ".join(" | ".join(cells[m]) for m in R1) + " |")
+        lines += [""] + [f"- {s}" for s in gap_sentences(summary)]
     if summary.get("retrieval_average"):
         lines += ["", "Average over the evaluated sets (%):", "", "| model | I→T R@1 | T→I R@1 |", "|---|---:|---:|"]
         for m, v in summary["retrieval_average"].items():
@@ -227,6 +325,26 @@ def html_page(summary: dict, png: bytes) -> str:
         cells = "".join(f"<td>{esc(with_ci(v, c) if c in R1 else pct(v[c]))}</td>" for c in COLUMNS)
         body.append(f"<tr><td>{esc(b)}</td><td>{esc(LABELS.get(m, m))}</td><td>{v.get('images', '')}</td>{cells}</tr>")
     cra = "".join(f"<tr><td>{esc(label)}</td><td>{esc(value)}</td></tr>" for label, value in cra_rows(summary))
+    anisotropy = ""
+    if summary.get("anisotropy"):
+        rows = "".join(
+            f"<tr><td>{esc(label)}</td><td>{esc(value)}</td></tr>" for label, value in anisotropy_rows(summary)
+        )
+        table = f"<table><tr><th>LLM</th><th>mean cosine, captions of different images [95% CI]</th></tr>{rows}</table>"
+        anisotropy = f"<p class='note'>{esc(anisotropy_note(summary))}</p>" + (table if rows else "")
+    gap = ""
+    if summary.get("wording_gap"):
+        head = "".join(f"<th>{esc(SHORT[m])} seen</th><th>unseen</th><th>gap [95% CI]</th>" for m in R1)
+        rows = "".join(
+            f"<tr><td>{esc(LABELS.get(model, model))}</td>"
+            + "".join(f"<td>{esc(cell)}</td>" for m in R1 for cell in cells[m])
+            + "</tr>"
+            for model, cells in gap_rows(summary)
+        )
+        items = "".join(f"<li>{esc(s)}</li>" for s in gap_sentences(summary))
+        gap = f"<h2>Seen vs unseen wordings (R@1, %)</h2><p class='note'>{esc(gap_note(summary))}</p>" + (
+            f"<table><tr><th>model</th>{head}</tr>{rows}</table><ul>{items}</ul>" if rows else ""
+        )
     sentences = "".join(f"<li>{esc(s)}</li>" for s in comparison_sentences(summary))
     average = ""
     if summary.get("retrieval_average"):
@@ -276,12 +394,14 @@ li {{ margin: 0.3em 0; }}
 <h2>Caption retrieval accuracy (%)</h2>
 <p class="note">{esc(cra_note(summary))}</p>
 <table><tr><th>LLM</th><th>CRA [95% CI]</th></tr>{cra}</table>
+{anisotropy}
 <h2>Zero-shot retrieval (%)</h2>
 <p class="note">R@1 with its 95% bootstrap interval (1,000 resamples of the eval images). Image→text is a hit when
 any caption of the image ranks within k; text→image is scored per caption; ties count against the query.</p>
 <table><tr><th>benchmark</th><th>model</th><th>images</th>{head}</tr>{"".join(body)}</table>
 <h3>Is the lead real?</h3>
 <ul>{sentences}</ul>
+{gap}
 {average}
 <img alt="R@1 per benchmark and model, with 95% intervals" src="data:image/png;base64,{img}" style="max-width:100%">
 {zero_shot}
@@ -295,22 +415,52 @@ any caption of the image ranks within k; text→image is scored per caption; tie
 
 
 def headline(summary: dict) -> str:
-    """The console summary: CRA, R@1 with its interval per benchmark and model, and the plain comparisons."""
+    """The console summary: CRA and anisotropy, R@1 with its interval per benchmark and model, the seen-vs-unseen
+    wording gap per model, and the plain comparisons. A summary of an older run, without anisotropy or the gap,
+    prints as it did (the README's sample is one)."""
     cra = summary.get("cra", {})
     lines = ["CRA (held-out captions, %): " + "; ".join(f"{label}: {value}" for label, value in cra_rows(summary))]
     if cra.get("note"):
         lines.append(f"CRA: {cra['note']}")
+    if anisotropy_rows(summary):
+        rows = "; ".join(f"{label}: {value}" for label, value in anisotropy_rows(summary))
+        lines.append(f"mean cosine between captions of different images (anisotropy): {rows}")
+    elif (summary.get("anisotropy") or {}).get("note"):
+        lines.append(f"anisotropy: {summary['anisotropy']['note']}")
     cache = summary.get("cache")
     if cache:
         lines.append(f"embedding cache: {cache['hits']} captions found, {cache['misses']} embedded")
-    width = max(len(m) for _, m, _ in _rows(summary))
-    lines.append(f"{'benchmark':<17} {'model':<{width}} {'I->T R@1 [95% CI]':>20} {'T->I R@1 [95% CI]':>20}")
+    width = max((len(m) for _, m, _ in _rows(summary)), default=len("model"))
+    bench = max([17, *(len(b) for b, _, _ in _rows(summary))])  # 17: "synthetic_short" and a margin
+    lines.append(f"{'benchmark':<{bench}} {'model':<{width}} {'I->T R@1 [95% CI]':>20} {'T->I R@1 [95% CI]':>20}")
     for b, m, v in _rows(summary):
-        lines.append(f"{b:<17} {m:<{width}} {with_ci(v, R1[0]):>20} {with_ci(v, R1[1]):>20}")
+        lines.append(f"{b:<{bench}} {m:<{width}} {with_ci(v, R1[0]):>20} {with_ci(v, R1[1]):>20}")
+    lines += gap_headline(summary)
     for d, m, v in zero_shot_rows(summary):
         lines.append(f"zero-shot {d} {m}: top-1 {with_ci(v, 'acc1')}, top-5 {pct(v['acc5'])}")
     lines += comparison_sentences(summary)
     return "\n".join(lines)
+
+
+def gap_headline(summary: dict) -> list[str]:
+    """The console's wording-gap table: per model, R@1 on seen and unseen wordings and the gap with its interval;
+    nothing for a summary without it (runs before synthetic_reworded)."""
+    gap = summary.get("wording_gap")
+    if not gap:
+        return []
+    if gap.get("note"):
+        return [f"wording gap: {gap['note']}"]
+    lines = [
+        f"seen vs unseen wordings, R@1 %: {gap['seen']} minus {gap['unseen']} (the same {gap['images']} images), "
+        "gap with its paired 95% CI"
+    ]
+    rows = gap_rows(summary)
+    width = max(len("model"), *(len(m) for m, _ in rows))
+    head = "".join(f" {d + ' seen':>10} {'unseen':>7} {'gap [95% CI]':>20}" for d in ("I->T", "T->I"))
+    lines.append(f"{'model':<{width}}{head}")
+    for model, cells in rows:
+        lines.append(f"{model:<{width}}" + "".join(f" {a:>10} {b:>7} {c:>20}" for a, b, c in (cells[m] for m in R1)))
+    return lines
 
 
 def write_reports(summary: dict, out_dir: str) -> None:
