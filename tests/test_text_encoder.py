@@ -95,6 +95,36 @@ def test_instruction_is_attended_to_but_not_pooled(tiny_encoder):
         assert not torch.allclose(a, b, atol=1e-4)
 
 
+@pytest.mark.parametrize("instruction", ["", "Describe this picture: "])
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_per_caption_instructions_are_attended_to_and_never_pooled(tiny_encoder, instruction, padding_side):
+    """Stage 1's query instructions: each caption may carry its own instruction after the encoder's. Brute force
+    per caption (alone, unpadded, averaged between BOS + both instructions and EOS); a caption given "" embeds
+    exactly as without any per-caption instruction, in one mixed batch, padded either side."""
+    enc = add_bos_eos(tiny_encoder)
+    enc.instruction = instruction
+    enc.tokenizer.padding_side = padding_side
+    own = ["Given a sentence, retrieve a detailed relevant sentence; ", "", "Find the short one; "]
+    with torch.no_grad():
+        pooled = te.embed(enc, CAPTIONS, own)
+        plain = te.embed(enc, CAPTIONS)
+        for i, caption in enumerate(CAPTIONS):
+            prefix = instruction + own[i]
+            n_prefix = len(enc.tokenizer(prefix.rstrip(), add_special_tokens=False)["input_ids"]) if prefix else 0
+            ids = torch.tensor([enc.tokenizer(prefix + caption)["input_ids"]])
+            states = te.hidden_states(enc, ids, torch.ones_like(ids))[0]
+            torch.testing.assert_close(pooled[i], states[1 + n_prefix : -1].mean(0), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pooled[1], plain[1], atol=1e-5, rtol=1e-5)  # the document: no instruction of its own
+    for i in (0, 2):  # attended to: the query's own tokens see it
+        assert not torch.allclose(pooled[i], plain[i], atol=1e-4)
+    counts = te.tokenize(enc, CAPTIONS, own)["embed_mask"].sum(1)
+    assert torch.equal(counts, te.tokenize(enc, CAPTIONS)["embed_mask"].sum(1))  # the caption's tokens only
+    length_sorted, _ = te.embed_by_length(enc, CAPTIONS, max_tokens=32, max_batch=2, instructions=own)
+    torch.testing.assert_close(length_sorted, pooled, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="instructions: 2 given for 3 captions"):
+        te.tokenize(enc, CAPTIONS, own[:2])
+
+
 def test_bos_and_padding_never_enter_the_pooling_mask(tiny_encoder):
     enc = add_bos_eos(tiny_encoder)
     enc.tokenizer.padding_side = "left"

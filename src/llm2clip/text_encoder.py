@@ -229,13 +229,28 @@ def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (states.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def model_inputs(encoder: CaptionEncoder, captions: Sequence[str]) -> list[str]:
-    """The strings the tokenizer sees: instruction + caption."""
-    return [encoder.instruction + c for c in captions]
+def prefixes(encoder: CaptionEncoder, captions: Sequence[str], instructions: Sequence[str] | None) -> list[str]:
+    """What goes before each caption: the encoder's instruction, then the caption's own instruction if any
+    (`instructions[i]`, e.g. a query instruction of stage 1; None = none). Attended to, never pooled."""
+    if instructions is None:
+        return [encoder.instruction] * len(captions)
+    if len(instructions) != len(captions):
+        raise ValueError(f"instructions: {len(instructions)} given for {len(captions)} captions (one per caption)")
+    return [encoder.instruction + i for i in instructions]
 
 
-def tokenize(encoder: CaptionEncoder, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+def model_inputs(
+    encoder: CaptionEncoder, captions: Sequence[str], instructions: Sequence[str] | None = None
+) -> list[str]:
+    """The strings the tokenizer sees: instruction (+ the caption's own instruction, see `prefixes`) + caption."""
+    return [p + c for p, c in zip(prefixes(encoder, captions, instructions), captions, strict=True)]
+
+
+def tokenize(
+    encoder: CaptionEncoder, captions: Sequence[str], instructions: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
     """Tokenize instruction + caption, padded to the longest of this batch only (never to max_length).
+    `instructions`: one more instruction per caption, after the encoder's (see `prefixes`).
 
     Returns input_ids and attention_mask [B, T] (the model attends to the instruction and special tokens) and
     embed_mask [B, T]: 1 exactly on the caption's own tokens, the ones pooling averages. Special tokens are found
@@ -243,21 +258,22 @@ def tokenize(encoder: CaptionEncoder, captions: Sequence[str]) -> dict[str, torc
     starting before the caption's first non-space character belongs to the instruction, so an instruction should
     end with a space or punctuation, or its last word can merge into the caption's first token)."""
     tok = encoder.tokenizer
+    before = prefixes(encoder, captions, instructions)
     batch = tok(
-        model_inputs(encoder, captions),
+        [p + c for p, c in zip(before, captions, strict=True)],
         padding="longest",
         truncation=True,
         max_length=encoder.max_length,
         return_tensors="pt",
         return_special_tokens_mask=True,
-        return_offsets_mapping=bool(encoder.instruction),  # fast tokenizers only; not needed without a prefix
+        return_offsets_mapping=any(before),  # fast tokenizers only; not needed without a prefix
     )
     special = batch.pop("special_tokens_mask").bool()
     special |= torch.isin(batch["input_ids"], torch.tensor(tok.all_special_ids))
     own = batch["attention_mask"].bool() & ~special
-    if encoder.instruction:
+    if any(before):
         starts = batch.pop("offset_mapping")[..., 0]  # [B, T] first character of each token
-        own &= starts >= len(encoder.instruction.rstrip())
+        own &= starts >= torch.tensor([len(p.rstrip()) for p in before]).unsqueeze(1)
     empty = (~own.any(1)).nonzero().flatten().tolist()
     if empty:
         raise ValueError(
@@ -268,10 +284,10 @@ def tokenize(encoder: CaptionEncoder, captions: Sequence[str]) -> dict[str, torc
     return batch
 
 
-def embed(encoder: CaptionEncoder, captions: Sequence[str]) -> torch.Tensor:
+def embed(encoder: CaptionEncoder, captions: Sequence[str], instructions: Sequence[str] | None = None) -> torch.Tensor:
     """Caption embeddings [B, D] in fp32 (not normalised): the mean of the last hidden states over each caption's own
-    tokens (see `tokenize` and POOLING); runs under the caller's grad/autocast mode."""
-    batch = tokenize(encoder, captions)
+    tokens (see `tokenize` and POOLING; `instructions` as there); runs under the caller's grad/autocast mode."""
+    batch = tokenize(encoder, captions, instructions)
     device = devices.module_device(encoder.model)
     ids = batch["input_ids"].to(device, non_blocking=True)
     mask = batch["attention_mask"].to(device, non_blocking=True)
@@ -320,23 +336,31 @@ def length_batches(lengths: Sequence[int], max_tokens: int, max_batch: int) -> l
     return batches
 
 
-def token_lengths(encoder: CaptionEncoder, captions: Sequence[str]) -> list[int]:
-    """Tokens per caption as the model sees it (instruction and special tokens included), capped at max_length."""
-    ids = encoder.tokenizer(model_inputs(encoder, captions), add_special_tokens=True)["input_ids"]
+def token_lengths(
+    encoder: CaptionEncoder, captions: Sequence[str], instructions: Sequence[str] | None = None
+) -> list[int]:
+    """Tokens per caption as the model sees it (instructions and special tokens included), capped at max_length."""
+    ids = encoder.tokenizer(model_inputs(encoder, captions, instructions), add_special_tokens=True)["input_ids"]
     return [min(len(x), encoder.max_length) for x in ids]
 
 
 def embed_by_length(
-    encoder: CaptionEncoder, captions: Sequence[str], max_tokens: int, max_batch: int = 256
+    encoder: CaptionEncoder,
+    captions: Sequence[str],
+    max_tokens: int,
+    max_batch: int = 256,
+    instructions: Sequence[str] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Embed in length-sorted batches (padding only to each batch's longest caption); keeps autograd.
+    `instructions`: one more instruction per caption (see `prefixes`), attended to and not pooled.
 
     Returns ([N, D] fp32 in input order, padded tokens processed).
     """
-    lengths = token_lengths(encoder, captions)
+    lengths = token_lengths(encoder, captions, instructions)
     parts, order, padded = [], [], 0
     for idx in length_batches(lengths, max_tokens, max_batch):
-        parts.append(embed(encoder, [captions[i] for i in idx]))
+        own = [instructions[i] for i in idx] if instructions is not None else None
+        parts.append(embed(encoder, [captions[i] for i in idx], own))
         order += idx
         padded += len(idx) * lengths[idx[0]]
     out = torch.cat(parts)
