@@ -73,6 +73,9 @@ SAMPLES = Counter(
 TOKENS = Counter("llm2clip_tokens", "Tokens the LLM ran over, padding included (tune, cache)", _L, registry=REGISTRY)
 LOSS = Gauge("llm2clip_loss", "Loss of the last step (train_clip: the mean over ranks)", _L, registry=REGISTRY)
 LR = Gauge("llm2clip_learning_rate", "Learning rate of the last step (largest parameter group)", _L, registry=REGISTRY)
+GRAD_NORM = Gauge(
+    "llm2clip_grad_norm", "Gradient L2 norm of the last step, before clipping (tune)", _L, registry=REGISTRY
+)
 STEP_TIME = Histogram(
     "llm2clip_step_seconds",
     "Wall time of one step, data wait included (seconds)",
@@ -103,6 +106,7 @@ SUMMARY = {
     "tokens": "Tokens the LLM ran over on this rank, padding included",
     "loss": "Loss of the last step",
     "learning_rate": "Learning rate of the last step",
+    "grad_norm": "Gradient L2 norm of the last step, before clipping (0 where not reported)",
     "cache_hits": "Distinct captions found in the embedding store",
     "cache_misses": "Distinct captions embedded",
     "errors": "Errors (1 when the stage failed)",
@@ -149,6 +153,7 @@ class StageMetrics:
         *,
         loss: float | None = None,
         lr: float | None = None,
+        grad_norm: float | None = None,
         samples: int = 0,
         tokens: int = 0,
         step_s: float | None = None,
@@ -156,8 +161,9 @@ class StageMetrics:
         hits: int = 0,
         misses: int = 0,
     ) -> None:
-        """Record one finished step: its loss and learning rate, the samples and tokens it consumed, its wall
-        time and data wait (seconds), the cache hits and misses it saw. Pushes when `push_every_s` has passed."""
+        """Record one finished step: its loss, learning rate and gradient norm (before clipping), the samples and
+        tokens it consumed, its wall time and data wait (seconds), the cache hits and misses it saw. Pushes when
+        `push_every_s` has passed."""
         t, s = self.totals, self.stage
         counted = {
             "steps": (STEPS, 1),
@@ -169,7 +175,11 @@ class StageMetrics:
         for key, (metric, value) in counted.items():
             metric.labels(s).inc(value)
             t[key] += value
-        for key, metric, value in (("loss", LOSS, loss), ("learning_rate", LR, lr)):
+        for key, metric, value in (
+            ("loss", LOSS, loss),
+            ("learning_rate", LR, lr),
+            ("grad_norm", GRAD_NORM, grad_norm),
+        ):
             if value is not None:
                 metric.labels(s).set(value)
                 t[key] = value
