@@ -1,6 +1,7 @@
-"""Stage 1: hard-negative sampling at scale, CRA (pool, intervals, causal and bidirectional before; off by default),
-the manifest."""
+"""Stage 1: pair and hard-negative sampling at scale, query instructions, gradient clipping, CRA (pool, intervals,
+causal and bidirectional before; off by default), the manifest."""
 
+import dataclasses
 import math
 import random
 import tracemalloc
@@ -47,13 +48,14 @@ def test_hard_negatives_are_outside_the_batch_and_of_the_positives_kind():
     groups, rng = LazyGroups(50), random.Random(0)
     kinds_seen = set()
     for _ in range(200):
-        anchors, positives, negatives = tune_caption_encoder.sample_batch(groups, 16, True, rng)
-        batch = {owner(a)[1] for a in anchors}
-        assert len(batch) == 16 and len(negatives) == 16
-        for a, p, n in zip(anchors, positives, negatives, strict=True):
+        b = tune_caption_encoder.sample_batch(groups, 16, True, rng)
+        batch = {owner(a)[1] for a in b.anchors}
+        assert len(batch) == 16 and len(b.negatives) == 16
+        for a, p, n, direction in zip(b.anchors, b.positives, b.negatives, b.directions, strict=True):
             assert owner(a)[1] == owner(p)[1] and a != p  # two distinct captions of one image
             assert owner(n)[1] not in batch
             assert owner(n)[0] == owner(p)[0]
+            assert direction == (owner(a)[0], owner(p)[0])
             kinds_seen.add(owner(p)[0])
     assert kinds_seen == set(KINDS)  # every kind was exercised, including the rarer ones
 
@@ -71,6 +73,179 @@ def test_sampling_a_million_images_costs_the_batch_not_the_dataset():
     assert peak < 1_000_000, f"peak {peak} bytes"
     # per row: one access for the pair, then ~1 draw for a short negative, ~3 for long, ~5 for raw
     assert groups.accessed < 5 * 32 * 10
+
+
+class PairableGroups(LazyGroups):
+    """LazyGroups with a long caption on every image (and a second one on every fourth), so all can pair short
+    with long."""
+
+    def __getitem__(self, j: int) -> list[tuple[str, str]]:
+        out = super().__getitem__(j)
+        longs = [("long", f"long {j} a")] + ([("long", f"long {j} b")] if j % 4 == 0 else [])
+        return [c for c in out if c[0] != "long"] + longs
+
+
+def test_short_long_pairs_a_short_with_a_long_of_the_same_image_the_query_side_50_50():
+    groups, rng = PairableGroups(1000), random.Random(0)
+    directions = []
+    for _ in range(100):
+        b = tune_caption_encoder.sample_batch(groups, 16, True, rng, pairs="short_long")
+        batch = {owner(a)[1] for a in b.anchors}
+        assert len(batch) == 16 and len(b.negatives) == 16
+        for a, p, n, direction in zip(b.anchors, b.positives, b.negatives, b.directions, strict=True):
+            assert owner(a)[1] == owner(p)[1]  # the same image
+            assert {owner(a)[0], owner(p)[0]} == {"short", "long"}  # a short with a long, never raw
+            assert direction == (owner(a)[0], owner(p)[0])
+            assert owner(n)[1] not in batch and owner(n)[0] == owner(p)[0]  # the negative: of the positive's kind
+            directions.append(direction)
+    short_queries = directions.count(("short", "long")) / len(directions)
+    assert 0.45 < short_queries < 0.55  # 1600 rows: a fair coin lands here with probability > 0.99
+    assert groups.accessed < 2 * 1600 * 3  # O(B) per step, as for "any"
+
+
+def test_short_long_leaves_out_images_without_both_kinds():
+    groups = LazyGroups(30)  # a long caption only when j % 3 == 0
+    usable = [g for g in (groups[j] for j in range(30)) if tune_caption_encoder.pairable(g, "short_long")]
+    assert len(usable) == 10 and all({k for k, _ in g} >= {"short", "long"} for g in usable)
+    assert all(tune_caption_encoder.pairable(groups[j], "any") for j in range(30))
+    b = tune_caption_encoder.sample_batch(usable, 10, False, random.Random(0), pairs="short_long")
+    assert sorted(owner(a)[1] for a in b.anchors) == list(range(0, 30, 3)) and b.negatives == []
+
+
+def test_too_few_images_with_both_kinds_is_an_error_naming_pairs(tiny_dataset, tmp_path, monkeypatch):
+    """Checked before the LLM is loaded: the error says how many images could pair and names pairs and batch_size."""
+    real = data.read_captions
+
+    def short_only(split):  # the same train split with every long caption dropped except on 3 images
+        for n, (shard, key, meta) in enumerate(real(split)):
+            caps = dict(meta["captions"])
+            if n >= 3:
+                caps.pop("long", None)
+            yield shard, key, {**meta, "captions": caps}
+
+    monkeypatch.setattr(tune_caption_encoder.data, "read_captions", short_only)
+    monkeypatch.setattr(text_encoder, "load_caption_encoder", lambda *a, **k: pytest.fail("loaded the LLM"))
+    cfg = tune_caption_encoder.TuneConfig(llm=text_encoder.TINY_LLAMA, batch_size=4, pairs="short_long")
+    with pytest.raises(
+        ValueError,
+        match=r"^pairs='short_long': only 3 of 48 train images have both a short and a "
+        r"long caption, fewer than batch_size=4$",
+    ):
+        tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, str(tmp_path / "lora"))
+
+
+def test_query_instructions_go_before_anchors_only_by_direction():
+    cfg = tune_caption_encoder.TuneConfig(pairs="short_long", query_instructions=True)
+    groups = PairableGroups(100)
+    b = tune_caption_encoder.sample_batch(groups, 8, True, random.Random(1), pairs="short_long")
+    got = tune_caption_encoder.batch_instructions(b, cfg)
+    assert len(got) == 3 * 8 and got[8:] == [""] * 16  # positives and negatives: none
+    want = {
+        ("short", "long"): tune_caption_encoder.SHORT_TO_LONG,
+        ("long", "short"): tune_caption_encoder.LONG_TO_SHORT,
+    }
+    assert got[:8] == [want[d] for d in b.directions] and len(set(got[:8])) == 2
+    assert tune_caption_encoder.batch_instructions(b, dataclasses.replace(cfg, query_instructions=False)) is None
+
+
+def test_query_instructions_change_the_queries_and_leave_documents_as_they_were(tiny_encoder):
+    """One batch embedded as loss_step embeds it, with and without query instructions: the positives and negatives
+    (documents) are the same vectors, the anchors differ (the instruction is attended to), and no anchor is pooled
+    over its instruction (as many pooled tokens as without)."""
+    cfg = tune_caption_encoder.TuneConfig(pairs="short_long", query_instructions=True)
+    groups = [
+        [("short", f"a red circle number {j}"), ("long", f"a long view of a red circle {j} on grey")] for j in range(20)
+    ]
+    b = tune_caption_encoder.sample_batch(groups, 6, True, random.Random(0), pairs="short_long")
+    texts, instructions = b.anchors + b.positives + b.negatives, tune_caption_encoder.batch_instructions(b, cfg)
+    with torch.no_grad():
+        on, _ = text_encoder.embed_by_length(tiny_encoder, texts, 256, instructions=instructions)
+        off, _ = text_encoder.embed_by_length(tiny_encoder, texts, 256)
+    torch.testing.assert_close(on[6:], off[6:], atol=1e-5, rtol=1e-5)
+    assert all(not torch.allclose(on[i], off[i], atol=1e-4) for i in range(6))
+    pooled = text_encoder.tokenize(tiny_encoder, texts, instructions)["embed_mask"].sum(1)
+    assert torch.equal(pooled, text_encoder.tokenize(tiny_encoder, texts)["embed_mask"].sum(1))
+
+
+def test_clipping_bounds_the_gradient_norm_and_returns_the_norm_before():
+    params = [
+        torch.nn.Parameter(torch.zeros(3)),
+        torch.nn.Parameter(torch.zeros(2)),
+        torch.nn.Parameter(torch.zeros(1)),
+    ]
+    for p, g in zip(params, ([3.0, 0.0, 0.0], [0.0, 4.0], None), strict=True):
+        p.grad = None if g is None else torch.tensor(g)
+    assert tune_caption_encoder.clip_gradients(params, 0.0) == pytest.approx(5.0)  # off: measured, not touched
+    assert params[1].grad.tolist() == [0.0, 4.0]
+    assert tune_caption_encoder.clip_gradients(params, 1.0) == pytest.approx(5.0)
+    after = torch.linalg.vector_norm(torch.cat([params[0].grad, params[1].grad]))
+    assert after == pytest.approx(1.0, rel=1e-5) and params[1].grad.tolist() == pytest.approx([0.0, 0.8], rel=1e-5)
+    assert tune_caption_encoder.clip_gradients(params, 10.0) == pytest.approx(1.0, rel=1e-5)  # under: unchanged
+    assert params[1].grad.tolist() == pytest.approx([0.0, 0.8], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"pairs": "short_short"}, "pairs"),
+        ({"query_instructions": True}, "query_instructions"),  # needs pairs short_long
+        ({"short_to_long_instruction": "Find the long caption"}, "short_to_long_instruction"),
+        ({"long_to_short_instruction": " "}, "long_to_short_instruction"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm"),
+        ({"max_grad_norm": float("nan")}, "max_grad_norm"),
+    ],
+)
+def test_bad_stage1_options_are_refused_naming_the_field(fields, field):
+    with pytest.raises(ValueError, match=rf"^{field}="):
+        tune_caption_encoder.TuneConfig(**fields)
+
+
+def test_stage1_runs_with_short_long_pairs_query_instructions_and_clipping(tiny_dataset, tmp_path):
+    """End to end with all three on: each optimizer step sees LoRA gradients of norm <= max_grad_norm (read in an
+    optimizer pre-hook, after the stage clipped), the norms before clipping are in the manifest and the metrics,
+    the manifest records the query instructions, and the cache of the tuned LLM embeds every caption without them
+    (as a document) while its encoder identity records them."""
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    seen = []
+
+    def record(optimizer, args, kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        seen.append(float(torch.nn.utils.get_total_norm(grads)))
+
+    max_norm = 1e-3  # far below the tiny model's gradient norms, so every step is clipped
+    cfg = tune_caption_encoder.TuneConfig(
+        llm=text_encoder.TINY_LLAMA,
+        steps=3,
+        batch_size=4,
+        lora_r=4,
+        lora_alpha=8,
+        device="cpu",
+        dtype="float32",
+        pairs="short_long",
+        query_instructions=True,
+        max_grad_norm=max_norm,
+    )
+    out = str(tmp_path / "lora")
+    handle = register_optimizer_step_pre_hook(record)
+    try:
+        result = tune_caption_encoder.tune_caption_encoder(cfg, tiny_dataset, out)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 and all(n <= max_norm * (1 + 1e-4) for n in seen), seen
+    manifest = artifacts.read_manifest(out, "tune_caption_encoder")
+    assert len(manifest["grad_norms"]) == 3 and min(manifest["grad_norms"]) > max_norm  # recorded before clipping
+    assert result["grad_norm_max"] == max(manifest["grad_norms"]) and math.isfinite(result["loss_last"])
+    assert manifest["query_instructions"] == {
+        "short_to_long": tune_caption_encoder.SHORT_TO_LONG,
+        "long_to_short": tune_caption_encoder.LONG_TO_SHORT,
+    }
+    assert manifest["config"]["pairs"] == "short_long" and manifest["instruction"] == ""
+    identity = cache_caption_embeddings.encoder_identity(out, use_adapter=True)
+    assert identity["query_instructions"] == manifest["query_instructions"] and identity["instruction"] == ""
+    assert "query_instructions" not in cache_caption_embeddings.encoder_identity(out, use_adapter=False)
+    encoder = cache_caption_embeddings.base_encoder(identity, torch.device("cpu"), "float32")
+    assert encoder.instruction == ""  # what the cache and inference embed with: no query instruction
 
 
 def test_negative_draws_give_up_when_no_image_qualifies():

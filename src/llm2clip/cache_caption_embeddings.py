@@ -112,10 +112,15 @@ def all_shards(dataset_dir: str) -> list[tuple[str, str]]:
 
 def encoder_identity(text_lora_dir: str, use_adapter: bool) -> dict:
     """What the embeddings depend on; two caches agree only when these agree. The pooling rule and the instruction
-    prefix are part of it: a different instruction (or an older pooling rule) is a different cache."""
+    prefix are part of it: a different instruction (or an older pooling rule) is a different cache.
+
+    With the adapter of a stage 1 that put query instructions before its queries, `query_instructions` records
+    them ({"short_to_long", "long_to_short"}): the cache embeds every caption without them, as a document (only
+    `instruction` goes before it), and says so. Absent otherwise, so the addresses of other caches stay as they
+    were."""
     tuned = artifacts.read_manifest(text_lora_dir, "tune_caption_encoder")
     cfg = tuned["config"]
-    return {
+    identity = {
         "base_model": tuned["base_model"],
         "base_fingerprint": tuned["base_fingerprint"],
         "adapter_fingerprint": tuned["adapter_fingerprint"] if use_adapter else None,
@@ -124,6 +129,9 @@ def encoder_identity(text_lora_dir: str, use_adapter: bool) -> dict:
         "instruction": cfg.get("instruction", ""),  # manifests before the instruction field had none
         "max_length": cfg["max_length"],
     }
+    if use_adapter and tuned.get("query_instructions"):
+        identity["query_instructions"] = tuned["query_instructions"]
+    return identity
 
 
 def base_encoder(

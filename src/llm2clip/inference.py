@@ -11,8 +11,10 @@ local directory or s3://:
 
 For an LLM-taught model, `encode_text` rebuilds the caption encoder exactly as the cache that trained the model
 recorded it (base model and its fingerprint, LoRA adapter, attention mode, pooling, instruction, max length), runs
-it, then the stage-2 adapter (`model.encode_text`). For the CLIP baseline it is open_clip's tokenizer and text
-tower. Images get the tower's evaluation preprocessing (llm2clip.loading).
+it, then the stage-2 adapter (`model.encode_text`). Stage 1's query instructions (`TuneConfig.query_instructions`)
+are never applied: the cache embedded every caption without them, so the adapter learned captions without them.
+For the CLIP baseline it is open_clip's tokenizer and text tower. Images get the tower's evaluation
+preprocessing (llm2clip.loading).
 """
 
 from __future__ import annotations

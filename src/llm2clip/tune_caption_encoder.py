@@ -8,6 +8,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -20,6 +21,13 @@ BOOTSTRAP_RESAMPLES = 1000
 # batch or lacks a caption of the positive's kind); the row then has in-batch negatives only.
 MAX_NEGATIVE_DRAWS = 100
 Group = list[tuple[str, str]]  # one image's captions as (kind, text), data.caption_list order
+# How a step pairs an image's captions: "any", two distinct captions of any kinds; "short_long", a short caption
+# with a long one, the query side drawn 50/50 per row (the official stage 1's pairs).
+PAIRS = ("any", "short_long")
+# The official stage 1's query instructions for caption pairs (llm2vec's E5 data format, "cc3m" entry, in
+# microsoft/LLM2CLIP llm_caption_contrastive/dataset/E5_cc3m.py: "{instruction}; " before the query only).
+SHORT_TO_LONG = "Given a sentence, retrieve a detailed relevant sentence; "
+LONG_TO_SHORT = "Given a detailed sentence, retrieve a short relevant sentence; "
 CRA_SKIPPED = "CRA skipped: no eval set has two short captions per image"
 CRA_IN_EVALUATE = (
     "CRA is measured in evaluate, from the caption-embedding caches of the tuned and the raw LLM (TuneConfig.cra "
@@ -60,6 +68,38 @@ class TuneConfig:
     lr: float = field(default=2e-4, metadata={"help": "learning rate of stage 1 (AdamW on the LoRA weights)"})
     warmup_steps: int = 5
     weight_decay: float = 0.0
+    pairs: str = field(
+        default="any",
+        metadata={
+            "help": 'how stage 1 pairs two captions of an image: "any" (two distinct captions of any kinds) or '
+            '"short_long" (a short with a long caption of the same image, which one is the query drawn 50/50 per '
+            "row, as the official stage 1; images without both kinds are left out of tuning). The hard negative is "
+            "of the positive's kind either way"
+        },
+    )
+    query_instructions: bool = field(
+        default=False,
+        metadata={
+            "help": "prepend an instruction to the query of each stage-1 pair only, by direction (short->long or "
+            "long->short, the official wording), attended to and not pooled; positives, negatives, the caption "
+            "cache and inference carry none. Needs pairs short_long"
+        },
+    )
+    short_to_long_instruction: str = field(
+        default=SHORT_TO_LONG,
+        metadata={"help": "query_instructions: the instruction before a short query whose positive is long"},
+    )
+    long_to_short_instruction: str = field(
+        default=LONG_TO_SHORT,
+        metadata={"help": "query_instructions: the instruction before a long query whose positive is short"},
+    )
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={
+            "help": "clip the L2 norm of the stage-1 LoRA gradients to this value at every step; 0 = no clipping "
+            "(the official stage 1 clips at 1.0, transformers' Trainer default, which its config leaves as is)"
+        },
+    )
     device: str = "auto"  # cuda if available, else cpu (llm2clip.devices)
     dtype: str = "auto"  # autocast dtype; auto = bf16 on GPU / CPUs with native bf16, else fp32. Pooling and loss: fp32
     merge: bool = False  # also save the base model with the adapter merged in
@@ -90,8 +130,44 @@ class TuneConfig:
         check(0 < self.lr < 1, "lr", self.lr, "must be in (0, 1)")
         check(self.cra_max_captions >= 2, "cra_max_captions", self.cra_max_captions, "must be >= 2")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "must be >= 0")
+        check(self.pairs in PAIRS, "pairs", self.pairs, f"must be one of {PAIRS}")
+        check(
+            not self.query_instructions or self.pairs == "short_long",
+            "query_instructions",
+            self.query_instructions,
+            f"needs pairs='short_long' (pairs={self.pairs!r}): the instruction says which way a query retrieves",
+        )
+        for name in ("short_to_long_instruction", "long_to_short_instruction"):
+            text = getattr(self, name)
+            check(
+                bool(text.strip()) and not text[-1].isalnum(),
+                name,
+                text,
+                "must be non-empty and end with a space or punctuation (its last word would merge into the caption)",
+            )
+        check(
+            math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+            "max_grad_norm",
+            self.max_grad_norm,
+            "must be >= 0 (0 = no clipping)",
+        )
         check(self.device in devices.DEVICES, "device", self.device, f"must be one of {devices.DEVICES}")
         check(self.dtype in devices.DTYPES, "dtype", self.dtype, f"must be one of {devices.DTYPES}")
+
+    def query_instruction(self, query_kind: str, positive_kind: str) -> str:
+        """The instruction before a query of `query_kind` whose positive is of `positive_kind` ("" when
+        query_instructions is off)."""
+        if not self.query_instructions:
+            return ""
+        directions = {
+            ("short", "long"): self.short_to_long_instruction,
+            ("long", "short"): self.long_to_short_instruction,
+        }
+        if (query_kind, positive_kind) not in directions:
+            raise ValueError(
+                f"query_instructions: no instruction for a {query_kind} query of a {positive_kind} caption"
+            )
+        return directions[query_kind, positive_kind]
 
 
 # ----------------------------------------------------------------------------------------------- CRA
@@ -196,36 +272,84 @@ def draw_negative(groups: Sequence[Group], kind: str, exclude: set[int], rng: ra
     return None
 
 
+class Batch(NamedTuple):
+    """The captions of one step; row i of anchors and positives are two captions of the same image."""
+
+    anchors: list[str]  # [B] the queries
+    positives: list[str]  # [B]
+    negatives: list[str]  # [<= B] hard negatives, one per row that found one
+    directions: list[tuple[str, str]]  # [B] (anchor kind, positive kind) of each row
+
+
+def pairable(group: Group, pairs: str) -> bool:
+    """Whether an image can give a pair of the `pairs` rule (PAIRS): two captions, or a short and a long one."""
+    if pairs == "short_long":
+        kinds = {kind for kind, _ in group}
+        return "short" in kinds and "long" in kinds
+    return len(group) >= 2
+
+
+def draw_pair(group: Group, pairs: str, rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]]:
+    """(anchor, positive), each (kind, text), from one image's captions by the `pairs` rule (PAIRS)."""
+    if pairs == "any":
+        anchor, positive = rng.sample(group, 2)
+        return anchor, positive
+    short = rng.choice([c for c in group if c[0] == "short"])
+    long = rng.choice([c for c in group if c[0] == "long"])
+    return (short, long) if rng.random() < 0.5 else (long, short)
+
+
 def sample_batch(
-    groups: Sequence[Group], batch_size: int, hard_negatives: bool, rng: random.Random
-) -> tuple[list[str], list[str], list[str]]:
-    """Captions of one step: anchors [B] and positives [B] (two distinct captions of each of B random images) and,
-    with hard_negatives, up to B negatives, each of its row's positive's kind from an image outside the batch
-    (as the official code pairs them). Cost O(B), independent of the number of images."""
+    groups: Sequence[Group], batch_size: int, hard_negatives: bool, rng: random.Random, pairs: str = "any"
+) -> Batch:
+    """Captions of one step: anchors [B] and positives [B] (two captions of each of B random images, paired by
+    the `pairs` rule, see PAIRS) and, with hard_negatives, up to B negatives, each of its row's positive's kind
+    from an image outside the batch (as the official code pairs them). Every group must be `pairable` (the caller
+    filters them once). Cost O(B), independent of the number of images."""
     batch = rng.sample(range(len(groups)), batch_size)
     in_batch = set(batch)
-    anchors, positives, negatives = [], [], []
+    out = Batch([], [], [], [])
     for i in batch:
-        (_, anchor), (kind, positive) = rng.sample(groups[i], 2)
-        anchors.append(anchor)
-        positives.append(positive)
+        (anchor_kind, anchor), (kind, positive) = draw_pair(groups[i], pairs, rng)
+        out.anchors.append(anchor)
+        out.positives.append(positive)
+        out.directions.append((anchor_kind, kind))
         if hard_negatives:
             negative = draw_negative(groups, kind, in_batch, rng)
             if negative is not None:
-                negatives.append(negative)
-    return anchors, positives, negatives
+                out.negatives.append(negative)
+    return out
+
+
+def batch_instructions(batch: Batch, cfg: TuneConfig) -> list[str] | None:
+    """Per caption of anchors + positives + negatives, the instruction before it: with cfg.query_instructions the
+    anchor's by its direction, nothing before positives and negatives (as the official stage 1); else None."""
+    if not cfg.query_instructions:
+        return None
+    queries = [cfg.query_instruction(*direction) for direction in batch.directions]
+    return queries + [""] * (len(batch.positives) + len(batch.negatives))
 
 
 def loss_step(
     encoder: text_encoder.CaptionEncoder, groups: Sequence[Group], cfg: TuneConfig, rng: random.Random, dtype: str
 ) -> tuple[torch.Tensor, int]:
     """One batch (see `sample_batch`) -> (InfoNCE over the anchors against every positive and negative (fp32),
-    the tokens the LLM ran over, padding included)."""
-    anchors, positives, negatives = sample_batch(groups, cfg.batch_size, cfg.hard_negatives, rng)
+    the tokens the LLM ran over, padding and query instructions included)."""
+    batch = sample_batch(groups, cfg.batch_size, cfg.hard_negatives, rng, cfg.pairs)
+    texts = batch.anchors + batch.positives + batch.negatives
     with devices.autocast(devices.module_device(encoder.model), dtype):
-        emb, tokens = text_encoder.embed_by_length(encoder, anchors + positives + negatives, cfg.max_tokens)
+        emb, tokens = text_encoder.embed_by_length(
+            encoder, texts, cfg.max_tokens, instructions=batch_instructions(batch, cfg)
+        )
     b = cfg.batch_size
-    return info_nce(emb[:b], emb[b : 2 * b], emb[2 * b :] if negatives else None, cfg.scale), tokens
+    return info_nce(emb[:b], emb[b : 2 * b], emb[2 * b :] if batch.negatives else None, cfg.scale), tokens
+
+
+def clip_gradients(params: Sequence[torch.nn.Parameter], max_norm: float) -> float:
+    """Clip the gradients' total L2 norm to `max_norm` in place (0 = leave them) and return the norm before."""
+    if max_norm > 0:
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def lr_scale(step: int, warmup_steps: int, steps: int) -> float:
@@ -241,6 +365,15 @@ def lr_scale(step: int, warmup_steps: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def query_instructions(cfg: TuneConfig) -> dict[str, str] | None:
+    """What the manifest records of the query instructions: {"short_to_long", "long_to_short"} when stage 1 put
+    them before its queries, else None. Only queries in tuning had them: the cache and inference embed every
+    caption without them (with `instruction` alone, as a document)."""
+    if not cfg.query_instructions:
+        return None
+    return {"short_to_long": cfg.short_to_long_instruction, "long_to_short": cfg.long_to_short_instruction}
+
+
 def tune_caption_encoder(cfg: TuneConfig, dataset_dir: str, out_dir: str) -> dict:
     """Tune the LLM with LoRA on the train captions; write the adapter + manifest; return the loss and, with
     cfg.cra, CRA before and after tuning (else the cra_* fields are None and cra_note says where CRA is measured).
@@ -254,12 +387,21 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
 
-    # ---- data: caption groups (>= 2 captions of the same image, with their kinds) and, with cfg.cra, CRA pairs
+    # ---- data: caption groups (the captions of one image, with their kinds, that can give a pair by cfg.pairs)
+    # and, with cfg.cra, CRA pairs
     train = storage.join(dataset_dir, data.split_path("train"))
     groups = [data.caption_list(m) for _, _, m in data.read_captions(train)]
-    groups = [g for g in groups if len(g) >= 2]
-    if len(groups) < cfg.batch_size:
+    images = len(groups)
+    groups = [g for g in groups if pairable(g, cfg.pairs)]
+    if len(groups) < cfg.batch_size and cfg.pairs == "any":
         raise ValueError(f"batch_size={cfg.batch_size}: only {len(groups)} train images have 2+ captions")
+    if len(groups) < cfg.batch_size:
+        raise ValueError(
+            f"pairs={cfg.pairs!r}: only {len(groups)} of {images} train images have both a short and a long "
+            f"caption, fewer than batch_size={cfg.batch_size}"
+        )
+    if len(groups) < images:
+        print(f"pairs={cfg.pairs}: {images - len(groups)} of {images} train images cannot give a pair", flush=True)
     pairs = cra_pairs(dataset_dir, cfg.cra_max_captions) if cfg.cra else None
     draws = bootstrap_indices(len(pairs.queries), BOOTSTRAP_RESAMPLES, cfg.seed) if pairs else None
     cra_note = CRA_SKIPPED if cfg.cra else CRA_IN_EVALUATE
@@ -294,7 +436,7 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_scale(step, cfg.warmup_steps, cfg.steps))
 
     # ---- train
-    losses = []
+    losses, grad_norms = [], []
     encoder.model.train()
     for step in range(cfg.steps):
         t_step = time.perf_counter()
@@ -302,13 +444,16 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
         lr = optimizer.param_groups[0]["lr"]  # this step's (scheduler.step() below moves it on)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grad_norms.append(clip_gradients(params, cfg.max_grad_norm))  # the norm before clipping
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
-        m.step(loss=losses[-1], lr=lr, samples=cfg.batch_size, tokens=tokens, step_s=time.perf_counter() - t_step)
+        step_s = time.perf_counter() - t_step
+        m.step(loss=losses[-1], lr=lr, grad_norm=grad_norms[-1], samples=cfg.batch_size, tokens=tokens, step_s=step_s)
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             print(
-                f"step {step:4d}/{cfg.steps} loss {loss.item():.4f} lr {scheduler.get_last_lr()[0]:.2e}",
+                f"step {step:4d}/{cfg.steps} loss {loss.item():.4f} grad norm {grad_norms[-1]:.3g} "
+                f"lr {scheduler.get_last_lr()[0]:.2e}",
                 flush=True,
             )
 
@@ -328,6 +473,8 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
         **cra_metrics(before, after, pairs, cra_note),
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "grad_norm_max": max(grad_norms),  # before clipping (the manifest's grad_norms has every step's)
+        "grad_norm_last": grad_norms[-1],
         "trainable_params": sum(p.numel() for p in params),
         "seconds": seconds,
     }
@@ -343,10 +490,12 @@ def _tune(cfg: TuneConfig, dataset_dir: str, out_dir: str, m: monitoring.StageMe
         adapter_fingerprint=adapter_fingerprint,
         pooling=text_encoder.POOLING,
         instruction=cfg.instruction,
+        query_instructions=query_instructions(cfg),
         embedding_dim=encoder.dim,
         compute=devices.describe(device, dtype),
         metrics=metrics,
         losses=losses,
+        grad_norms=grad_norms,
         timings_s={"tune_caption_encoder": seconds},
     )
     return metrics
