@@ -20,6 +20,10 @@ def tune_caption_encoder(
     device: str,
     dtype: str,
     allow_hub: bool = False,
+    pairs: str = "any",
+    query_instructions: bool = False,
+    max_grad_norm: float = 0.0,
+    warmup_steps: int = 0,
 ):
     """LoRA adapter + manifest; logs the loss (CRA is measured in evaluate, from the caption caches)."""
     import json
@@ -31,6 +35,8 @@ def tune_caption_encoder(
 
     values = dict(llm=llm, allow_hub=allow_hub, bidirectional=bidirectional, lora_r=lora_r, seed=seed)
     values.update(tune_steps=steps, tune_batch_size=batch_size, tune_lr=lr, device=device, dtype=dtype)
+    values.update(tune_pairs=pairs, tune_query_instructions=query_instructions, tune_max_grad_norm=max_grad_norm)
+    values.update(tune_warmup_steps=warmup_steps)  # 0: an eighth of the steps (llm2clip.params.tune_config)
     cfg = tune_config(values)
     out = output_location(text_lora.path, text_lora.uri)
     result = tune_caption_encoder(cfg, resolve(dataset.path), out)

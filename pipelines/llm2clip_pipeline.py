@@ -224,6 +224,10 @@ def build_pipeline(on_cluster: bool):
         tune_steps: int = 16,
         tune_batch_size: int = 8,
         tune_lr: float = 5e-4,
+        tune_warmup_steps: int = 0,
+        tune_pairs: str = "any",
+        tune_query_instructions: bool = False,
+        tune_max_grad_norm: float = 0.0,
         lora_r: int = 16,
         cache_groups: int = 2,
         vision_model: str = "llm2clip-vit-tiny",
@@ -296,6 +300,10 @@ def build_pipeline(on_cluster: bool):
             device=device,
             dtype=dtype,
             allow_hub=allow_hub,
+            pairs=tune_pairs,
+            query_instructions=tune_query_instructions,
+            max_grad_norm=tune_max_grad_norm,
+            warmup_steps=tune_warmup_steps,
         )
         gpu_task(tuned, "tune_caption_encoder", "tune_caption_encoder")
         train_args = dict(

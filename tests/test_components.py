@@ -119,6 +119,55 @@ def test_tune_component_logs_its_loss(flow):
     assert flow["lora"].metadata["base_model"] == "tiny-random-llama"
 
 
+STAGE1_OPTIONS = {  # component input -> the pipeline parameter the compiled pipeline binds it to
+    "pairs": "tune_pairs",
+    "query_instructions": "tune_query_instructions",
+    "max_grad_norm": "tune_max_grad_norm",
+    "warmup_steps": "tune_warmup_steps",
+}
+
+
+def test_the_stage1_options_reach_tune_config_from_the_pipeline_parameters(tmp_path, monkeypatch):
+    """The compiled pipeline binds each option of the tune component to its tune_* parameter, and the component
+    hands the values to TuneConfig (the stage itself replaced: this checks the wiring, test_tune runs it)."""
+    import yaml
+
+    spec = next(yaml.safe_load_all(COMPILED.read_text()))  # the pipeline spec; the platform spec follows
+    root = spec["root"]["dag"]["tasks"]["tune-caption-encoder"]
+    bound = {k: v.get("componentInputParameter") for k, v in root["inputs"]["parameters"].items()}
+    assert {k: bound.get(k) for k in STAGE1_OPTIONS} == STAGE1_OPTIONS
+    seen = []
+
+    def fake_stage(cfg, dataset_dir, out):
+        seen.append(cfg)
+        return {"loss_last": 1.0}
+
+    monkeypatch.setattr(tune_caption_encoder, "tune_caption_encoder", fake_stage)
+    common = dict(llm="tiny-random-llama", bidirectional=True, steps=16, batch_size=4, lr=1e-3, lora_r=4, seed=0)
+    common.update(device="cpu", dtype="float32")
+    for n, (options, warmup) in enumerate(
+        [
+            (dict(pairs="short_long", query_instructions=True, max_grad_norm=0.5, warmup_steps=3), 3),
+            ({}, 2),  # the component's defaults: today's behaviour, the warm-up an eighth of the steps
+        ]
+    ):
+        components.tune_caption_encoder.python_func(
+            dataset=art(dsl.Dataset, tmp_path / "data"),
+            text_lora=art(dsl.Model, tmp_path / f"lora{n}"),
+            metrics=file_art(dsl.Metrics, tmp_path / f"metrics{n}.json"),
+            **common,
+            **options,
+        )
+        cfg = seen[-1]
+        got = (cfg.pairs, cfg.query_instructions, cfg.max_grad_norm, cfg.warmup_steps)
+        assert got == (
+            options.get("pairs", "any"),
+            options.get("query_instructions", False),
+            options.get("max_grad_norm", 0.0),
+            warmup,
+        )
+
+
 def test_cache_components_split_the_work(flow):
     counts = [c.metadata["captions"] for c in flow["caches"]["tuned"]]
     assert all(n > 0 for n in counts)

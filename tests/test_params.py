@@ -43,6 +43,23 @@ def test_the_pipeline_encodings_of_none_and_the_derived_tuning_fields():
     assert (tune.lora_alpha, tune.warmup_steps) == (32, 5)
 
 
+def test_the_stage1_options_land_in_tune_config_and_bad_values_name_their_parameter():
+    values = pipeline_values(tune_steps=40)
+    tune = params.tune_config(values)  # the pipeline's defaults: today's stage 1
+    assert (tune.pairs, tune.query_instructions, tune.max_grad_norm, tune.warmup_steps) == ("any", False, 0.0, 5)
+    values.update(tune_pairs="short_long", tune_query_instructions=True, tune_max_grad_norm=1.0, tune_warmup_steps=3)
+    tune = params.tune_config(values)
+    assert (tune.pairs, tune.query_instructions, tune.max_grad_norm, tune.warmup_steps) == ("short_long", True, 1.0, 3)
+    for bad, name in (
+        ({"tune_pairs": "long_long"}, "tune_pairs"),
+        ({"tune_pairs": "any"}, "tune_query_instructions"),  # instructions need short_long pairs
+        ({"tune_max_grad_norm": -0.5}, "tune_max_grad_norm"),
+        ({"tune_warmup_steps": -2}, "tune_warmup_steps"),
+    ):
+        with pytest.raises(ValueError, match=rf"\(pipeline parameter {name}\)$"):
+            params.tune_config({**values, **bad})
+
+
 def test_the_clip_baseline_and_a_cache_group():
     baseline = params.train_clip_config(pipeline_values(), text_source="clip")
     assert baseline.text_source == "clip"
@@ -79,6 +96,8 @@ def test_the_tables_name_only_pipeline_parameters_and_real_config_fields():
     for name, stages in params.SHARED.items():
         for stage in stages:
             assert name in {f.name for f in dataclasses.fields(params.config_class(stage))}, (name, stage)
+    for name, (stage, field) in params.DERIVED.items():  # described in HELP, mapped by the stage's *_config
+        assert name in params.HELP and field in {f.name for f in dataclasses.fields(params.config_class(stage))}
 
 
 def test_shard_groups_are_the_cache_fan_outs_items():

@@ -36,6 +36,9 @@ FIELDS: dict[str, tuple[str, str]] = {
     "tune_steps": ("tune_caption_encoder", "steps"),
     "tune_batch_size": ("tune_caption_encoder", "batch_size"),
     "tune_lr": ("tune_caption_encoder", "lr"),
+    "tune_pairs": ("tune_caption_encoder", "pairs"),
+    "tune_query_instructions": ("tune_caption_encoder", "query_instructions"),
+    "tune_max_grad_norm": ("tune_caption_encoder", "max_grad_norm"),
     "lora_r": ("tune_caption_encoder", "lora_r"),
     "vision_model": ("train_clip", "model"),
     "pretrained": ("train_clip", "pretrained"),
@@ -57,6 +60,10 @@ SHARED: dict[str, tuple[str, ...]] = {
 # A KFP parameter has no None: these pipeline values stand for the config field's None (the recipe's choice).
 NONE_VALUES: dict[str, object] = {"pretrained": "", "train_lr": 0.0}
 
+# pipeline parameters that set one config field by a rule of their own (in the stage's *_config function), so a
+# bad value still names the parameter
+DERIVED: dict[str, tuple[str, str]] = {"tune_warmup_steps": ("tune_caption_encoder", "warmup_steps")}
+
 # The help of every pipeline parameter that is not one config field (FIELDS).
 HELP: dict[str, str] = {
     "source_options": 'how to read a real source: a JSON object of PrepareDataConfig fields, e.g. {"source_format": '
@@ -64,6 +71,8 @@ HELP: dict[str, str] = {
     'TSV, JSONL, Parquet) names its columns with "image_column", "key_column" and the *_field keys; "eval_sources" '
     '(["NAME=FORMAT:URI[:IMAGES]"]) also adds real eval sets to the synthetic source; unknown keys are errors',
     "seed": "seed of the synthetic data, of stage-1 tuning and of every stage-2 training",
+    "tune_warmup_steps": "stage-1 steps of linear learning-rate warm-up before the cosine decay; 0 = an eighth of "
+    "tune_steps (at least 1). The first step already trains at 1/tune_warmup_steps of tune_lr, so 1 is no warm-up",
     "allow_hub": "allow downloading a hub id (llm) or an open_clip pretrained tag (pretrained) from the Hugging Face "
     "hub in tuning, caching and stage 2; without it (the default) a hub id must already be in the local cache",
     "device": '"auto" (cuda where the task sees a GPU, else cpu), "cpu" or "cuda", for every model-running task',
@@ -128,7 +137,7 @@ def _build(stage: str, make: Callable[[], Any]) -> Any:
     except ValueError as e:
         match = re.match(r"(\w+)=", str(e))
         field = match[1] if match else None
-        names = [p for p, (s, f) in FIELDS.items() if s == stage and f == field]
+        names = [p for p, (s, f) in {**FIELDS, **DERIVED}.items() if s == stage and f == field]
         names += [p for p, stages in SHARED.items() if p == field and stage in stages]
         raise ValueError(f"{e} (pipeline parameter {names[0]})" if names else str(e)) from None
 
@@ -143,12 +152,16 @@ def prepare_data_config(params: Mapping[str, Any]):
 
 
 def tune_config(params: Mapping[str, Any]):
-    """TuneConfig from llm, allow_hub, bidirectional, tune_steps, tune_batch_size, tune_lr, lora_r, seed, device,
-    dtype; LoRA alpha = 2 r and a warm-up of an eighth of the steps (at least one), as the paper's recipe scales."""
+    """TuneConfig from llm, allow_hub, bidirectional, tune_steps, tune_batch_size, tune_lr, tune_pairs,
+    tune_query_instructions, tune_max_grad_norm, lora_r, seed, device, dtype; LoRA alpha = 2 r and, unless
+    tune_warmup_steps is given (not 0), a warm-up of an eighth of the steps (at least one), as the paper's recipe
+    scales."""
     fields = stage_fields("tune_caption_encoder", params)
     if "lora_r" in params:
         fields["lora_alpha"] = 2 * params["lora_r"]
-    if "tune_steps" in params:
+    if params.get("tune_warmup_steps", 0) != 0:
+        fields["warmup_steps"] = params["tune_warmup_steps"]
+    elif "tune_steps" in params:
         fields["warmup_steps"] = max(1, params["tune_steps"] // 8)
     cls = config_class("tune_caption_encoder")
     return _build("tune_caption_encoder", lambda: cls(**fields))
