@@ -74,6 +74,45 @@ DEVIATIONS: tuple[Deviation, ...] = (
         "as the official code",
     ),
     Deviation(
+        "stage-1 caption pairs",
+        "a short caption with the long (dense) caption of the same image; the code draws which one is the query "
+        "50/50 per row",
+        "two distinct captions of any kinds by default (short with short or long, and raw alt-text where a source "
+        "has it); `tune_pairs=short_long` "
+        "(`TuneConfig.pairs`) pairs as the official code, leaving out images without both kinds",
+        "the default keeps the behaviour the runs so far measured; the official pairing is an option until it is "
+        "measured on this data",
+    ),
+    Deviation(
+        "stage-1 query instructions",
+        'the official code puts an instruction before the query only, by direction (short to long: "Given a '
+        'sentence, retrieve a detailed relevant sentence; ", long to short: "Given a detailed sentence, '
+        'retrieve a short relevant sentence; "), not pooled; positives, negatives and the cached embeddings have '
+        "none",
+        "none by default; `tune_query_instructions=true` (`TuneConfig.query_instructions`, needs `short_long` "
+        "pairs) does as the official code. The cache and inference embed every caption without them either way; "
+        "the stage-1 manifest and the tuned cache's encoder record them",
+        "the default keeps the behaviour the runs so far measured; the official instructions are an option until "
+        "they are measured on this data",
+    ),
+    Deviation(
+        "stage-1 gradient clipping",
+        "the gradient norm clipped to 1.0 (transformers' Trainer default; the official config sets none)",
+        "no clipping by default; `tune_max_grad_norm` (`TuneConfig.max_grad_norm`) clips the LoRA gradients each "
+        "step. The norm before clipping is logged every step either way (`llm2clip_grad_norm`, the manifest's "
+        "`grad_norms`)",
+        "the default keeps the behaviour the runs so far measured; clipping is an option until it is measured on "
+        "this data",
+    ),
+    Deviation(
+        "stage-1 learning-rate schedule",
+        "300 warm-up steps, then linear decay to 0 (transformers' Trainer default schedule), one epoch",
+        "a warm-up of an eighth of the steps by default (`tune_warmup_steps` sets it; the first step already "
+        "trains), then cosine to 10% of the lr",
+        "300 warm-up steps exceed a whole local stage 1 (16 steps); the warm-up scales with the steps. Cosine vs "
+        "linear decay is not measured here",
+    ),
+    Deviation(
         "raw-LLM baseline",
         "the raw LLM (untuned, causal attention) under LLM2CLIP's stage 2",
         "the frozen untuned LLM, causal, through exactly LLM2CLIP's stage-2 recipe (centring included); with "
