@@ -25,12 +25,12 @@ def train_clip(
 ) -> str:
     """Model + manifest from the cache (no LLM); returns their location, which the cluster pipeline hands on
     (train_clip_on_nodes). enabled=False writes a "skipped" manifest evaluate leaves out."""
-    from llm2clip.artifacts import output_location, point, resolve, write_manifest
+    from llm2clip.artifacts import NOT_REQUESTED, output_location, point, resolve, write_manifest
 
     out = output_location(vision_model.path, vision_model.uri)
     if not enabled:  # before importing the ML stack (~6 s of a task's start on 2 cores)
         cfg = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
-        write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
+        write_manifest(out, "train_clip", cfg, {}, skipped=NOT_REQUESTED)
         point(vision_model.path, out)
         return out
     from llm2clip.params import train_clip_config

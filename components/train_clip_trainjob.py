@@ -32,12 +32,12 @@ def train_clip_trainjob(
     models_pvc: str = "",
 ) -> str:
     """As train_clip, on nodes x nproc processes (gpus, node_cpu, node_memory, models_pvc per node); no GPU here."""
-    from llm2clip.artifacts import output_location, point, resolve, write_manifest
+    from llm2clip.artifacts import NOT_REQUESTED, output_location, point, resolve, write_manifest
 
     out = output_location(vision_model.path, vision_model.uri)
     if not enabled:
         cfg = {"text_source": "llm", "model": model, "center_text": center_text, "epochs": epochs, "seed": seed}
-        write_manifest(out, "train_clip", cfg, {}, skipped="not requested (pipeline parameter ablations=False)")
+        write_manifest(out, "train_clip", cfg, {}, skipped=NOT_REQUESTED)
         point(vision_model.path, out)
         return out
     from llm2clip.ops.trainjob import NodePlacement, train_on_nodes

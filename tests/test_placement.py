@@ -326,3 +326,20 @@ def test_a_cache_hit_whose_objects_were_deleted_says_to_rerun_without_cache(tmp_
     (art / artifacts.LOCATION).write_text(json.dumps({"uri": str(tmp_path / "gone")}))
     with pytest.raises(FileNotFoundError, match="without cache"):
         artifacts.resolve(str(art))
+
+
+def test_the_no_centring_trainings_follow_center_text_and_ablations(compiled):
+    """LLM2CLIP without centring (the paper's stage 2) trains whenever its main training centres, so every report
+    shows what centring is worth (issue 19); the raw LLM's only with ablations=true. The centring flag of both is
+    the constant False, never the pipeline's center_text."""
+    by_display = {t["taskInfo"]["name"]: t for dag, _, t in compiled["tasks"] if dag == "root"}
+    for display, enabled_by in (
+        ("train_clip (llm2clip, no centring)", "center_text"),
+        ("train_clip (llm2clip_raw_llm, no centring)", "ablations"),
+    ):
+        params = by_display[display]["inputs"]["parameters"]
+        assert params["enabled"] == {"componentInputParameter": enabled_by}, display
+        assert params["center_text"] == {"runtimeValue": {"constant": False}}, display
+    main = by_display["train_clip (llm2clip)"]["inputs"]["parameters"]
+    assert main["center_text"] == {"componentInputParameter": "center_text"}
+    assert main["enabled"] == {"runtimeValue": {"constant": True}}

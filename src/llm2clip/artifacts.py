@@ -27,6 +27,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+# Why a pipeline's no-centring stage-2 training wrote a "skipped" manifest instead of a model (evaluate leaves it out).
+NOT_REQUESTED = (
+    "not requested: the pipeline trains LLM2CLIP without centring whenever center_text is on, and the raw-LLM model "
+    "without centring only with ablations=true"
+)
+
 def write_manifest(out_dir: str, stage: str, config: Any, inputs: dict[str, Any], **fields: Any) -> dict:
     """Write `out_dir/manifest.json`; written last, so its presence marks the output as complete."""
     manifest = {

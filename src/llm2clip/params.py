@@ -83,7 +83,8 @@ HELP: dict[str, str] = {
     "them. On GPU nodes set it to gpus; with gpus 0 they are CPU processes (gloo)",
     "train_nodes": "nodes per LLM2CLIP stage-2 training (cluster only): 1 trains in the task's own pod, more runs a "
     "Kubeflow Trainer TrainJob of train_nodes x train_nproc processes; the CLIP baseline always trains on one node",
-    "ablations": "also train both LLM-taught models without centring and report them beside the others",
+    "ablations": "also train the raw-LLM model without centring and report it beside the others (LLM2CLIP without "
+    "centring, the paper's stage 2, is trained and reported whenever center_text is on)",
     "cpu_image": "(cluster) image of the CPU tasks (store lookup, prepare_data, evaluate); pin your pushed "
     "<version>-<git sha12> tag or digest",
     "gpu_image": "(cluster) image of the GPU tasks (stage 1, both cache fan-outs, every stage-2 training); it runs on "

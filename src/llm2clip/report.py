@@ -20,7 +20,7 @@ LABELS = {
     "llm2clip": "LLM2CLIP (tuned LLM)",
     "llm2clip_raw_llm": "LLM2CLIP, raw LLM (causal, untuned)",
     "clip_baseline": "CLIP baseline (77-token text tower)",
-    "llm2clip_no_centring": "ablation: LLM2CLIP without centring",
+    "llm2clip_no_centring": "LLM2CLIP without centring (as the paper)",
     "llm2clip_raw_llm_no_centring": "ablation: raw LLM without centring",
 }
 R1 = ("image_to_text_R@1", "text_to_image_R@1")
