@@ -33,6 +33,7 @@ NOT_REQUESTED = (
     "without centring only with ablations=true"
 )
 
+
 def write_manifest(out_dir: str, stage: str, config: Any, inputs: dict[str, Any], **fields: Any) -> dict:
     """Write `out_dir/manifest.json`; written last, so its presence marks the output as complete."""
     manifest = {

@@ -87,8 +87,8 @@ class TrainClipConfig:
     center_text: bool = dataclasses.field(
         default=True,
         metadata={
-            "help": "subtract the training captions' mean LLM embedding before the adapter (a deviation from the "
-            "paper, see the README); the pipeline applies it to both LLM-taught models"
+            "help": "subtract the training captions' mean LLM embedding before the adapter (not in the paper; the "
+            "pipeline's default is off, as the paper: see the README's deviations); applied to both LLM-taught models"
         },
     )
     epochs: int = dataclasses.field(
