@@ -155,7 +155,10 @@ def test_a_shard_file_torn_mid_write_never_looks_complete(tiny_dataset, lora, tm
     assert not storage.exists(torn)
     assert [f for f in storage.list_files(out, recursive=True) if "shard-000001" in f] == []
     resumed = run(tiny_dataset, lora, out, root)
-    assert resumed["skipped_shards"] == 3  # the shards before the torn one; it and the last are done now
+    # the shards before the torn one are skipped (every eval set's and train's first); it and the last are done now
+    before = [name for split, name in cache_caption_embeddings.all_shards(tiny_dataset)].index("shard-000001.tar")
+    assert before == len(data.BENCHMARKS) + 1
+    assert resumed["skipped_shards"] == before
     samples = data.read_captions_of_shard(storage.join(tiny_dataset, "train", "shard-000001.tar"))
     assert cache_caption_embeddings.load(storage.read_bytes(torn)).keys() == {key for _, key, _ in samples}
 
@@ -186,7 +189,7 @@ def assert_store_consistent(store: Path) -> set[str]:
 
 
 def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(lora, tmp_path):
-    """A real caching process over 20 shards is killed with SIGKILL (no exception, no cleanup, unlike the tests
+    """A real caching process over 22 shards is killed with SIGKILL (no exception, no cleanup, unlike the tests
     above), twice: the moment its fifth shard file appears (were writes not atomic, that file would be half
     written), then, rerun, in the middle of a shard (after the tenth file, once a pack of the next shard is
     stored). After each kill every visible shard file and every visible pack is whole. A last run of the same
@@ -198,7 +201,7 @@ def test_sigkill_midway_then_rerun_matches_an_uninterrupted_run(lora, tmp_path):
     dataset = str(tmp_path / "data")
     prepare_data(PrepareDataConfig(num_train=64, num_eval=8, shard_size=4), dataset)
     n_shards = len(cache_caption_embeddings.all_shards(dataset))
-    assert n_shards == 20  # 16 train + 2 per eval set
+    assert n_shards == 16 + 2 * len(data.BENCHMARKS)  # 16 train + 2 per eval set
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # every run alike
     whole = subprocess.run(
         cache_process(dataset, lora, tmp_path / "whole", tmp_path / "whole-store"),
